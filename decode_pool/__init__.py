@@ -1,0 +1,1 @@
+"""Decode workers: reserve KV for incoming handoffs and generate with continuous batching."""

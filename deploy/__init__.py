@@ -1,0 +1,1 @@
+"""Configuration, launch and the `tandem` command line."""

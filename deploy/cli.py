@@ -1,0 +1,50 @@
+"""The ``tandem`` command line: one dispatcher, each subcommand implemented in the package it belongs to.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
+only when their subcommand runs, so ``tandem make-model`` never loads UCX or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-model": ("engine.make_model", "write a random-weight Hugging Face checkpoint with a real BPE tokenizer"),
+    "generate": ("engine.cli_generate", "generate text in-process (or from a server with --server)"),
+    "bench engine": ("engine.bench", "output tokens/s of Tandem vs transformers generate"),
+    "kv-bench": ("kv_transfer.bench", "paged-KV transfer microbenchmark over NIXL and ucxx"),
+    "tier-bench": ("memory_tiers.bench", "G2 / G3 block store throughput against their ceilings"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: tandem <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "tandem <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = None
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        name, rest = f"{argv[0]} {argv[1]}", argv[2:]
+    elif argv and argv[0] in COMMANDS:
+        name, rest = argv[0], argv[1:]
+    if name is None:
+        print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module_name, text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"tandem {name}", description=text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

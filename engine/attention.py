@@ -1,0 +1,160 @@
+"""Paged attention over a flat batch that mixes prefill chunks and decode tokens.
+
+The flat batch holds T query tokens of S sequences, prefill chunks first, then decodes (sequences
+whose query is one token)::
+
+    tokens:  [ seq0 chunk (q0 tokens) | seq1 chunk (q1) | ... | dec0 | dec1 | ... ]
+    query_start_loc: [0, q0, q0+q1, ..., T]
+    seq_lens[i]:     context length of seq i *including* this step's tokens
+
+A query token at absolute position p of seq i attends to that sequence's keys 0..p, read from its
+blocks. This module owns the metadata type, the torch reference path, and the backend seam; the
+Triton kernels (``engine.kernels.triton_backend``) implement the same two functions and are
+checked against this reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # (S+1,) int32, cumulative query lengths
+    seq_lens: torch.Tensor  # (S,) int32, context length after this step
+    block_tables: torch.Tensor  # (S, max_blocks) int32, padded with 0
+    slot_mapping: torch.Tensor  # (T,) int64, flat slot (block_id * B + offset) of each new token
+    query_lens_list: list[int]  # host copies, so the reference path never syncs
+    seq_lens_list: list[int]
+    num_prefill_seqs: int  # sequences [0, num_prefill_seqs) are prefill chunks
+    num_prefill_tokens: int  # tokens [0, num_prefill_tokens) belong to them
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def num_decode_seqs(self) -> int:
+        return self.num_seqs - self.num_prefill_seqs
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: str | torch.device = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata for sequences given prefill-first. Slots are derived from the block tables:
+        seq i's new tokens sit at positions seq_lens[i]-query_lens[i] .. seq_lens[i]-1."""
+        num_prefill = 0
+        while num_prefill < len(query_lens) and query_lens[num_prefill] > 1:
+            num_prefill += 1
+        if any(q != 1 for q in query_lens[num_prefill:]):
+            raise ValueError("prefill chunks (query length > 1) must come before decodes")
+        starts = [0]
+        slots: list[int] = []
+        for q, n, table in zip(query_lens, seq_lens, block_tables, strict=True):
+            starts.append(starts[-1] + q)
+            for pos in range(n - q, n):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(-1, width),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_lens_list=list(query_lens),
+            seq_lens_list=list(seq_lens),
+            num_prefill_seqs=num_prefill,
+            num_prefill_tokens=starts[num_prefill],
+            block_size=block_size,
+        )
+
+
+class AttentionBackend(Protocol):
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Store k, v (T, H_kv, D) into kv_layer (N, 2, H_kv, B, D) at the flat slots (T,)."""
+        ...
+
+    def forward(
+        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q (T, H_q, D) against the paged context -> (T, H_q, D). KV of this step already written."""
+        ...
+
+
+class TorchAttention:
+    """The reference path: gathers each sequence's blocks and calls SDPA (GQA-aware)."""
+
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        block_size = kv_layer.shape[3]
+        blocks = slot_mapping // block_size  # (T,)
+        offsets = slot_mapping % block_size  # (T,)
+        kv_layer[blocks, 0, :, offsets] = k.to(kv_layer.dtype)  # advanced dims first: (T, H_kv, D)
+        kv_layer[blocks, 1, :, offsets] = v.to(kv_layer.dtype)
+
+    def forward(
+        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        block_size = meta.block_size
+        starts = meta.query_start_loc.tolist() if meta.num_prefill_seqs else []
+        for i in range(meta.num_prefill_seqs):
+            s, e = starts[i], starts[i + 1]
+            ctx = meta.seq_lens_list[i]
+            k, v = _gather(kv_layer, meta.block_tables[i : i + 1], -(-ctx // block_size))
+            k, v = k[:, :, :ctx], v[:, :, :ctx]  # (1, H_kv, ctx, D)
+            qi = q[s:e].transpose(0, 1).unsqueeze(0)  # (1, H_q, q_len, D)
+            q_len = e - s
+            # query j sits at absolute position ctx - q_len + j and sees keys 0..that position
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
+            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= q_pos  # (q_len, ctx)
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[s:e] = o[0].transpose(0, 1)
+        n_dec = meta.num_decode_seqs
+        if n_dec:
+            t0 = meta.num_prefill_tokens
+            seq_lens = meta.seq_lens[meta.num_prefill_seqs :]  # (S_d,)
+            max_ctx = max(meta.seq_lens_list[meta.num_prefill_seqs :])
+            nb = -(-max_ctx // block_size)
+            k, v = _gather(kv_layer, meta.block_tables[meta.num_prefill_seqs :], nb)  # (S_d, H_kv, nb*B, D)
+            valid = torch.arange(nb * block_size, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)
+            mask = valid[:, None, None, :]  # (S_d, 1, 1, nb*B)
+            qd = q[t0:].unsqueeze(2)  # (S_d, H_q, 1, D)
+            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[t0:] = o.squeeze(2)
+        return out
+
+
+def _gather(
+    kv_layer: torch.Tensor, block_tables: torch.Tensor, num_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first ``num_blocks`` blocks of each table, (S, H_kv, num_blocks*B, D)."""
+    blocks = kv_layer[block_tables[:, :num_blocks].long()]  # (S, nb, 2, H_kv, B, D)
+    s, nb, _, h, b, d = blocks.shape
+    k = blocks[:, :, 0].permute(0, 2, 1, 3, 4).reshape(s, h, nb * b, d)
+    v = blocks[:, :, 1].permute(0, 2, 1, 3, 4).reshape(s, h, nb * b, d)
+    return k, v
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """``torch`` (reference, any device) or ``triton`` (GPU, or the interpreter on CPU)."""
+    if name == "torch":
+        return TorchAttention()
+    if name == "triton":
+        from engine.kernels.triton_backend import TritonAttention
+
+        return TritonAttention()
+    raise ValueError(f"attention backend must be 'torch' or 'triton', got {name!r}")

@@ -1,0 +1,1 @@
+"""Wire definitions (tandem.v1) and their generated stubs."""

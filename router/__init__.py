@@ -1,0 +1,1 @@
+"""The front door: gRPC Generate endpoint, request validation and the routing policies."""

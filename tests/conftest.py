@@ -1,0 +1,33 @@
+"""Shared fixtures. Environment that must be set before heavy imports is set here, first."""
+
+from __future__ import annotations
+
+import os
+
+# Triton kernels run through the interpreter on a machine without a GPU; this must be set before
+# any @triton.jit kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("TANDEM_GPU") == "1" else "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
