@@ -1,0 +1,53 @@
+# Tandem's everyday commands. Every target installs what it needs into .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROMPT  ?= The quick brown fox
+
+.PHONY: install run test test-fast lint format proto bench bench-engine clean
+
+# Create .venv and install Tandem with its test tools (torch==2.13.0 resolves to the CPU build on disk).
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: generate from the demo checkpoint (made on first use) with the in-process engine.
+run: $(STAMP)
+	$(BIN)/tandem generate "$(PROMPT)" --max-tokens 48
+
+# The whole test suite (unit, integration, e2e; gpu tests skip without a GPU).
+test: $(STAMP)
+	$(BIN)/pytest -q --durations=20
+
+# Only the fast unit tests.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m unit
+
+# Lint, format check and type check, as CI runs them.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy engine kv_transfer memory_tiers router prefill_pool decode_pool deploy
+
+# Rewrite the code in ruff's format.
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Engine throughput against transformers (prints both and the ratio).
+bench-engine: $(STAMP)
+	$(BIN)/tandem bench engine
+
+# All benchmarks whose figures go into docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/tandem bench engine
+	$(BIN)/tandem kv-bench
+	$(BIN)/tandem tier-bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

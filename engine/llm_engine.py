@@ -1,0 +1,280 @@
+"""The in-process engine: continuous batching of many requests over one model and one paged KV pool.
+
+One ``step()``::
+
+    scheduler.schedule()      -> which sequences run, how many new tokens each (a token budget)
+    ModelRunner.execute()     -> one forward pass over the flat batch (prefill chunks + decodes),
+                                 logits only for sequences whose chunk reaches their last token
+    scheduler.update()        -> computed-token counts advance, full blocks enter the prefix cache
+    sample, detokenize, stop  -> new tokens appended; finished sequences release their blocks
+
+Lifecycle: construct (loads weights, allocates the KV pool) -> ``add_request`` / ``step`` (or
+``generate``) -> ``close`` (idempotent; aborts what is left so every block is returned).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.block_manager import BlockManager
+from engine.config import ModelConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model import Model, load_model
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.sequence import FinishReason, Sequence
+from engine.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | Path
+    dtype: str = "float32"
+    attn_backend: str = "torch"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None  # None: from kv_cache_bytes, capped at what max_num_seqs can use
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # the text delta of new_token_ids (may lag a token behind: UTF-8, stop strings)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    seed: int
+    detok: IncrementalDetokenizer | None
+
+
+class ModelRunner:
+    """Turns a SchedulerOutput into tensors, runs the model and returns logits of the completing rows."""
+
+    def __init__(self, model: Model, kv_cache: torch.Tensor, block_size: int, device: str) -> None:
+        self.model = model
+        self.kv_cache = kv_cache  # (L, N, 2, H_kv, B, D)
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Forward the batch; returns logits (R, V) float32 for the entries whose ``completes`` is set,
+        in the order they appear in ``out.scheduled``."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_rows: list[int] = []
+        for entry in out.scheduled:
+            seq, n = entry.seq, entry.num_new_tokens
+            start = seq.num_computed_tokens
+            if n == 1:
+                input_ids.append(seq.token_at(start))
+            else:
+                input_ids.extend(seq.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(seq.block_table)
+            if entry.completes:
+                logits_rows.append(len(input_ids) - 1)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)  # (T,)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)  # (T,)
+        hidden = self.model.forward(ids, pos, self.kv_cache, meta)  # (T, hidden)
+        rows = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))  # (R, V)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model = load_model(config.model, config.dtype, config.attn_backend, config.device)
+        mc: ModelConfig = self.model.config
+        self.model_config = mc
+        tok_file = Path(config.model) / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_pretrained(config.model) if tok_file.exists() else None
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer is not None:
+            self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        layout = mc.kv_layout(config.block_size)
+        self.kv_layout = layout
+        num_blocks = config.num_blocks
+        if num_blocks is None:
+            needed = config.max_num_seqs * layout.blocks_for(self.max_model_len) + 1
+            num_blocks = max(1, min(config.kv_cache_bytes // layout.block_bytes, needed))
+        self.kv_cache = layout.allocate(num_blocks, config.device)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, mc.fingerprint, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                max_model_len=self.max_model_len,
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.device)
+        self.sampler = Sampler()
+        self._requests: dict[str, _Request] = {}
+        self._next_id = 0
+        self._closed = False
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json: pass token ids")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}"
+            )
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_ids, params, arrival=time.monotonic())
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, stop=list(params.stop))
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(seq, seed, detok)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        logits = self.runner.execute(out)
+        self.scheduler.update(out)
+        completing = [e.seq for e in out.scheduled if e.completes]
+        reqs = [self._requests[s.request_id] for s in completing]
+        sampled = self.sampler.sample(
+            logits,
+            [s.params for s in completing],
+            [r.seed for r in reqs],
+            [s.num_tokens for s in completing],  # the position of the token being sampled
+        )
+        outputs: list[RequestOutput] = []
+        for i, (seq, req) in enumerate(zip(completing, reqs, strict=True)):
+            token = sampled.token_ids[i]
+            seq.output_token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            text = ""
+            if req.detok is not None:
+                text = req.detok.step(token)
+                if req.detok.stopped:
+                    reason = FinishReason.STOP
+                elif reason is not None:
+                    text += req.detok.flush()
+            result = RequestOutput(
+                seq.request_id,
+                [token],
+                text,
+                logprobs=[sampled.logprobs[i]],
+                top_logprobs=[sampled.top_logprobs[i]],
+                num_prompt_tokens=seq.num_prompt_tokens,
+                num_cached_tokens=seq.num_cached_tokens,
+            )
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._requests[seq.request_id]
+                result.finished, result.finish_reason = True, reason
+            outputs.append(result)
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.STOP
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- conveniences ----------------------------------------------------------------------------
+    def stream(self) -> Iterator[RequestOutput]:
+        """Step until every request has finished, yielding each delta as it is produced."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; one merged RequestOutput per prompt, in order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        merged = {i: RequestOutput(i, [], "") for i in ids}
+        for o in self.stream():
+            m = merged[o.request_id]
+            m.new_token_ids += o.new_token_ids
+            m.text += o.text
+            m.logprobs += o.logprobs
+            m.top_logprobs += o.top_logprobs
+            m.finished, m.finish_reason = o.finished, o.finish_reason
+            m.num_prompt_tokens, m.num_cached_tokens = o.num_prompt_tokens, o.num_cached_tokens
+        return [merged[i] for i in ids]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        self._closed = True

@@ -1,0 +1,64 @@
+"""G2 memory: one preallocated host tensor of block slots, page-aligned (pinned when a GPU exists).
+
+    host: (N2, L, 2, H_kv, B, D)       host[slot]: one block across all layers, block_bytes bytes
+
+Which slot holds what is :class:`~memory_tiers.slot_index.SlotIndex`'s business; this module only
+owns the bytes. Slots are page-aligned when ``block_bytes`` is a multiple of 4096 so the disk tier
+can write and read them with O_DIRECT, straight from and into the slot (no staging copy).
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+from engine.kv_layout import KVLayout
+from memory_tiers.device_pool import block_shape
+
+PAGE = 4096
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned, zeroed, writable anonymous memory (O_DIRECT needs aligned buffers)."""
+    return mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def aligned_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
+    """A page-aligned CPU tensor and the mmap that backs it (keep the mmap alive with the tensor)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = itemsize
+    for n in shape:
+        nbytes *= n
+    buf = aligned_buffer(nbytes)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape), buf
+
+
+class HostPool:
+    """The G2 tensor. ``pin`` asks for CUDA page-locked memory (only meaningful with a GPU)."""
+
+    def __init__(self, layout: KVLayout, num_slots: int, pin: bool | None = None) -> None:
+        self.layout = layout
+        self.num_slots = num_slots
+        shape = (num_slots, *block_shape(layout))
+        if pin is None:
+            pin = torch.cuda.is_available()
+        self._mmap: mmap.mmap | None = None
+        if pin:
+            # cudaHostAlloc returns page-aligned memory, so O_DIRECT still applies.
+            self.tensor = torch.empty(shape, dtype=layout.torch_dtype, pin_memory=True)
+        else:
+            self.tensor, self._mmap = aligned_tensor(shape, layout.torch_dtype)
+
+    def slot(self, slot: int) -> torch.Tensor:
+        """View of one slot, (L, 2, H_kv, B, D)."""
+        return self.tensor[slot]
+
+    def slot_bytes(self, slot: int) -> memoryview:
+        """The slot's raw bytes (a view, no copy)."""
+        t = self.tensor[slot]
+        return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+    def aligned(self) -> bool:
+        bb = self.layout.block_bytes
+        return self.tensor.data_ptr() % PAGE == 0 and bb % PAGE == 0
