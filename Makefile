@@ -39,6 +39,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Regenerate the committed gRPC stubs from proto/tandem/v1/tandem.proto (a test fails when they are stale).
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
+
 # Engine throughput against transformers (prints both and the ratio).
 bench-engine: $(STAMP)
 	$(BIN)/tandem bench engine

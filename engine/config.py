@@ -26,7 +26,13 @@ _ARCHITECTURES = {
 _MODEL_TYPES = {"llama", "qwen2", "mistral"}
 _ROPE_TYPES = {"default", "linear", "llama3"}
 # Any of these set (truthy) means a mixture of experts, which the dense MLP cannot run.
-_MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_layer_freq")
+_MOE_FIELDS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_layer_freq",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,16 +202,29 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict | None]:
 
 
 def _weights_id(path: Path) -> str:
-    """Digest of each safetensors file's header and first 64 KiB of data: cheap, and differs between
-    checkpoints whose weights differ (random or fine-tuned) even when the configs are equal."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return ""
-    h = hashlib.blake2b(digest_size=12)
-    for f in files:
+    """Digest of every tensor's name, dtype, shape and first KiB of data, in name order: cheap, equal
+    for the same weights however they are sharded, and different for checkpoints whose weights
+    differ (random seeds, fine-tunes) even when their configs are equal."""
+    entries: list[tuple[str, str, list[int], Path, int, int]] = []
+    for f in sorted(path.glob("*.safetensors")):
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            h.update(f.name.encode())
-            h.update(fh.read(n))
-            h.update(fh.read(65536))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                entries.append((name, info["dtype"], info["shape"], f, 8 + n + begin, min(end - begin, 1024)))
+    if not entries:
+        return ""
+    h = hashlib.blake2b(digest_size=12)
+    handles: dict[Path, Any] = {}
+    try:
+        for name, dtype, shape, f, offset, size in sorted(entries, key=lambda e: e[0]):
+            fh = handles.get(f) or handles.setdefault(f, f.open("rb"))
+            fh.seek(offset)
+            h.update(f"{name}|{dtype}|{shape}|".encode())
+            h.update(fh.read(size))
+    finally:
+        for fh in handles.values():
+            fh.close()
     return h.hexdigest()

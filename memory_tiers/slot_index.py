@@ -68,6 +68,10 @@ class SlotIndex:
         """A free slot (raises IndexError when none is free)."""
         return self.free.pop()
 
+    def give_back(self, slot: int) -> None:
+        """Return a taken (or released reserved) slot to the free list."""
+        self.free.append(slot)
+
     def insert(self, h: BlockHash, slot: int) -> None:
         """Make a slot just taken (or a reserved one) CACHED as the most recently used."""
         assert h not in self.cached and h not in self.spilling, "hash already in G2"

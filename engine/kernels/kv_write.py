@@ -36,13 +36,14 @@ def _kv_write_kernel(
     block_size,
     num_heads,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     H_PAD: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, H_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    mask = (h[:, None] < num_heads) & (slot >= 0)  # (H_PAD, 1)
+    d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two
+    mask = (h[:, None] < num_heads) & (d[None, :] < HEAD_DIM) & (slot >= 0)  # (H_PAD, BLOCK_D)
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)  # (H_PAD, D)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     dst = kv_ptr + (slot // block_size) * stride_kvn + (slot % block_size) * stride_kvb
@@ -58,8 +59,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapp
         return
     if kv_layer.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("write_kv needs the head dimension contiguous")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
     # Casting in torch rounds to nearest, as the reference does; the kernel then copies bits.
     k = k.to(kv_layer.dtype)
     v = v.to(kv_layer.dtype)
@@ -81,5 +80,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapp
         kv_layer.shape[3],
         num_heads,
         HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         H_PAD=triton.next_power_of_2(num_heads),
     )

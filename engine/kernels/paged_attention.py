@@ -6,8 +6,10 @@ its own block id, so a tile may span several small blocks (block_size 4) or part
 
     token n  ->  block_tables[seq, n // B]  ->  kv_layer[blk, 0|1, h_kv, n % B, :]
 
-Softmax is online (running max m, running sum l, fp32 accumulator), in base 2 with the scale folded
-into log2(e). Query head h reads KV head h // (H_q // H_kv), as SDPA's ``enable_gqa`` does.
+Any block size and head_dim work (head_dim is padded to a power of two with masked lanes); the
+prefill kernel's tl.dot needs head_dim >= 16 on a GPU. Softmax is online (running max m, running
+sum l, fp32 accumulator), in base 2 with the scale folded into log2(e). Query head h reads KV head
+h // (H_q // H_kv), as SDPA's ``enable_gqa`` does.
 
 bf16 under the Triton interpreter: arithmetic on bf16 values is wrong there (MEASURED.md), so every
 loaded tile is upcast to fp32 before it is used (the prefill kernel keeps fp16/bf16 tiles for
@@ -53,6 +55,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # One program per (decode sequence, KV head): the GROUP query heads sharing that KV head are
@@ -64,15 +67,17 @@ def _paged_decode_kernel(
     ctx = tl.load(seq_lens_ptr + seq)
 
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two; padding lanes read 0
+    dmask = d < HEAD_DIM
     gmask = g < GROUP
     heads = hk * GROUP + g  # (G,)
-    q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None])
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
     q = q.to(tl.float32) * scale_log2e  # (G, D)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head = kv_ptr + hk.to(tl.int64) * stride_kvh
     for start in range(0, ctx, BLOCK_N):
@@ -80,8 +85,9 @@ def _paged_decode_kernel(
         nmask = n < ctx
         blk = tl.load(table + n // block_size, mask=nmask, other=0).to(tl.int64)
         rows = blk * stride_kvn + (n % block_size) * stride_kvb  # (N,)
-        k = tl.load(kv_head + rows[:, None] + d[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-        v = tl.load(kv_head + stride_kvkv + rows[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        tile_mask = nmask[:, None] & dmask[None, :]  # (N, D)
+        k = tl.load(kv_head + rows[:, None] + d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        v = tl.load(kv_head + stride_kvkv + rows[:, None] + d[None, :], mask=tile_mask, other=0.0)
         v = v.to(tl.float32)  # (N, D)
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, N), already in log2 units
         scores = tl.where(nmask[None, :], scores, float("-inf"))
@@ -94,7 +100,7 @@ def _paged_decode_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     dst = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
@@ -118,6 +124,7 @@ def _paged_prefill_kernel(
     block_size,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -133,17 +140,19 @@ def _paged_prefill_kernel(
     hk = h // GROUP
 
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two; padding lanes read 0
+    dmask = d < HEAD_DIM
     mmask = m < q_len
     q_pos = ctx - q_len + m  # (M,) absolute positions: query m sees keys 0..q_pos[m]
     tok = (q_start + m).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    qmask = mmask[:, None] & dmask[None, :]  # (M, D)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=qmask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head = kv_ptr + hk.to(tl.int64) * stride_kvh
     # causal: this tile's last query sits at ctx - q_len + (mb+1)*BLOCK_M - 1; tiles past q_len do nothing
@@ -154,8 +163,12 @@ def _paged_prefill_kernel(
         nmask = n < ctx
         blk = tl.load(table + n // block_size, mask=nmask, other=0).to(tl.int64)
         rows = blk * stride_kvn + (n % block_size) * stride_kvb  # (N,)
-        k_t = tl.load(kv_head + rows[None, :] + d[:, None], mask=nmask[None, :], other=0.0)  # (D, N)
-        v = tl.load(kv_head + stride_kvkv + rows[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        k_t = tl.load(kv_head + rows[None, :] + d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
+        v = tl.load(
+            kv_head + stride_kvkv + rows[:, None] + d[None, :],
+            mask=nmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
@@ -172,20 +185,19 @@ def _paged_prefill_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     dst = out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
-def _check(q: torch.Tensor, kv_layer: torch.Tensor) -> tuple[int, int]:
-    """(group, head_dim) after checking the shapes the kernels rely on."""
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = kv_layer.shape[2]
+def _check(q: torch.Tensor, kv_layer: torch.Tensor) -> int:
+    """Query heads per KV head, after checking the layout the kernels rely on."""
+    num_q_heads, num_kv_heads = q.shape[1], kv_layer.shape[2]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV heads")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if q.shape[2] != kv_layer.shape[4]:
+        raise ValueError(f"query head_dim {q.shape[2]} differs from the KV pool's {kv_layer.shape[4]}")
     if q.stride(-1) != 1 or kv_layer.stride(-1) != 1:
         raise ValueError("paged attention needs the head dimension contiguous")
-    return num_q_heads // num_kv_heads, head_dim
+    return num_q_heads // num_kv_heads
 
 
 def paged_decode_attention(
@@ -206,11 +218,13 @@ def paged_decode_attention(
     kv_layer (N, 2, H_kv, B, D); block_tables (S, max_blocks) int32; seq_lens (S,) int32."""
     if num_seqs == 0:
         return
-    group, head_dim = _check(q, kv_layer)
+    group, head_dim = _check(q, kv_layer), q.shape[2]
     block_size = kv_layer.shape[3]
     if block_n is None:
-        # small tiles keep the (G, N, D) product in registers; 16 tokens amortise the gather
-        block_n = max(16, min(64, triton.next_power_of_2(block_size)))
+        # the (G, N, D) product lives in registers: cap it near 8k elements, but keep >= 16
+        # tokens per tile so the block-id gather is amortised
+        cap = 8192 // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim))
+        block_n = max(16, min(64, triton.next_power_of_2(block_size), cap))
     _paged_decode_kernel[(num_seqs, kv_layer.shape[2])](
         out,
         q,
@@ -233,6 +247,7 @@ def paged_decode_attention(
         GROUP=group,
         GROUP_PAD=triton.next_power_of_2(group),
         HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=block_n,
     )
 
@@ -248,18 +263,25 @@ def paged_prefill_attention(
     *,
     num_seqs: int,
     max_query_len: int,
-    block_m: int = 16,
-    block_n: int = 16,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> None:
     """Causal attention for prefill chunks: sequence i (< num_seqs) owns rows
     query_start_loc[i]..query_start_loc[i+1] of q (T, H_q, D) and has seq_lens[i] tokens of context
     including those rows. Writes the same rows of out. Sequences must be the first rows of the tables."""
     if num_seqs == 0:
         return
-    group, head_dim = _check(q, kv_layer)
+    group, head_dim = _check(q, kv_layer), q.shape[2]
     interpreted = _interpreted()
+    if head_dim < 16 and not interpreted:
+        raise ValueError(f"the prefill kernel's tl.dot needs head_dim >= 16 on a GPU, got {head_dim}")
     # fp32 on a GPU: tl.dot would otherwise round inputs to tf32 (10-bit mantissa)
-    precision = "ieee" if q.dtype == torch.float32 or interpreted else "tf32"
+    precision = "ieee" if q.dtype == torch.float32 else None
+    if block_m is None or block_n is None:
+        # interpreter: the smallest tiles tl.dot takes (its cost grows with tile area); GPU: tiles
+        # whose K/V stages fit shared memory even for fp32 at head_dim 128 (untuned)
+        block_m = block_m or (16 if interpreted else 32 if q.dtype == torch.float32 else 64)
+        block_n = block_n or (16 if interpreted else 32)
     _paged_prefill_kernel[(num_seqs, q.shape[1], math.ceil(max_query_len / block_m))](
         out,
         q,
@@ -280,6 +302,7 @@ def paged_prefill_attention(
         kv_layer.shape[3],
         GROUP=group,
         HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         UPCAST=interpreted,

@@ -1,0 +1,266 @@
+"""Tandem's deployment configuration: the pydantic schema of the YAML, its loader and the default.
+
+One file describes a whole deployment, from the embedded one-machine default (``deploy/local.yaml``
+is :func:`default_config` written out) to a multi-node Ray cluster (``deploy/examples/``)::
+
+    model / dtype / engine   what runs, and the engine knobs every worker shares
+    pools.prefill|decode     replicas, Ray resources per worker, node labels that pin them
+    tiers                    G1 device / G2 host / G3 disk capacities, G3's directory
+    topology                 node -> NVLink domain / rack, link bandwidths, kv-bench calibration
+    metadata                 "memory" (in the router) or a redis:// URL (several routers, restarts)
+    router                   address, policy, disaggregation, admission limits, tracing
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every error names
+the field by its dotted path: ``pools.decode.replicas: Input should be greater than or equal to 1``.
+Pure: imports no ray, torch or grpc, so the CLI can validate a file without starting anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.topology import parse_link_class
+
+LOCAL_YAML = Path(__file__).resolve().parent / "local.yaml"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration file cannot be used; the message names the file and each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSection(_Strict):
+    """Engine settings every worker shares (``engine.llm_engine.EngineConfig``)."""
+
+    block_size: int = Field(default=16, ge=1, le=1024)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)  # None: the checkpoint's max_position_embeddings
+    attn_backend: Literal["torch", "triton"] = "torch"
+    enable_prefix_caching: bool = True
+
+
+class PoolConfig(_Strict):
+    """One pool's workers: how many, and the Ray resources / node labels each one asks for."""
+
+    replicas: int = Field(default=1, ge=0)
+    num_cpus: NonNegativeFloat = 1.0
+    num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # custom Ray resources
+    node_labels: dict[str, str] = Field(default_factory=dict)  # Ray node labels the worker must match
+
+    @field_validator("resources")
+    @classmethod
+    def _no_builtin_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name in ("CPU", "GPU", "memory"):
+            if name in v:
+                raise ValueError(f"{name!r} is set with num_cpus / num_gpus, not in resources")
+        return v
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+class PoolsConfig(_Strict):
+    prefill: PoolConfig = PoolConfig()
+    decode: PoolConfig = PoolConfig()
+
+    @model_validator(mode="after")
+    def _decode_needed(self) -> PoolsConfig:
+        if self.decode.replicas < 1:
+            raise ValueError("decode.replicas must be >= 1: every request is decoded by a decode worker")
+        return self
+
+
+class TierConfig(_Strict):
+    capacity: ByteSize  # bytes, or "512MiB", "2GB", ...
+
+    @field_validator("capacity")
+    @classmethod
+    def _positive(cls, v: ByteSize) -> ByteSize:
+        if v <= 0:
+            raise ValueError("capacity must be > 0")
+        return v
+
+
+class TiersConfig(_Strict):
+    dir: Path = Path("~/.cache/tandem/tiers")  # G3 files live under <dir>/<worker id>/
+    g1: TierConfig = TierConfig(capacity=ByteSize(256 << 20))  # device KV pool (CPU memory on a CPU box)
+    g2: TierConfig = TierConfig(capacity=ByteSize(1 << 30))  # host DRAM
+    g3: TierConfig | None = TierConfig(capacity=ByteSize(4 << 30))  # disk; null turns it off
+
+    @property
+    def resolved_dir(self) -> Path:
+        return self.dir.expanduser()
+
+
+class NodeTopology(_Strict):
+    nvlink_domain: str | None = None
+    rack: str | None = None
+
+
+class TopologyConfig(_Strict):
+    # Keyed by node name: the Ray node's `tandem/node` label, else its IP address.
+    nodes: dict[str, NodeTopology] = Field(default_factory=dict)
+    link_gbps: dict[str, PositiveFloat] = Field(default_factory=dict)  # GB/s by link class, over calibration
+    calibration_file: Path | None = None  # written by `tandem kv-bench --calibration FILE`
+    same_node_link: Literal["shm", "pcie", "nvlink"] = "shm"
+
+    @field_validator("nodes")
+    @classmethod
+    def _named_nodes(cls, v: dict[str, NodeTopology]) -> dict[str, NodeTopology]:
+        if any(not name.strip() for name in v):
+            raise ValueError("node names must not be empty: an empty name never matches a Ray node")
+        return v
+
+    @field_validator("link_gbps")
+    @classmethod
+    def _known_links(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = [k for k in v if parse_link_class(k) is None]
+        if unknown:
+            raise ValueError(
+                f"unknown link classes {unknown}; use same_process, nvlink, shm, pcie, ib or tcp"
+            )
+        return v
+
+
+class MetadataConfig(_Strict):
+    store: str = "memory"  # "memory" or redis://[user:password@]host:port[/db] (rediss:// for TLS)
+    heartbeat_ttl_s: PositiveFloat = 10.0
+    heartbeat_interval_s: PositiveFloat = 2.0
+
+    @field_validator("store")
+    @classmethod
+    def _memory_or_redis(cls, v: str) -> str:
+        if v == "memory":
+            return v
+        url = urlparse(v)
+        if url.scheme not in ("redis", "rediss"):
+            raise ValueError(f'must be "memory" or a redis:// / rediss:// URL, got {v!r}')
+        try:
+            port = url.port
+        except ValueError as e:
+            raise ValueError(f"bad port in {v!r}: {e}") from None
+        if not url.hostname:
+            raise ValueError(f"redis URL {v!r} has no host")
+        if port is not None and port == 0:
+            raise ValueError(f"bad port in {v!r}: must be 1-65535")
+        db = url.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"redis database in {v!r} must be a number, got {db!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _interval_below_ttl(self) -> MetadataConfig:
+        if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
+            raise ValueError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be below heartbeat_ttl_s "
+                f"({self.heartbeat_ttl_s}), or live workers expire between heartbeats"
+            )
+        return self
+
+    @property
+    def is_redis(self) -> bool:
+        return self.store != "memory"
+
+
+class TracingConfig(_Strict):
+    exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+
+
+class RouterConfig(_Strict):
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=50051, ge=0, le=65535)  # 0: the OS picks a free port (tests)
+    policy: Literal["cost_model", "least_loaded", "round_robin"] = "cost_model"
+    disaggregation: Literal["auto", "always", "never"] = "auto"
+    max_queue: int = Field(default=256, ge=1)  # requests waiting for a slot; beyond: RESOURCE_EXHAUSTED
+    max_concurrency: int = Field(default=64, ge=1)  # requests in flight at once
+    max_tokens_limit: int | None = Field(default=None, ge=1)  # per request; None: the model's context length
+    tracing: TracingConfig = TracingConfig()
+
+
+class TandemConfig(_Strict):
+    version: Literal[1] = 1
+    model: str = Field(default="demo", min_length=1)  # "demo" (generated locally) or a checkpoint directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: EngineSection = EngineSection()
+    pools: PoolsConfig = PoolsConfig()
+    tiers: TiersConfig = TiersConfig()
+    topology: TopologyConfig = TopologyConfig()
+    metadata: MetadataConfig = MetadataConfig()
+    router: RouterConfig = RouterConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TandemConfig:
+        if self.router.disaggregation == "always" and self.pools.prefill.replicas < 1:
+            raise ValueError("router.disaggregation is 'always' but pools.prefill.replicas is 0")
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == "demo"
+
+
+def default_config() -> TandemConfig:
+    """The embedded default: one prefill and one decode worker on this machine, the demo model,
+    in-process metadata, tiers under ~/.cache/tandem/tiers, router on 127.0.0.1:50051."""
+    return TandemConfig(
+        pools=PoolsConfig(
+            prefill=PoolConfig(replicas=1, num_cpus=0.5), decode=PoolConfig(replicas=1, num_cpus=0.5)
+        )
+    )
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each starting with the field's dotted path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> TandemConfig:
+    """Validate an already-parsed YAML document (``None``, an empty file, means all defaults)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return TandemConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid configuration\n{format_validation_error(e)}") from None
+
+
+def load_config(path: str | Path) -> TandemConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read configuration ({e.strerror or e})") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return parse_config(data, str(p))
+
+
+def dump_config(cfg: TandemConfig) -> str:
+    """The configuration as YAML that :func:`load_config` reads back to an equal object."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

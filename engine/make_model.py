@@ -1,0 +1,324 @@
+"""Random-weight Hugging Face checkpoints with a real byte-level BPE tokenizer (``tandem make-model``).
+
+Tests, the demo and the benchmark need a model without downloading one. This module writes a
+complete checkpoint directory::
+
+    out/
+      config.json                       architectures + model_type (llama | qwen2 | mistral)
+      generation_config.json            bos / eos ids
+      model.safetensors                 or model-0000i-of-0000N.safetensors + model.safetensors.index.json
+      tokenizer.json                    byte-level BPE trained on engine/data/corpus.txt
+      tokenizer_config.json, special_tokens_map.json
+
+Weights are written with torch + safetensors under the HF parameter names (transformers is only a
+test reference). Everything is a pure function of (preset, arch, seed, dtype, overrides): the same
+arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")  # ids 0..3, in this order
+BOS_ID, EOS_ID, UNK_ID, PAD_ID = 0, 1, 2, 3
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INIT_STD = 0.02
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For unit tests: loads and runs in milliseconds.
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=2048,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+    ),
+    # CPU throughput benchmark: compute dominates Python overhead, still minutes for 64 requests.
+    "bench": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+# transformers maps model_type qwen2 to its own Qwen2Tokenizer, which rebuilds the pipeline from vocab +
+# merges with this split regex and NFC; qwen2 checkpoints are trained with the same pipeline so that
+# AutoTokenizer and engine.tokenizer agree. Other archs use the GPT-2 byte-level regex.
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def train_tokenizer(vocab_size: int, arch: str = "llama") -> Tokenizer:
+    """Byte-level BPE on the bundled corpus (~0.1 s and deterministic, so it is not cached)."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    if arch == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(CORPUS)], trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(
+            f"corpus too small for vocab_size={vocab_size}: BPE stopped at {tok.get_vocab_size()}"
+        )
+    # AutoTokenizer applies the post-processor by default; ours adds <s> the same way, so both
+    # tokenizers give identical ids. (engine.tokenizer adds bos itself and ignores this.)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return tok
+
+
+def _write_tokenizer(out: Path, vocab_size: int, arch: str, max_len: int) -> None:
+    tok = train_tokenizer(vocab_size, arch)
+    (out / "tokenizer.json").write_text(tok.to_str(pretty=False), encoding="utf-8")
+    added = {
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "added_tokens_decoder": added,
+    }
+    special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+    _write_json(out / "special_tokens_map.json", special_map)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def build_config(preset: str, arch: str, dtype: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    p = {**PRESETS[preset], **(overrides or {})}
+    rope_theta = float(p.pop("rope_theta", 10000.0))
+    cfg: dict[str, Any] = {
+        "architectures": [ARCHS[arch]],
+        "model_type": arch,
+        "hidden_act": "silu",
+        "head_dim": p["hidden_size"] // p["num_attention_heads"],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "tie_word_embeddings": False,
+        "initializer_range": INIT_STD,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "use_cache": True,
+        "attention_dropout": 0.0,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    if arch == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    elif arch == "qwen2":
+        # Qwen2 always has q/k/v biases (no config flag); sliding window is off.
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=p["num_hidden_layers"])
+    elif arch == "mistral":
+        cfg.update(sliding_window=None)
+    cfg.update(p)
+    if cfg["hidden_size"] % cfg["num_attention_heads"] or cfg["num_attention_heads"] % cfg[
+        "num_key_value_heads"
+    ]:
+        raise ValueError("hidden_size must divide by heads, and heads by kv heads")
+    return dict(sorted(cfg.items()))
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def param_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """HF parameter names and shapes, in a fixed order (the order random numbers are drawn in)."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    qkv_bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        shapes += [
+            (pre + "input_layernorm.weight", (h,)),
+            (pre + "self_attn.q_proj.weight", (nh * hd, h)),
+            (pre + "self_attn.k_proj.weight", (nkv * hd, h)),
+            (pre + "self_attn.v_proj.weight", (nkv * hd, h)),
+        ]
+        if qkv_bias:
+            shapes += [
+                (pre + "self_attn.q_proj.bias", (nh * hd,)),
+                (pre + "self_attn.k_proj.bias", (nkv * hd,)),
+                (pre + "self_attn.v_proj.bias", (nkv * hd,)),
+            ]
+        shapes += [
+            (pre + "self_attn.o_proj.weight", (h, nh * hd)),
+            (pre + "post_attention_layernorm.weight", (h,)),
+            (pre + "mlp.gate_proj.weight", (inter, h)),
+            (pre + "mlp.up_proj.weight", (inter, h)),
+            (pre + "mlp.down_proj.weight", (h, inter)),
+        ]
+    shapes.append(("model.norm.weight", (h,)))
+    if not cfg["tie_word_embeddings"]:
+        shapes.append(("lm_head.weight", (v, h)))
+    return shapes
+
+
+def random_weights(cfg: dict[str, Any], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    weights: dict[str, torch.Tensor] = {}
+    for name, shape in param_shapes(cfg):
+        if name.endswith("norm.weight"):
+            # RMSNorm gains near 1, with some noise so a wrong gain/weight pairing shows in outputs.
+            t = 1.0 + INIT_STD * torch.randn(shape, generator=gen)
+        else:
+            t = INIT_STD * torch.randn(shape, generator=gen)
+        weights[name] = t.to(dtype).contiguous()
+    return weights
+
+
+def _shard(names: list[str], weights: dict[str, torch.Tensor], num_shards: int) -> list[list[str]]:
+    """Split names, in order, into num_shards consecutive groups of roughly equal bytes."""
+    sizes = [weights[n].numel() * weights[n].element_size() for n in names]
+    total, groups, acc = sum(sizes), [[] for _ in range(num_shards)], 0
+    for name, size in zip(names, sizes, strict=True):
+        idx = min(num_shards - 1, acc * num_shards // total)
+        groups[idx].append(name)
+        acc += size
+    if any(not g for g in groups):
+        raise ValueError(f"num_shards={num_shards} exceeds the number of tensors that can be split")
+    return groups
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def make_model(
+    out: str | Path,
+    preset: str = "tiny",
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: str = "float32",
+    num_shards: int = 1,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write a random-weight checkpoint to ``out`` (created if missing) and return its path."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    cfg = build_config(preset, arch, dtype, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", cfg)
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False},
+    )
+    _write_tokenizer(out, cfg["vocab_size"], arch, cfg["max_position_embeddings"])
+
+    weights = random_weights(cfg, seed, DTYPES[dtype])
+    meta = {"format": "pt"}
+    if num_shards == 1:
+        save_file(weights, str(out / "model.safetensors"), metadata=meta)
+        return out
+    names = [n for n, _ in param_shapes(cfg)]
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(_shard(names, weights, num_shards)):
+        fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file({n: weights[n] for n in group}, str(out / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(group, fname))
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    _write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="override a config field, e.g. --set num_hidden_layers=3 (repeatable)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = float(value) if "." in value else int(value)
+    out = make_model(args.out, args.preset, args.arch, args.seed, args.dtype, args.num_shards, overrides)
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    n = sum(torch.Size(s).numel() for _, s in param_shapes(cfg))
+    print(f"wrote {cfg['architectures'][0]} ({n / 1e6:.2f}M params, {args.dtype}) to {out}")
+    return 0

@@ -1,0 +1,115 @@
+"""Loading a checkpoint's safetensors into the immutable weight types the forward pass reads.
+
+Owns the Hugging Face tensor names, single-file and sharded (``model.safetensors.index.json``)
+checkpoints, and dtype/device placement. safetensors maps the files into memory; a tensor whose file
+dtype already equals the run dtype (on CPU) is kept as that mmap-backed view, so weights are never
+copied twice, and only mismatching dtypes are converted. Projections are *not* fused: a fused q/k/v
+matmul would need a copy of every weight, and separate matmuls give transformers' numerics bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from engine.config import ModelConfig
+from engine.kv_layout import torch_dtype
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # (hidden,)
+    q_proj: torch.Tensor  # (H * D, hidden)
+    k_proj: torch.Tensor  # (H_kv * D, hidden)
+    v_proj: torch.Tensor  # (H_kv * D, hidden)
+    q_bias: torch.Tensor | None  # (H * D,)
+    k_bias: torch.Tensor | None  # (H_kv * D,)
+    v_bias: torch.Tensor | None  # (H_kv * D,)
+    o_proj: torch.Tensor  # (hidden, H * D)
+    o_bias: torch.Tensor | None  # (hidden,): Llama with attention_bias has it, Qwen2 does not
+    post_norm: torch.Tensor  # (hidden,)
+    gate_proj: torch.Tensor  # (I, hidden)
+    up_proj: torch.Tensor  # (I, hidden)
+    down_proj: torch.Tensor  # (hidden, I)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelWeights:
+    embed: torch.Tensor  # (V, hidden)
+    layers: tuple[LayerWeights, ...]
+    norm: torch.Tensor  # (hidden,)
+    lm_head: torch.Tensor  # (V, hidden); the embedding itself when tied
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint at ``path``, mmap-backed, keyed by its Hugging Face name."""
+    path = Path(path)
+    if (path / INDEX_FILE).exists():
+        weight_map: dict[str, str] = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(load_file(path / shard))
+        return tensors
+    if (path / SINGLE_FILE).exists():
+        return load_file(path / SINGLE_FILE)
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+
+def load_weights(path: str | Path, config: ModelConfig, device: str | torch.device = "cpu") -> ModelWeights:
+    """Read, check and place the checkpoint's weights for ``config`` (its dtype is the run dtype)."""
+    tensors = read_tensors(path)
+    dtype = torch_dtype(config.dtype)
+    used: set[str] = set()
+
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in tensors:
+            raise ValueError(f"checkpoint {path} lacks tensor {name!r}")
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, config implies {shape}")
+        used.add(name)
+        return t.to(device=device, dtype=dtype)  # returns t itself (no copy) when nothing changes
+
+    def maybe(name: str, shape: tuple[int, ...], required: bool) -> torch.Tensor | None:
+        return take(name, shape) if required or name in tensors else None
+
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layers = []
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        layers.append(
+            LayerWeights(
+                input_norm=take(p + "input_layernorm.weight", (c.hidden_size,)),
+                q_proj=take(p + "self_attn.q_proj.weight", (q_out, c.hidden_size)),
+                k_proj=take(p + "self_attn.k_proj.weight", (kv_out, c.hidden_size)),
+                v_proj=take(p + "self_attn.v_proj.weight", (kv_out, c.hidden_size)),
+                q_bias=maybe(p + "self_attn.q_proj.bias", (q_out,), c.attention_bias),
+                k_bias=maybe(p + "self_attn.k_proj.bias", (kv_out,), c.attention_bias),
+                v_bias=maybe(p + "self_attn.v_proj.bias", (kv_out,), c.attention_bias),
+                o_proj=take(p + "self_attn.o_proj.weight", (c.hidden_size, q_out)),
+                o_bias=maybe(p + "self_attn.o_proj.bias", (c.hidden_size,), False),
+                post_norm=take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
+                gate_proj=take(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
+                up_proj=take(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
+                down_proj=take(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)),
+            )
+        )
+    embed = take("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+    if c.tie_word_embeddings:
+        lm_head = embed
+        used.add("lm_head.weight")  # some tied checkpoints still store a copy: ignore it
+    else:
+        lm_head = take("lm_head.weight", (c.vocab_size, c.hidden_size))
+    norm = take("model.norm.weight", (c.hidden_size,))
+    unused = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"checkpoint {path} has tensors the model does not use: {unused[:5]}")
+    return ModelWeights(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)

@@ -1,0 +1,260 @@
+"""The KV message protocol: headers, block-run coalescing, digests and the receiver's reservation book.
+
+Pure Python (no torch, no UCX), so every rule here is unit-tested on integers and bytes.
+
+A transfer moves one request's KV, layer by layer (or several layers per message, or a chunk of
+blocks per message for chunked prefill). Each message has a fixed-layout header and a payload::
+
+    header (struct, little-endian)                        payload
+    ┌────┬───┬────┬─────┬───────┬──────┬──────┬──────┬──────┬─────┐ ┌─────────────────────────┐
+    │magic│ver│kind│dtype│layer  │layers│block │blocks│shape │digest│ │ layer l: blocks[s:s+n]  │
+    │ u32 │u8 │ u8 │ u8  │ u32   │ u32  │start │ u32  │4×u32 │ u64  │ │ layer l+1: ...          │
+    └────┴───┴────┴─────┴───────┴──────┴──────┴──────┴──────┴─────┘ └─────────────────────────┘
+    + payload_bytes u64, status u8, request id (u16 length + utf-8), text (u16 length + utf-8)
+
+With NIXL the payload travels by one-sided WRITE straight into the receiver's blocks and the header
+follows as a notification; with ucxx both travel in one tag message. The digest is xxh3-64 over the
+payload bytes in order (layer, then block), so it does not depend on how the bytes were cut into
+pieces on either side.
+
+Pool layout (engine/kv_layout.py) is layer-major: ``kv[l, b]`` sits at byte offset
+``(l * num_blocks + b) * layer_block_bytes``, so a run of consecutive block ids in one layer is one
+contiguous region: one descriptor.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+MAGIC = 0x4B565431  # "KVT1"
+VERSION = 1
+
+KIND_DATA = 1  # header of a payload (layer range x block range)
+KIND_HELLO = 2  # first message from a sender to a receiver: text = sender's name, payload = its address
+KIND_ACK = 3  # receiver -> sender: status OK (committed) or FAILED (text says why)
+
+STATUS_OK = 0
+STATUS_FAILED = 1
+
+DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3, "uint8": 4}
+_CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+
+_FIXED = struct.Struct("<IBBBxIIII4IQQB")
+
+
+class KVTransferError(RuntimeError):
+    """A handoff failed; the request's buffers on this side are already freed."""
+
+
+class NoRoomError(KVTransferError):
+    """The receiver refused a reservation (backpressure): no room, try elsewhere or later."""
+
+
+class DigestMismatchError(KVTransferError):
+    """A payload did not match its header's digest."""
+
+
+class DeadlineExceededError(KVTransferError):
+    """The peer did not finish (or answer) within the deadline: dead or stalled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    kind: int
+    request_id: str
+    layer: int = 0
+    num_layers: int = 1  # layers carried by this message: layer .. layer + num_layers - 1
+    block_start: int = 0  # index into the reservation's block list, not a block id
+    num_blocks: int = 0
+    dtype: str = "uint8"
+    block_shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # (2, H_kv, B, D) of one layer's block
+    digest: int = 0
+    payload_bytes: int = 0
+    status: int = STATUS_OK
+    text: str = ""  # HELLO: sender name; ACK: failure reason
+
+    def encode(self) -> bytes:
+        rid = self.request_id.encode()
+        text = self.text.encode()
+        fixed = _FIXED.pack(
+            MAGIC,
+            VERSION,
+            self.kind,
+            DTYPE_CODES[self.dtype],
+            self.layer,
+            self.num_layers,
+            self.block_start,
+            self.num_blocks,
+            *self.block_shape,
+            self.digest,
+            self.payload_bytes,
+            self.status,
+        )
+        return fixed + struct.pack("<H", len(rid)) + rid + struct.pack("<H", len(text)) + text
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview) -> tuple[Header, int]:
+        """Parse a header from the front of ``buf``; returns it and its encoded length."""
+        buf = memoryview(buf)
+        if len(buf) < _FIXED.size + 4:
+            raise KVTransferError(f"message too short for a KV header ({len(buf)} bytes)")
+        magic, ver, kind, dcode, layer, nl, bstart, nb, s0, s1, s2, s3, digest, pbytes, status = (
+            _FIXED.unpack_from(buf, 0)
+        )
+        if magic != MAGIC or ver != VERSION:
+            raise KVTransferError(f"not a KV message (magic {magic:#x}, version {ver})")
+        if dcode not in _CODE_DTYPES:
+            raise KVTransferError(f"unknown dtype code {dcode}")
+        off = _FIXED.size
+        (n,) = struct.unpack_from("<H", buf, off)
+        rid = bytes(buf[off + 2 : off + 2 + n]).decode()
+        off += 2 + n
+        (m,) = struct.unpack_from("<H", buf, off)
+        text = bytes(buf[off + 2 : off + 2 + m]).decode()
+        off += 2 + m
+        header = cls(
+            kind, rid, layer, nl, bstart, nb, _CODE_DTYPES[dcode], (s0, s1, s2, s3), digest, pbytes, status, text
+        )
+        return header, off
+
+
+# --- block runs -------------------------------------------------------------------------------
+
+
+def coalesce(block_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive block ids as (first id, count), in order: [4,5,6,9,2,3] -> [(4,3),(9,1),(2,2)]."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Cut a src -> dst block mapping into (src first, dst first, count) pieces contiguous on both sides."""
+    if len(src) != len(dst):
+        raise ValueError(f"{len(src)} source blocks for {len(dst)} destination blocks")
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def region(layer: int, first_block: int, count: int, num_blocks: int, layer_block_bytes: int) -> tuple[int, int]:
+    """(byte offset, length) of ``kv[layer, first_block:first_block + count]`` in a layer-major pool."""
+    return (layer * num_blocks + first_block) * layer_block_bytes, count * layer_block_bytes
+
+
+def regions(
+    layers: Iterable[int], runs: Sequence[tuple[int, int]], num_blocks: int, layer_block_bytes: int
+) -> list[tuple[int, int]]:
+    """Regions for each layer then each run, in payload order."""
+    return [region(layer, first, n, num_blocks, layer_block_bytes) for layer in layers for first, n in runs]
+
+
+def digest(pieces: Iterable[memoryview | bytes]) -> int:
+    """xxh3-64 of the concatenation of ``pieces`` (streamed: no copy)."""
+    h = xxhash.xxh3_64()
+    for p in pieces:
+        h.update(p)
+    return h.intdigest()
+
+
+# --- the receiver's reservations -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Reservation:
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_layers: int
+    deadline: float  # monotonic seconds
+    missing: set[tuple[int, int]] = field(default_factory=set)  # (layer, block index) not yet verified
+    sender: str = ""  # name of the sender that wrote to it, once known
+    committed: bool = False
+
+
+class ReservationBook:
+    """Which blocks are reserved for which request, what has arrived, and when each lease expires.
+
+    Backpressure: a reservation that would exceed ``capacity_blocks`` or ``max_requests``, or that
+    names a block already reserved, is refused with :class:`NoRoomError`, never queued.
+    """
+
+    def __init__(self, num_blocks: int, capacity_blocks: int | None = None, max_requests: int = 1024) -> None:
+        self.num_blocks = num_blocks
+        self.capacity_blocks = num_blocks if capacity_blocks is None else capacity_blocks
+        self.max_requests = max_requests
+        self._by_id: dict[str, Reservation] = {}
+        self._owner: dict[int, str] = {}  # block id -> request id
+
+    def reserve(self, request_id: str, block_ids: Sequence[int], num_layers: int, deadline: float) -> Reservation:
+        if request_id in self._by_id:
+            raise KVTransferError(f"request {request_id!r} already has a reservation")
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"block ids {bad} out of range [0, {self.num_blocks})")
+        if len(set(block_ids)) != len(block_ids):
+            raise ValueError(f"duplicate block ids in {list(block_ids)}")
+        if len(self._by_id) >= self.max_requests:
+            raise NoRoomError(f"receiver has {len(self._by_id)} reservations (max {self.max_requests})")
+        if len(self._owner) + len(block_ids) > self.capacity_blocks:
+            raise NoRoomError(
+                f"no room: {len(block_ids)} blocks asked, {self.capacity_blocks - len(self._owner)} free"
+            )
+        busy = [b for b in block_ids if b in self._owner]
+        if busy:
+            raise NoRoomError(f"blocks {busy} are reserved by another request")
+        missing = {(layer, i) for layer in range(num_layers) for i in range(len(block_ids))}
+        r = Reservation(request_id, tuple(block_ids), num_layers, deadline, missing)
+        self._by_id[request_id] = r
+        for b in block_ids:
+            self._owner[b] = request_id
+        return r
+
+    def get(self, request_id: str) -> Reservation | None:
+        return self._by_id.get(request_id)
+
+    def check(self, r: Reservation, h: Header) -> None:
+        """Raise unless ``h`` names layers and blocks inside reservation ``r``."""
+        if h.num_layers < 1 or h.layer + h.num_layers > r.num_layers:
+            raise KVTransferError(f"{r.request_id}: layers {h.layer}+{h.num_layers} outside 0..{r.num_layers - 1}")
+        if h.num_blocks < 1 or h.block_start + h.num_blocks > len(r.block_ids):
+            raise KVTransferError(
+                f"{r.request_id}: blocks {h.block_start}+{h.num_blocks} outside the {len(r.block_ids)} reserved"
+            )
+
+    def record(self, r: Reservation, h: Header) -> bool:
+        """Mark the header's (layer, block) pieces verified; True when the whole request has arrived."""
+        for layer in range(h.layer, h.layer + h.num_layers):
+            for i in range(h.block_start, h.block_start + h.num_blocks):
+                r.missing.discard((layer, i))
+        return not r.missing
+
+    def expired(self, now: float) -> list[Reservation]:
+        """Uncommitted reservations whose deadline has passed (not removed: call drop)."""
+        return [r for r in self._by_id.values() if not r.committed and now > r.deadline]
+
+    def drop(self, request_id: str) -> Reservation | None:
+        r = self._by_id.pop(request_id, None)
+        if r is not None:
+            for b in r.block_ids:
+                self._owner.pop(b, None)
+        return r
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        return len(self._owner)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._by_id)

@@ -1,0 +1,212 @@
+"""``tandem tier-bench``: G2 put/get and G3 write/read of KV-shaped blocks against same-run ceilings.
+
+Cases, each beside its ceiling measured in the same run on the same bytes:
+
+    tier  op     what is timed                                   ceiling
+    G2    put    TierStore.offload, G1 -> G2, per block           one memory copy of all the bytes
+    G2    get    TierStore.onboard, G2 -> G1, per block           one memory copy of all the bytes
+    G3    write  G2 -> G3 spill: header, xxh3, tmp, fsync, rename one O_DIRECT write per file, same sizes
+    G3    read   TierStore.onboard, G3 -> G1 (read, verify, copy) one O_DIRECT read per file, same sizes
+
+Reads bypass the page cache (O_DIRECT; posix_fadvise DONTNEED where O_DIRECT is refused) for the
+tier and its ceiling alike. Blocks are shaped like a model's: 64 KiB per layer (8 KV heads,
+head_dim 128, 16 tokens, fp16), layers chosen to reach the requested block size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine.kv_layout import KVLayout
+from memory_tiers.device_pool import TorchDevicePool
+from memory_tiers.disk_format import HEADER_SIZE
+from memory_tiers.host_tier import aligned_buffer
+from memory_tiers.tier_store import TierConfig, TierStore
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-kib", type=int, nargs="+", default=[2048], help="block sizes in KiB")
+    parser.add_argument("--total-mib", type=int, default=512, help="bytes moved per case")
+    parser.add_argument("--dir", default=None, help="G3 directory (default: a temp dir under /tmp)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
+def _layout(block_kib: int) -> KVLayout:
+    per_layer_kib = 64  # 2 * 8 heads * 16 tokens * 128 dims * 2 bytes
+    if block_kib % per_layer_kib:
+        raise SystemExit(f"--block-kib must be a multiple of {per_layer_kib}")
+    return KVLayout(block_kib // per_layer_kib, 8, 128, 16, "float16")
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def _best(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    return min(fn() for _ in range(repeat))
+
+
+def _memcpy_seconds(nbytes: int) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in first
+    t = time.perf_counter()
+    dst.copy_(src)
+    return time.perf_counter() - t
+
+
+def _direct_files(directory: Path, n: int, file_bytes: int, write: bool) -> float:
+    """Seconds to write (or read) n files of file_bytes each with O_DIRECT, one call per file."""
+    buf = aligned_buffer(file_bytes)
+    view = memoryview(buf)
+    paths = [directory / f"ceiling-{i}.bin" for i in range(n)]
+    t = time.perf_counter()
+    for p in paths:
+        if write:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o644)
+            os.write(fd, view)
+        else:
+            fd = os.open(p, os.O_RDONLY | _O_DIRECT)
+            os.readv(fd, [view])
+        os.close(fd)
+    return time.perf_counter() - t
+
+
+def _drop_cache(directory: Path) -> None:
+    """Where O_DIRECT is not available, evict the files from the page cache before timing reads."""
+    for p in directory.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def _run_size(block_kib: int, total_mib: int, root: Path, repeat: int) -> list[dict]:
+    layout = _layout(block_kib)
+    bb = layout.block_bytes
+    n = max(4, total_mib * 2**20 // bb)
+    total = n * bb
+    kv = layout.allocate(n)  # (L, n, 2, H_kv, B, D): G1 stand-in
+    kv.copy_(torch.randn(kv.shape).to(kv.dtype))
+    dev = TorchDevicePool(kv, layout)
+    hashes = [i.to_bytes(16, "big") for i in range(n)]
+    memcpy = _best(lambda: _memcpy_seconds(total), repeat)
+    rows = []
+
+    def case(tier: str, op: str, seconds: float, ceiling: float) -> None:
+        g, c = _gbps(total, seconds), _gbps(total, ceiling)
+        rows.append(
+            {"tier": tier, "op": op, "block_bytes": bb, "blocks": n, "bytes": total,
+             "gbps": round(g, 3), "ceiling_gbps": round(c, 3), "ratio": round(g / c, 3)}
+        )  # fmt: skip
+
+    # G2: put (offload) and get (onboard), a fresh store per run so every put copies.
+    def g2_put() -> float:
+        store = TierStore(layout, dev, TierConfig(host_blocks=n))
+        store.host.tensor.zero_()  # fault the host pages in outside the timed loop, as the ceiling does
+        t = time.perf_counter()
+        for i, h in enumerate(hashes):
+            store.offload(h, i)
+        s = time.perf_counter() - t
+        store.close()
+        return s
+
+    case("G2", "put", _best(g2_put, repeat), memcpy)
+    store = TierStore(layout, dev, TierConfig(host_blocks=n))
+    for i, h in enumerate(hashes):
+        store.offload(h, i)
+
+    def g2_get() -> float:
+        t = time.perf_counter()
+        for i, h in enumerate(hashes):
+            store.onboard(h, n - 1 - i).result()
+        return time.perf_counter() - t
+
+    case("G2", "get", _best(g2_get, repeat), memcpy)
+    assert torch.equal(kv[:, 0], store.host.slot(n - 1)), "G2 round trip changed the bytes"
+
+    # G3: write = spill every G2 slot to disk; read = onboard from disk into G1.
+    disk_dir = root / f"g3-{block_kib}"
+    ceiling_dir = root / f"ceiling-{block_kib}"
+    ceiling_dir.mkdir(parents=True, exist_ok=True)
+    file_bytes = HEADER_SIZE + bb
+
+    def g3_write() -> float:
+        shutil.rmtree(disk_dir, ignore_errors=True)
+        g3 = TierStore(layout, dev, TierConfig(host_blocks=n, disk_dir=str(disk_dir), disk_bytes=2 * n * file_bytes))
+        g3.host.tensor.copy_(store.host.tensor)
+        assert g3.disk is not None
+        t = time.perf_counter()
+        for i, h in enumerate(hashes):
+            g3.disk.write_async(h, g3.host.slot_bytes(i), lambda ok: None)
+        g3.flush()
+        s = time.perf_counter() - t
+        g3.close()
+        return s
+
+    case("G3", "write", _best(g3_write, repeat), _best(lambda: _direct_files(ceiling_dir, n, file_bytes, True), repeat))
+
+    g3 = TierStore(layout, dev, TierConfig(host_blocks=1, disk_dir=str(disk_dir), disk_bytes=2 * n * file_bytes))
+
+    def g3_read() -> float:
+        if not _O_DIRECT:
+            _drop_cache(disk_dir)
+        t = time.perf_counter()
+        futs = [g3.onboard(h, i) for i, h in enumerate(hashes)]
+        ok = all(f.result() for f in futs)
+        s = time.perf_counter() - t
+        assert ok, "a G3 block failed to onboard"
+        return s
+
+    def ceiling_read() -> float:
+        if not _O_DIRECT:
+            _drop_cache(ceiling_dir)
+        return _direct_files(ceiling_dir, n, file_bytes, False)
+
+    case("G3", "read", _best(g3_read, repeat), _best(ceiling_read, repeat))
+    assert torch.equal(kv[:, 0], store.host.slot(0)), "G3 round trip changed the bytes"
+    g3.close()
+    store.close()
+    shutil.rmtree(disk_dir, ignore_errors=True)
+    shutil.rmtree(ceiling_dir, ignore_errors=True)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    # One intra-op thread: a 2 MiB copy gains nothing from more, and on a shared machine OpenMP
+    # workers spinning against other processes made copies up to 10x slower (measured).
+    torch.set_num_threads(1)
+    tmp = None
+    if args.dir is None:
+        tmp = tempfile.mkdtemp(prefix="tier-bench-", dir="/tmp")
+        root = Path(tmp)
+    else:
+        root = Path(args.dir)
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = [r for kib in args.block_kib for r in _run_size(kib, args.total_mib, root, args.repeat)]
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'tier':<5}{'op':<7}{'block':>10}{'blocks':>8}{'GB/s':>9}{'ceiling':>9}{'ratio':>7}")
+    for r in rows:
+        print(
+            f"{r['tier']:<5}{r['op']:<7}{r['block_bytes'] // 1024:>8}Ki{r['blocks']:>8}"
+            f"{r['gbps']:>9.2f}{r['ceiling_gbps']:>9.2f}{r['ratio']:>7.2f}"
+        )
+    return 0

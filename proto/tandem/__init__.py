@@ -1,0 +1,1 @@
+"""Tandem wire API (proto package ``tandem``)."""
