@@ -142,9 +142,7 @@ class BlockManager:
         ids, _ = self._match_prefix(seq.all_token_ids, self._max_hit_blocks(seq))
         return len(ids) * self.block_size
 
-    def register(
-        self, block_id: int, block_hash: BlockHash, token_ids: Seq[int] | None = None
-    ) -> None:
+    def register(self, block_id: int, block_hash: BlockHash, token_ids: Seq[int] | None = None) -> None:
         """Make ``block_id`` findable under ``block_hash`` (KV onboarded or received from elsewhere).
 
         ``token_ids`` (the block's tokens) lets later hits be confirmed; without them the hash

@@ -54,7 +54,14 @@ class IncrementalDetokenizer:
         self._stops = tuple(s for s in stop if s)
         self._held = ""  # released by the decoder but held back as a possible stop-string start
         self.stopped = False
-        self.text = ""  # everything emitted so far
+        self._pieces: list[str] = []  # emitted deltas; joined lazily so a step stays O(delta)
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._pieces) > 1:
+            self._pieces[:] = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     @property
     def num_output_tokens(self) -> int:
@@ -87,7 +94,8 @@ class IncrementalDetokenizer:
 
     def _emit(self, delta: str, final: bool) -> str:
         if not self._stops:
-            self.text += delta
+            if delta:
+                self._pieces.append(delta)
             return delta
         buf = self._held + delta
         cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
@@ -98,7 +106,8 @@ class IncrementalDetokenizer:
         else:
             keep = self._stop_prefix_len(buf)
             out, self._held = buf[: len(buf) - keep], buf[len(buf) - keep :]
-        self.text += out
+        if out:
+            self._pieces.append(out)
         return out
 
     def _stop_prefix_len(self, buf: str) -> int:

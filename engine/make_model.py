@@ -180,9 +180,10 @@ def build_config(preset: str, arch: str, dtype: str, overrides: dict[str, Any] |
     elif arch == "mistral":
         cfg.update(sliding_window=None)
     cfg.update(p)
-    if cfg["hidden_size"] % cfg["num_attention_heads"] or cfg["num_attention_heads"] % cfg[
-        "num_key_value_heads"
-    ]:
+    if (
+        cfg["hidden_size"] % cfg["num_attention_heads"]
+        or cfg["num_attention_heads"] % cfg["num_key_value_heads"]
+    ):
         raise ValueError("hidden_size must divide by heads, and heads by kv heads")
     return dict(sorted(cfg.items()))
 
@@ -239,7 +240,8 @@ def random_weights(cfg: dict[str, Any], seed: int, dtype: torch.dtype) -> dict[s
 def _shard(names: list[str], weights: dict[str, torch.Tensor], num_shards: int) -> list[list[str]]:
     """Split names, in order, into num_shards consecutive groups of roughly equal bytes."""
     sizes = [weights[n].numel() * weights[n].element_size() for n in names]
-    total, groups, acc = sum(sizes), [[] for _ in range(num_shards)], 0
+    total, acc = sum(sizes), 0
+    groups: list[list[str]] = [[] for _ in range(num_shards)]
     for name, size in zip(names, sizes, strict=True):
         idx = min(num_shards - 1, acc * num_shards // total)
         groups[idx].append(name)

@@ -72,19 +72,33 @@ def filter_logits(
     return x
 
 
+_TOP_P_CANDIDATES = 128  # top-p first tries this many candidates per row before a full sort
+
+
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """top-k then top-p on (R, V) rows that use at least one of them."""
     vocab = x.shape[1]
     use_k, use_p = top_k > 0, top_p < 1.0
-    # Only the candidates can survive: the top max(k) per row when every row has a k (cheap),
-    # otherwise a full descending sort (a CPU sort of (64, 4096) costs ~50 argmaxes).
-    cand = vocab if bool((~use_k).any()) else min(vocab, int(top_k.max()))
+    # Only candidates can survive, so work on the top `cand` of each row instead of sorting the
+    # vocabulary (a CPU sort of (64, 4096) costs as much as ~50 argmaxes). Rows with a k need their k;
+    # rows with only top-p need enough candidates to hold top_p of their mass, else a full sort.
+    k_max = int(top_k.max())
+    cand = min(vocab, max(k_max, _TOP_P_CANDIDATES) if bool((~use_k).any()) else k_max)
     vals, idx = torch.topk(x, cand, dim=1, sorted=True)  # (R, C) descending
-    rank = torch.arange(cand).unsqueeze(0)  # (1, C)
+    lse_full = torch.logsumexp(x, dim=1)  # (R,) normalizer of rows without top-k
+    p_only = use_p & ~use_k
+    if cand < vocab and bool(p_only.any()):
+        mass = torch.exp(torch.logsumexp(vals, dim=1) - lse_full)  # (R,) mass of the candidates
+        if bool((mass[p_only] <= top_p[p_only] + 1e-4).any()):
+            cand = vocab
+            vals, idx = torch.topk(x, cand, dim=1, sorted=True)  # (R, V)
+    rank = torch.arange(cand, device=x.device).unsqueeze(0)  # (1, C)
     k = torch.where(use_k, top_k.clamp(max=cand), torch.full_like(top_k, cand))  # (R,)
     remove = rank >= k.unsqueeze(1)  # (R, C)
     if bool(use_p.any()):
-        probs = torch.softmax(vals.masked_fill(remove, float("-inf")), dim=1)  # (R, C) top-k renormalized
+        kept = vals.masked_fill(remove, float("-inf"))  # (R, C)
+        norm = torch.where(use_k, torch.logsumexp(kept, dim=1), lse_full)  # (R,) top-k renormalizes
+        probs = torch.exp(kept - norm.unsqueeze(1))  # (R, C)
         # Exclusive cumulative mass: a token stays while the mass before it is < top_p, so the
         # most likely token always survives and the kept set is the smallest reaching top_p.
         # Rows with top_p == 1 are skipped outright: rounding can push the cumsum past 1.0.
@@ -111,31 +125,34 @@ class Sampler:
         if not (len(params) == len(seeds) == len(positions) == num_rows):
             raise ValueError("params, seeds and positions need one entry per logits row")
         logits = logits.float()
+        dev = logits.device
         token_ids = [0] * num_rows
 
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy_rows:
-            idx = torch.tensor(greedy_rows)
+            rows = logits if len(greedy_rows) == num_rows else logits[torch.tensor(greedy_rows, device=dev)]
             # torch.argmax returns the first maximal index: ties go to the lowest id.
-            for row, tok in zip(greedy_rows, logits[idx].argmax(dim=1).tolist(), strict=True):
+            for row, tok in zip(greedy_rows, rows.argmax(dim=1).tolist(), strict=True):
                 token_ids[row] = tok
         if random_rows:
-            idx = torch.tensor(random_rows)
+            idx = torch.tensor(random_rows, device=dev)
             rp = [params[i] for i in random_rows]
             x = filter_logits(
                 logits[idx],
-                torch.tensor([p.temperature for p in rp], dtype=torch.float32),
-                torch.tensor([p.top_k for p in rp], dtype=torch.int64),
-                torch.tensor([p.top_p for p in rp], dtype=torch.float32),
-                torch.tensor([p.min_p for p in rp], dtype=torch.float32),
+                torch.tensor([p.temperature for p in rp], dtype=torch.float32, device=dev),
+                torch.tensor([p.top_k for p in rp], dtype=torch.int64, device=dev),
+                torch.tensor([p.top_p for p in rp], dtype=torch.float32, device=dev),
+                torch.tensor([p.min_p for p in rp], dtype=torch.float32, device=dev),
             )  # (R, V)
             probs = torch.softmax(x, dim=1)  # (R, V); filtered entries are exactly 0
+            # Noise is drawn on the CPU whatever the device, so a GPU and a CPU worker draw the same.
             uniform = torch.stack([_uniform(seeds[i], positions[i], vocab) for i in random_rows])  # (R, V)
-            noise = -torch.log(uniform)  # (R, V) Exp(1); u = 0 gives inf, which only makes a token lose
+            uniform = uniform.to(dev, non_blocking=True)
+            noise = uniform.log_().neg_()  # (R, V) Exp(1); u = 0 gives inf, which only makes a token lose
             # Exponential race: argmax p_i / E_i is distributed as p. A zero-probability token can
             # never win (0 / E = 0 < any kept p / E), and E > 0 almost surely.
-            choice = (probs / noise).argmax(dim=1).tolist()
+            choice = probs.div_(noise).argmax(dim=1).tolist()
             for row, tok in zip(random_rows, choice, strict=True):
                 token_ids[row] = tok
 
@@ -143,11 +160,13 @@ class Sampler:
         top_logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if lp_rows:
-            idx = torch.tensor(lp_rows)
+            idx = torch.tensor(lp_rows, device=dev)
             lsm = torch.log_softmax(logits[idx], dim=1)  # (L, V) raw-logit logprobs
-            chosen = lsm.gather(1, torch.tensor([[token_ids[i]] for i in lp_rows])).squeeze(1).tolist()
+            chosen = (
+                lsm.gather(1, torch.tensor([[token_ids[i]] for i in lp_rows], device=dev)).squeeze(1).tolist()
+            )
             max_k = min(vocab, max(params[i].logprobs or 0 for i in lp_rows))
-            top_vals, top_ids = (lsm.topk(max_k, dim=1) if max_k else (None, None))  # (L, max_k)
+            top_vals, top_ids = lsm.topk(max_k, dim=1) if max_k else (None, None)  # (L, max_k)
             for j, row in enumerate(lp_rows):
                 logprobs[row] = chosen[j]
                 k = min(vocab, params[row].logprobs or 0)

@@ -94,6 +94,16 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence this engine can hold: the engine must stop generating (LENGTH) at it.
+
+        A running sequence that outgrows the whole block pool would preempt everyone, then
+        itself, forever.
+        """
+        bm = self.block_manager
+        return min(self.config.max_model_len, bm.num_blocks * bm.block_size)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -115,6 +125,19 @@ class Scheduler:
             raise ValueError(f"duplicate request id {seq.request_id}")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self._seqs[seq.request_id] = seq
+
+    def add_running(self, seq: Sequence) -> None:
+        """Adopt a sequence whose blocks and computed tokens are already set up by the caller
+        (e.g. a decode worker that received its prompt's KV from a prefill worker). It joins the
+        end of the running list, so it is the first to be preempted (and then recomputed here)."""
+        bm = self.block_manager
+        if seq.request_id in self._seqs:
+            raise ValueError(f"duplicate request id {seq.request_id}")
+        if len(seq.block_table) * bm.block_size < seq.num_computed_tokens:
+            raise ValueError(f"{seq.request_id}: blocks do not cover its computed tokens")
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
         self._seqs[seq.request_id] = seq
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -180,12 +203,7 @@ class Scheduler:
 
         # 2. Waiting sequences, strictly FCFS. After a preemption memory is short: admit nothing,
         # so a preempted sequence is never overtaken.
-        while (
-            not preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = bm.prefix_hit_tokens(seq)
             num_new = self._chunk(seq.num_tokens - cached, budget)

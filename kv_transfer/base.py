@@ -8,6 +8,8 @@ frees the request's buffers and is reported, never raised into other requests â€
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,6 +33,16 @@ from kv_transfer.protocol import (
 from kv_transfer.transport import Completed, Failed, KVDestination
 
 
+def idle(spins: int) -> None:
+    """Back off in a polling loop after ``spins`` empty rounds: spin first (latency), then yield the
+    core, then sleep â€” on a shared, oversubscribed host a busy-polling peer starves the process
+    it is waiting for."""
+    if spins > 20_000:
+        time.sleep(0.0002)
+    elif spins > 200:
+        os.sched_yield()
+
+
 def unique_name(role: str) -> str:
     return f"kv-{role}-{uuid.uuid4().hex[:12]}"
 
@@ -47,7 +59,9 @@ class BaseReceiver:
 
     backend = "base"
 
-    def __init__(self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024) -> None:
+    def __init__(
+        self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024
+    ) -> None:
         self.pool = PoolView(kv)
         self.name = unique_name("recv")
         self.book = ReservationBook(self.pool.num_blocks, capacity_blocks, max_requests)
@@ -68,7 +82,9 @@ class BaseReceiver:
         pass
 
     # -- public
-    def reserve(self, request_id: str, block_ids: list[int], num_layers: int, deadline_s: float) -> KVDestination:
+    def reserve(
+        self, request_id: str, block_ids: list[int], num_layers: int, deadline_s: float
+    ) -> KVDestination:
         self._check_open()
         if num_layers != self.pool.num_layers:
             raise ValueError(f"{num_layers} layers asked, pool has {self.pool.num_layers}")
@@ -96,7 +112,9 @@ class BaseReceiver:
         self._progress()
         for r in self.book.expired(time.monotonic()):
             missing = len(r.missing)
-            self._fail(r, f"deadline passed with {missing} (layer, block) pieces missing: sender dead or stalled")
+            self._fail(
+                r, f"deadline passed with {missing} (layer, block) pieces missing: sender dead or stalled"
+            )
         out, self._results = self._results, []
         return out
 
@@ -148,25 +166,27 @@ class BaseReceiver:
             self._fail(r, str(e))
             return
         if actual != h.digest:
+            got = "unreadable" if actual is None else f"{actual:#018x}"
+            last = h.block_start + h.num_blocks - 1
             self._fail(
                 r,
-                f"digest mismatch on layer {h.layer} blocks {h.block_start}..{h.block_start + h.num_blocks - 1}: "
-                f"header {h.digest:#018x}, payload {actual if actual is None else f'{actual:#018x}'}",
+                f"digest mismatch on layer {h.layer} blocks {h.block_start}..{last}: "
+                f"header {h.digest:#018x}, payload {got}",
             )
             return
         if self.book.record(r, h):
             r.committed = True
-            self._results.append(Completed(r.request_id, r.num_layers * len(r.block_ids) * self.pool.layer_block_bytes))
+            self._results.append(
+                Completed(r.request_id, r.num_layers * len(r.block_ids) * self.pool.layer_block_bytes)
+            )
             self._send_ack(r.sender, r.request_id, STATUS_OK, "")
 
     def _fail(self, r: Reservation, reason: str) -> None:
         self.book.drop(r.request_id)
         self._results.append(Failed(r.request_id, reason))
         if r.sender:
-            try:
+            with contextlib.suppress(Exception):  # the sender may be the one that died
                 self._send_ack(r.sender, r.request_id, STATUS_FAILED, reason)
-            except Exception:  # the sender may be the one that died
-                pass
 
 
 @dataclass(slots=True)
@@ -202,7 +222,9 @@ class BaseSender:
     def _connect(self, dest: KVDestination) -> None:
         raise NotImplementedError
 
-    def _post(self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]) -> None:
+    def _post(
+        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         raise NotImplementedError
 
     def _progress(self) -> None:
@@ -218,15 +240,28 @@ class BaseSender:
 
     # -- public
     def send_layer(
-        self, dest: KVDestination, layer: int, src_block_ids: list[int], block_offset: int = 0, num_layers: int = 1
+        self,
+        dest: KVDestination,
+        layer: int,
+        src_block_ids: list[int],
+        block_offset: int = 0,
+        num_layers: int = 1,
     ) -> None:
         if self._closed:
             raise KVTransferError(f"sender {self.name} is closed")
         p = self.pool
-        if (dest.dtype, dest.block_shape, dest.layer_block_bytes) != (p.dtype, p.block_shape, p.layer_block_bytes):
-            raise ValueError(f"destination holds {dest.dtype} {dest.block_shape}, source is {p.dtype} {p.block_shape}")
+        if (dest.dtype, dest.block_shape, dest.layer_block_bytes) != (
+            p.dtype,
+            p.block_shape,
+            p.layer_block_bytes,
+        ):
+            raise ValueError(
+                f"destination holds {dest.dtype} {dest.block_shape}, source is {p.dtype} {p.block_shape}"
+            )
         if block_offset < 0 or block_offset + len(src_block_ids) > len(dest.block_ids):
-            raise ValueError(f"blocks {block_offset}+{len(src_block_ids)} outside the {len(dest.block_ids)} reserved")
+            raise ValueError(
+                f"blocks {block_offset}+{len(src_block_ids)} outside the {len(dest.block_ids)} reserved"
+            )
         if layer < 0 or layer + num_layers > min(dest.num_layers, p.num_layers):
             raise ValueError(f"layers {layer}+{num_layers} outside 0..{dest.num_layers - 1}")
         out = self._out.get(dest.request_id)
@@ -266,8 +301,11 @@ class BaseSender:
         if out is None:
             raise KVTransferError(f"{rid}: nothing was sent")
         deadline = time.monotonic() + timeout_s
+        spins = 0
         try:
             while True:
+                spins += 1
+                idle(spins)
                 self._progress()
                 ack = self._acks.pop(rid, None)
                 if ack is not None:
@@ -289,7 +327,10 @@ class BaseSender:
         """Wait until every message posted for ``dest`` has left this side (not for the commit)."""
         out = self._out.get(dest.request_id)
         deadline = time.monotonic() + timeout_s
+        spins = 0
         while out is not None and out.pending and not out.error:
+            spins += 1
+            idle(spins)
             self._progress()
             if time.monotonic() > deadline:
                 raise DeadlineExceededError(f"{dest.request_id}: sends still pending after {timeout_s:.1f} s")

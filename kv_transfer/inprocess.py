@@ -39,7 +39,9 @@ class InProcessTransport:
 class InProcessReceiver(BaseReceiver):
     backend = "inprocess"
 
-    def __init__(self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024) -> None:
+    def __init__(
+        self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024
+    ) -> None:
         super().__init__(kv, capacity_blocks, max_requests)
         self.inbox: list[tuple[str, Header]] = []
         _RECEIVERS[self.name] = self
@@ -66,13 +68,16 @@ class InProcessSender(BaseSender):
 
     def __init__(self, kv: torch.Tensor) -> None:
         super().__init__(kv)
+        self.corrupt_after_digest = False  # test hook: flip one copied byte after hashing
         _SENDERS[self.name] = self
 
     def _connect(self, dest: KVDestination) -> None:
         if dest.receiver not in _RECEIVERS:
             raise protocol.KVTransferError(f"receiver {dest.receiver} is not in this process (or is closed)")
 
-    def _post(self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]) -> None:
+    def _post(
+        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         rx = _RECEIVERS.get(out.dest.receiver)
         if rx is None:
             out.error = f"receiver {out.dest.receiver} closed"
@@ -81,7 +86,11 @@ class InProcessSender(BaseSender):
         src_regions = p.regions(layers, src)
         dig = p.digest(src_regions)
         for s, d, n in protocol.paired_runs(src, dst):
-            rx.pool.kv[layers.start : layers.stop, d : d + n].copy_(p.kv[layers.start : layers.stop, s : s + n])
+            rx.pool.kv[layers.start : layers.stop, d : d + n].copy_(
+                p.kv[layers.start : layers.stop, s : s + n]
+            )
+        if self.corrupt_after_digest:
+            rx.pool.flat[rx.pool.regions(layers, dst)[0][0]] ^= 0xFF
         rx.inbox.append((self.name, dataclasses.replace(header, digest=dig)))
 
     def _progress(self) -> None:

@@ -14,6 +14,7 @@ receiver is a HELLO notification carrying the sender's agent metadata, so the re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ class NixlTransport:
     def __init__(self, transport: str = "auto") -> None:
         self.transport = transport
 
-    def receiver(self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024) -> NixlReceiver:
+    def receiver(
+        self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024
+    ) -> NixlReceiver:
         return NixlReceiver(kv, capacity_blocks, max_requests)
 
     def sender(self, kv: torch.Tensor) -> NixlSender:
@@ -50,7 +53,9 @@ class NixlTransport:
 class NixlReceiver(BaseReceiver):
     backend = "nixl"
 
-    def __init__(self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024) -> None:
+    def __init__(
+        self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024
+    ) -> None:
         super().__init__(kv, capacity_blocks, max_requests)
         self.agent = _agent(self.name)
         self._reg = self.agent.register_memory(kv)
@@ -73,14 +78,14 @@ class NixlReceiver(BaseReceiver):
 
     def _send_ack(self, sender: str, request_id: str, status: int, text: str) -> None:
         if sender in self._senders:
-            self.agent.send_notif(sender, Header(KIND_ACK, request_id, status=status, text=text[:1000]).encode())
+            self.agent.send_notif(
+                sender, Header(KIND_ACK, request_id, status=status, text=text[:1000]).encode()
+            )
 
     def _shutdown(self) -> None:
         for s in self._senders:
-            try:
+            with contextlib.suppress(Exception):
                 self.agent.remove_remote_agent(s)
-            except Exception:
-                pass
         self.agent.deregister_memory(self._reg)
 
 
@@ -110,7 +115,9 @@ class NixlSender(BaseSender):
         self._remotes[dest.receiver] = name
         self.agent.send_notif(name, Header(KIND_HELLO, "", text=self.name).encode() + self._md)
 
-    def _post(self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]) -> None:
+    def _post(
+        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         d, p = out.dest, self.pool
         lbb = p.layer_block_bytes
         pieces = protocol.paired_runs(src, dst)
@@ -185,16 +192,13 @@ class NixlSender(BaseSender):
         out.error = error
         name = self._remotes.pop(out.dest.receiver, None)
         if name is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.agent.remove_remote_agent(name)
-            except Exception:
-                pass
 
     def _release(self, handle: Any) -> None:
-        try:
+        # still active on a dead peer: NIXL reclaims it when the agent goes
+        with contextlib.suppress(Exception):
             self.agent.release_xfer_handle(handle)
-        except Exception:
-            pass  # still active on a dead peer: NIXL reclaims it when the agent goes
 
     def _abandon(self, out: Outgoing) -> None:
         for w in out.pending:
@@ -203,8 +207,6 @@ class NixlSender(BaseSender):
 
     def _shutdown(self) -> None:
         for name in self._remotes.values():
-            try:
+            with contextlib.suppress(Exception):
                 self.agent.remove_remote_agent(name)
-            except Exception:
-                pass
         self.agent.deregister_memory(self._reg)

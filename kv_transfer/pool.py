@@ -20,7 +20,9 @@ from kv_transfer import protocol
 class PoolView:
     def __init__(self, kv: torch.Tensor) -> None:
         if kv.dim() != 6 or not kv.is_contiguous():
-            raise ValueError(f"KV pool must be a contiguous (L, N, 2, H_kv, B, D) tensor, got {tuple(kv.shape)}")
+            raise ValueError(
+                f"KV pool must be a contiguous (L, N, 2, H_kv, B, D) tensor, got {tuple(kv.shape)}"
+            )
         self.kv = kv  # (L, N, 2, H_kv, B, D)
         self.num_layers, self.num_blocks = kv.shape[0], kv.shape[1]
         self.block_shape: tuple[int, int, int, int] = tuple(kv.shape[2:])  # type: ignore[assignment]
@@ -40,12 +42,18 @@ class PoolView:
 
     def digest(self, regions: Sequence[tuple[int, int]]) -> int:
         if self.np_flat is not None:
-            return protocol.digest(memoryview(self.np_flat[o : o + n]) for o, n in regions)
+            return protocol.digest(self.np_flat[o : o + n] for o, n in regions)
         return device_digest([self.flat[o : o + n] for o, n in regions])
 
     def pack(self, regions: Sequence[tuple[int, int]], out: torch.Tensor) -> None:
         """Copy the regions, in order, into the front of ``out`` (uint8, same device)."""
         pos = 0
+        if self.np_flat is not None:  # numpy: one plain memcpy per region, no intra-op threads
+            dst = out.numpy()
+            for o, n in regions:
+                dst[pos : pos + n] = self.np_flat[o : o + n]
+                pos += n
+            return
         for o, n in regions:
             out[pos : pos + n].copy_(self.flat[o : o + n])
             pos += n
@@ -53,6 +61,12 @@ class PoolView:
     def scatter(self, regions: Sequence[tuple[int, int]], src: torch.Tensor) -> None:
         """Copy ``src`` (uint8, packed in region order) into the regions."""
         pos = 0
+        if self.np_flat is not None:
+            s = src.numpy()
+            for o, n in regions:
+                self.np_flat[o : o + n] = s[pos : pos + n]
+                pos += n
+            return
         for o, n in regions:
             self.flat[o : o + n].copy_(src[pos : pos + n])
             pos += n
@@ -62,7 +76,7 @@ def tensor_digest(buf: torch.Tensor) -> int:
     """Digest of a packed uint8 buffer, equal to PoolView.digest of the regions it was packed from."""
     if buf.is_cuda:
         return device_digest([buf])
-    return protocol.digest([memoryview(buf.numpy())])
+    return protocol.digest([buf.numpy()])
 
 
 def device_digest(pieces: Sequence[torch.Tensor]) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -117,7 +118,18 @@ class Header:
         text = bytes(buf[off + 2 : off + 2 + m]).decode()
         off += 2 + m
         header = cls(
-            kind, rid, layer, nl, bstart, nb, _CODE_DTYPES[dcode], (s0, s1, s2, s3), digest, pbytes, status, text
+            kind,
+            rid,
+            layer,
+            nl,
+            bstart,
+            nb,
+            _CODE_DTYPES[dcode],
+            (s0, s1, s2, s3),
+            digest,
+            pbytes,
+            status,
+            text,
         )
         return header, off
 
@@ -149,7 +161,9 @@ def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, 
     return runs
 
 
-def region(layer: int, first_block: int, count: int, num_blocks: int, layer_block_bytes: int) -> tuple[int, int]:
+def region(
+    layer: int, first_block: int, count: int, num_blocks: int, layer_block_bytes: int
+) -> tuple[int, int]:
     """(byte offset, length) of ``kv[layer, first_block:first_block + count]`` in a layer-major pool."""
     return (layer * num_blocks + first_block) * layer_block_bytes, count * layer_block_bytes
 
@@ -161,8 +175,8 @@ def regions(
     return [region(layer, first, n, num_blocks, layer_block_bytes) for layer in layers for first, n in runs]
 
 
-def digest(pieces: Iterable[memoryview | bytes]) -> int:
-    """xxh3-64 of the concatenation of ``pieces`` (streamed: no copy)."""
+def digest(pieces: Iterable[Any]) -> int:
+    """xxh3-64 of the concatenation of ``pieces`` (anything with the buffer protocol; streamed, no copy)."""
     h = xxhash.xxh3_64()
     for p in pieces:
         h.update(p)
@@ -197,7 +211,9 @@ class ReservationBook:
         self._by_id: dict[str, Reservation] = {}
         self._owner: dict[int, str] = {}  # block id -> request id
 
-    def reserve(self, request_id: str, block_ids: Sequence[int], num_layers: int, deadline: float) -> Reservation:
+    def reserve(
+        self, request_id: str, block_ids: Sequence[int], num_layers: int, deadline: float
+    ) -> Reservation:
         if request_id in self._by_id:
             raise KVTransferError(f"request {request_id!r} already has a reservation")
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
@@ -227,10 +243,13 @@ class ReservationBook:
     def check(self, r: Reservation, h: Header) -> None:
         """Raise unless ``h`` names layers and blocks inside reservation ``r``."""
         if h.num_layers < 1 or h.layer + h.num_layers > r.num_layers:
-            raise KVTransferError(f"{r.request_id}: layers {h.layer}+{h.num_layers} outside 0..{r.num_layers - 1}")
+            raise KVTransferError(
+                f"{r.request_id}: layers {h.layer}+{h.num_layers} outside 0..{r.num_layers - 1}"
+            )
         if h.num_blocks < 1 or h.block_start + h.num_blocks > len(r.block_ids):
             raise KVTransferError(
-                f"{r.request_id}: blocks {h.block_start}+{h.num_blocks} outside the {len(r.block_ids)} reserved"
+                f"{r.request_id}: blocks {h.block_start}+{h.num_blocks} "
+                f"outside the {len(r.block_ids)} reserved"
             )
 
     def record(self, r: Reservation, h: Header) -> bool:

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 TRANSPORTS = ("auto", "shm", "tcp", "cuda_ipc", "rc")
 BACKENDS = ("nixl", "ucxx", "inprocess")
@@ -133,7 +136,12 @@ class KVSender(Protocol):
     name: str
 
     def send_layer(
-        self, dest: KVDestination, layer: int, src_block_ids: list[int], block_offset: int = 0, num_layers: int = 1
+        self,
+        dest: KVDestination,
+        layer: int,
+        src_block_ids: list[int],
+        block_offset: int = 0,
+        num_layers: int = 1,
     ) -> None: ...
 
     def finish(self, dest: KVDestination, timeout_s: float) -> int: ...
@@ -150,9 +158,11 @@ class KVTransport(Protocol):
     backend: str
     transport: str
 
-    def receiver(self, kv: object, capacity_blocks: int | None = None, max_requests: int = 1024) -> KVReceiver: ...
+    def receiver(
+        self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024
+    ) -> KVReceiver: ...
 
-    def sender(self, kv: object) -> KVSender: ...
+    def sender(self, kv: torch.Tensor) -> KVSender: ...
 
 
 def make_transport(backend: str = "nixl", transport: str = "auto") -> KVTransport:

@@ -16,6 +16,7 @@ detect it. Everything is driven by ``worker.progress()`` from ``poll`` / ``send_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,10 +100,8 @@ class _Worker:
 
     def close(self) -> None:
         for ep in self.endpoints.values():
-            try:
+            with contextlib.suppress(Exception):
                 ep.close()
-            except Exception:
-                pass
         self.endpoints.clear()
 
 
@@ -112,7 +111,9 @@ class UcxxTransport:
     def __init__(self, transport: str = "auto") -> None:
         self.transport = transport
 
-    def receiver(self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024) -> UcxxReceiver:
+    def receiver(
+        self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024
+    ) -> UcxxReceiver:
         return UcxxReceiver(kv, capacity_blocks, max_requests)
 
     def sender(self, kv: torch.Tensor) -> UcxxSender:
@@ -122,7 +123,9 @@ class UcxxTransport:
 class UcxxReceiver(BaseReceiver):
     backend = "ucxx"
 
-    def __init__(self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024) -> None:
+    def __init__(
+        self, kv: torch.Tensor, capacity_blocks: int | None = None, max_requests: int = 1024
+    ) -> None:
         super().__init__(kv, capacity_blocks, max_requests)
         self.w = _Worker()
         self._scratch = torch.empty(0, dtype=torch.uint8, device=kv.device)
@@ -144,7 +147,7 @@ class UcxxReceiver(BaseReceiver):
             h, _ = Header.decode(bytes(buf[:4096].cpu().numpy()))
             payload = buf[p.length - h.payload_bytes :]
 
-            def verify(regions: list[tuple[int, int]], payload: torch.Tensor = payload) -> int:
+            def verify(regions: list[tuple[int, int]], payload: torch.Tensor = payload, h: Header = h) -> int:
                 if sum(n for _, n in regions) != payload.numel():
                     raise KVTransferError(f"payload of {payload.numel()} bytes for regions of another size")
                 actual = tensor_digest(payload)
@@ -156,7 +159,9 @@ class UcxxReceiver(BaseReceiver):
 
     def _send_ack(self, sender: str, request_id: str, status: int, text: str) -> None:
         if sender in self.w.endpoints:
-            self.w.send_small(sender, TAG_ACK, Header(KIND_ACK, request_id, status=status, text=text[:1000]).encode())
+            self.w.send_small(
+                sender, TAG_ACK, Header(KIND_ACK, request_id, status=status, text=text[:1000]).encode()
+            )
             self.w.progress()
 
     def _shutdown(self) -> None:
@@ -183,7 +188,9 @@ class UcxxSender(BaseSender):
         if dest.receiver in self.w.endpoints:
             return
         self.w.endpoint(dest.receiver, dest.address)
-        self.w.send_small(dest.receiver, TAG_HELLO, Header(KIND_HELLO, "", text=self.name).encode() + self.w.address)
+        self.w.send_small(
+            dest.receiver, TAG_HELLO, Header(KIND_HELLO, "", text=self.name).encode() + self.w.address
+        )
 
     def _buffer(self, size: int) -> torch.Tensor:
         free = self._free.get(size)
@@ -191,7 +198,9 @@ class UcxxSender(BaseSender):
             return free.pop()
         return torch.empty(size, dtype=torch.uint8, device=self.pool.kv.device)
 
-    def _post(self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]) -> None:
+    def _post(
+        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         p = self.pool
         regions = p.regions(layers, src)
         hlen = len(dataclasses.replace(header, text=self.name).encode())

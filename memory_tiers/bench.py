@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--total-mib", type=int, default=512, help="bytes moved per case")
     parser.add_argument("--dir", default=None, help="G3 directory (default: a temp dir under /tmp)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
+    parser.add_argument("--device", default="cpu", help="where G1 lives: cpu, or cuda with a GPU")
+    parser.add_argument("--no-fsync", action="store_true", help="G3 writes without fdatasync per file")
+    parser.add_argument("--buffered", action="store_true", help="G3 with buffered I/O instead of O_DIRECT")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
@@ -57,13 +61,32 @@ def _best(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
     return min(fn() for _ in range(repeat))
 
 
-def _memcpy_seconds(nbytes: int) -> float:
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
+def _paired(fn, ceiling, repeat: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Best of ``repeat`` runs of a case and of its ceiling, run alternately so that both see the
+    same weather on a shared machine."""
+    a, b = [], []
+    for _ in range(repeat):
+        a.append(fn())
+        b.append(ceiling())
+    return min(a), min(b)
+
+
+def _memcpy_seconds(nbytes: int, device: str) -> float:
+    """One copy of nbytes: host -> host on a CPU box, pinned host -> device with a GPU."""
+    pin = device != "cpu"
+    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pin)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst.copy_(src)  # fault the pages in first
+    _sync(device)
     t = time.perf_counter()
     dst.copy_(src)
+    _sync(device)
     return time.perf_counter() - t
+
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
 
 
 def _direct_files(directory: Path, n: int, file_bytes: int, write: bool) -> float:
@@ -93,16 +116,18 @@ def _drop_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def _run_size(block_kib: int, total_mib: int, root: Path, repeat: int) -> list[dict]:
+def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict]:
     layout = _layout(block_kib)
     bb = layout.block_bytes
-    n = max(4, total_mib * 2**20 // bb)
+    repeat, device = args.repeat, args.device
+    n = max(4, args.total_mib * 2**20 // bb)
     total = n * bb
-    kv = layout.allocate(n)  # (L, n, 2, H_kv, B, D): G1 stand-in
+    kv = layout.allocate(n, device)  # (L, n, 2, H_kv, B, D): G1
     kv.copy_(torch.randn(kv.shape).to(kv.dtype))
     dev = TorchDevicePool(kv, layout)
     hashes = [i.to_bytes(16, "big") for i in range(n)]
-    memcpy = _best(lambda: _memcpy_seconds(total), repeat)
+    memcpy = _best(lambda: _memcpy_seconds(total, device), repeat)
+    g3_opts: dict[str, Any] = {"direct_io": not args.buffered, "fsync": not args.no_fsync}
     rows = []
 
     def case(tier: str, op: str, seconds: float, ceiling: float) -> None:
@@ -132,10 +157,11 @@ def _run_size(block_kib: int, total_mib: int, root: Path, repeat: int) -> list[d
         t = time.perf_counter()
         for i, h in enumerate(hashes):
             store.onboard(h, n - 1 - i).result()
+        _sync(device)
         return time.perf_counter() - t
 
     case("G2", "get", _best(g2_get, repeat), memcpy)
-    assert torch.equal(kv[:, 0], store.host.slot(n - 1)), "G2 round trip changed the bytes"
+    assert torch.equal(kv[:, 0].cpu(), store.host.slot(n - 1)), "G2 round trip changed the bytes"
 
     # G3: write = spill every G2 slot to disk; read = onboard from disk into G1.
     disk_dir = root / f"g3-{block_kib}"
@@ -145,7 +171,11 @@ def _run_size(block_kib: int, total_mib: int, root: Path, repeat: int) -> list[d
 
     def g3_write() -> float:
         shutil.rmtree(disk_dir, ignore_errors=True)
-        g3 = TierStore(layout, dev, TierConfig(host_blocks=n, disk_dir=str(disk_dir), disk_bytes=2 * n * file_bytes))
+        g3 = TierStore(
+            layout,
+            dev,
+            TierConfig(host_blocks=n, disk_dir=str(disk_dir), disk_bytes=2 * n * file_bytes, **g3_opts),
+        )
         g3.host.tensor.copy_(store.host.tensor)
         assert g3.disk is not None
         t = time.perf_counter()
@@ -156,16 +186,26 @@ def _run_size(block_kib: int, total_mib: int, root: Path, repeat: int) -> list[d
         g3.close()
         return s
 
-    case("G3", "write", _best(g3_write, repeat), _best(lambda: _direct_files(ceiling_dir, n, file_bytes, True), repeat))
+    case(
+        "G3",
+        "write",
+        _best(g3_write, repeat),
+        _best(lambda: _direct_files(ceiling_dir, n, file_bytes, True), repeat),
+    )
 
-    g3 = TierStore(layout, dev, TierConfig(host_blocks=1, disk_dir=str(disk_dir), disk_bytes=2 * n * file_bytes))
+    g3 = TierStore(
+        layout,
+        dev,
+        TierConfig(host_blocks=1, disk_dir=str(disk_dir), disk_bytes=2 * n * file_bytes, **g3_opts),
+    )
 
     def g3_read() -> float:
-        if not _O_DIRECT:
+        if args.buffered or not _O_DIRECT:
             _drop_cache(disk_dir)
         t = time.perf_counter()
         futs = [g3.onboard(h, i) for i, h in enumerate(hashes)]
         ok = all(f.result() for f in futs)
+        _sync(device)
         s = time.perf_counter() - t
         assert ok, "a G3 block failed to onboard"
         return s
@@ -175,8 +215,8 @@ def _run_size(block_kib: int, total_mib: int, root: Path, repeat: int) -> list[d
             _drop_cache(ceiling_dir)
         return _direct_files(ceiling_dir, n, file_bytes, False)
 
-    case("G3", "read", _best(g3_read, repeat), _best(ceiling_read, repeat))
-    assert torch.equal(kv[:, 0], store.host.slot(0)), "G3 round trip changed the bytes"
+    case("G3", "read", *_paired(g3_read, ceiling_read, repeat))
+    assert torch.equal(kv[:, 0].cpu(), store.host.slot(0)), "G3 round trip changed the bytes"
     g3.close()
     store.close()
     shutil.rmtree(disk_dir, ignore_errors=True)
@@ -196,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         root = Path(args.dir)
         root.mkdir(parents=True, exist_ok=True)
     try:
-        rows = [r for kib in args.block_kib for r in _run_size(kib, args.total_mib, root, args.repeat)]
+        rows = [r for kib in args.block_kib for r in _run_size(kib, args, root)]
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

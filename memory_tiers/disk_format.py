@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,18 +105,23 @@ def _write_all(fd: int, buf: memoryview) -> None:
         buf = buf[n:]
 
 
-def write_block_file(
-    directory: Path,
-    h: BlockHash,
-    fingerprint: bytes,
-    payload: memoryview,
-    header: memoryview,
-    direct: bool = True,
-) -> int:
-    """Write one block atomically (tmp + fsync + rename); returns the file's size in bytes.
+@dataclass(slots=True)
+class PendingFile:
+    """A block written to its temporary file, not yet committed (synced and renamed)."""
+
+    fd: int
+    tmp: Path
+    final: Path
+    size: int
+
+
+def begin_block_file(
+    directory: Path, h: BlockHash, fingerprint: bytes, payload: memoryview, header: memoryview, direct: bool
+) -> PendingFile:
+    """Write one block to a temporary file (first half of an atomic write).
 
     ``header`` is a page-aligned scratch page (HEADER_SIZE bytes). O_DIRECT is used when asked and
-    both buffers allow it; otherwise one large buffered write, then fsync.
+    both buffers allow it; otherwise one large buffered write.
     """
     pack_header(header, h, fingerprint, payload)
     tmp = directory / f".{h.hex()}.{os.getpid()}.{next(_seq)}{TMP_SUFFIX}"
@@ -130,14 +136,42 @@ def write_block_file(
     try:
         _write_all(fd, header)
         _write_all(fd, payload)
-        os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        abort_block_file(PendingFile(fd, tmp, tmp, 0))
         raise
-    os.close(fd)
-    os.rename(tmp, directory / file_name(h))
-    return file_size(len(payload))
+    return PendingFile(fd, tmp, directory / file_name(h), file_size(len(payload)))
+
+
+def commit_block_file(pending: PendingFile, fsync: bool = True) -> int:
+    """fdatasync (durability across power loss; a process crash is covered by the rename alone),
+    then rename to the final name (second half of an atomic write). Returns the file's size."""
+    try:
+        if fsync:
+            os.fdatasync(pending.fd)
+    except BaseException:
+        abort_block_file(pending)
+        raise
+    os.close(pending.fd)
+    os.rename(pending.tmp, pending.final)
+    return pending.size
+
+
+def abort_block_file(pending: PendingFile) -> None:
+    os.close(pending.fd)
+    pending.tmp.unlink(missing_ok=True)
+
+
+def write_block_file(
+    directory: Path,
+    h: BlockHash,
+    fingerprint: bytes,
+    payload: memoryview,
+    header: memoryview,
+    direct: bool = True,
+    fsync: bool = True,
+) -> int:
+    """Write one block atomically: tmp file, fdatasync, rename. Returns the file's size in bytes."""
+    return commit_block_file(begin_block_file(directory, h, fingerprint, payload, header, direct), fsync)
 
 
 def read_block_file(

@@ -54,6 +54,7 @@ class DiskTier:
         capacity_bytes: int,
         fingerprint: bytes,
         direct: bool = True,
+        fsync: bool = False,
         on_removed: Callable[[BlockHash], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
@@ -63,13 +64,17 @@ class DiskTier:
         self.capacity_bytes = capacity_bytes
         self.fingerprint = fingerprint
         self.direct = direct
+        self.fsync = fsync
         self.stats = DiskStats()
         self._on_removed = on_removed or (lambda h: None)
         self._st = _DiskState()
         self._lock = threading.Lock()
         self._local = threading.local()
-        # One writer: sequential large writes are what the disk is fastest at.
+        # Two FIFO stages: one thread writes temporary files (sequential large writes are what the
+        # disk is fastest at), a second syncs and renames them, so a file's fdatasync overlaps the
+        # next file's write. Both are single threads, so blocks are committed in submission order.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="g3-write")
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="g3-commit")
         self._closed = False
         self._rebuild()
 
@@ -162,7 +167,7 @@ class DiskTier:
 
     def write_async(
         self, h: BlockHash, payload: memoryview, done: Callable[[bool], None]
-    ) -> Future[bool] | None:
+    ) -> Future[None] | None:
         """Queue a write of ``payload`` (kept untouched by the caller until ``done``); None if refused.
 
         Refused when the hash is already here or being written, or no room can be made.
@@ -178,23 +183,35 @@ class DiskTier:
             self._st.used_bytes += self.file_bytes
         return self._writer.submit(self._write_job, h, payload, done)
 
-    def _write_job(self, h: BlockHash, payload: memoryview, done: Callable[[bool], None]) -> bool:
-        ok = True
+    def _write_job(self, h: BlockHash, payload: memoryview, done: Callable[[bool], None]) -> None:
+        pending: fmt.PendingFile | None = None
         try:
-            fmt.write_block_file(self.directory, h, self.fingerprint, payload, self._header(), self.direct)
+            pending = fmt.begin_block_file(
+                self.directory, h, self.fingerprint, payload, self._header(), self.direct
+            )
         except OSError as e:
             log.error("G3: write of %s failed: %s", h.hex(), e)
-            ok = False
+        self._committer.submit(self._commit_job, h, pending, len(payload), done)
+
+    def _commit_job(
+        self, h: BlockHash, pending: fmt.PendingFile | None, nbytes: int, done: Callable[[bool], None]
+    ) -> None:
+        ok = pending is not None
+        if pending is not None:
+            try:
+                fmt.commit_block_file(pending, self.fsync)
+            except OSError as e:
+                log.error("G3: commit of %s failed: %s", h.hex(), e)
+                ok = False
         with self._lock:
             size = self._st.writing.pop(h)
             if ok:
                 self._st.index[h] = size
                 self.stats.writes += 1
-                self.stats.bytes_written += len(payload)
+                self.stats.bytes_written += nbytes
             else:
                 self._st.used_bytes -= size
         done(ok)
-        return ok
 
     # -- reads ---------------------------------------------------------------------------------------
     def read(self, h: BlockHash, payload: memoryview) -> bool:
@@ -222,7 +239,8 @@ class DiskTier:
     # -- lifecycle -----------------------------------------------------------------------------------
     def flush(self) -> None:
         """Wait for every queued write."""
-        self._writer.submit(lambda: None).result()
+        self._writer.submit(lambda: None).result()  # every write has reached the committer
+        self._committer.submit(lambda: None).result()
 
     def close(self) -> None:
         with self._lock:
@@ -230,6 +248,7 @@ class DiskTier:
                 return
             self._closed = True
         self._writer.shutdown(wait=True)
+        self._committer.shutdown(wait=True)
 
     def check(self) -> None:
         with self._lock:

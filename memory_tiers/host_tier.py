@@ -10,6 +10,7 @@ can write and read them with O_DIRECT, straight from and into the slot (no stagi
 from __future__ import annotations
 
 import mmap
+from typing import Any
 
 import torch
 
@@ -34,6 +35,12 @@ def aligned_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Te
     return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape), buf
 
 
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes as a flat memoryview (no copy)."""
+    arr: Any = t.view(torch.uint8).numpy()
+    return memoryview(arr).cast("B")
+
+
 class HostPool:
     """The G2 tensor. ``pin`` asks for CUDA page-locked memory (only meaningful with a GPU)."""
 
@@ -56,8 +63,7 @@ class HostPool:
 
     def slot_bytes(self, slot: int) -> memoryview:
         """The slot's raw bytes (a view, no copy)."""
-        t = self.tensor[slot]
-        return memoryview(t.view(torch.uint8).numpy()).cast("B")
+        return as_bytes(self.tensor[slot])
 
     def aligned(self) -> bool:
         bb = self.layout.block_bytes

@@ -23,6 +23,10 @@ from engine.block_hash import BlockHash
 from memory_tiers.metadata import BlockEvent, EventKind, Tier, WorkerInfo
 
 
+def _s(x: Any) -> str:
+    return x if isinstance(x, str) else x.decode()
+
+
 class RedisMetadataStore:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", ns: str = "tandem") -> None:
         self._r = redis.Redis.from_url(url, decode_responses=True)
@@ -56,7 +60,7 @@ class RedisMetadataStore:
         for fields in pipe.execute():
             holders: dict[str, Tier] = {}
             for f in fields:
-                worker, _, tier = f.rpartition("|")
+                worker, _, tier = _s(f).rpartition("|")
                 t = Tier(int(tier))
                 if worker not in holders or t < holders[worker]:
                     holders[worker] = t
@@ -68,7 +72,7 @@ class RedisMetadataStore:
         members = self._r.smembers(key)
         pipe = self._r.pipeline(transaction=False)
         for m in members:
-            hx, _, tier = m.rpartition("|")
+            hx, _, tier = _s(m).rpartition("|")
             pipe.hdel(self._k("blk", hx), f"{worker_id}|{tier}")
         pipe.delete(key)
         pipe.execute()
@@ -93,7 +97,7 @@ class RedisMetadataStore:
         pipe.execute()
 
     def live_workers(self) -> list[WorkerInfo]:
-        ids = sorted(self._r.smembers(self._k("workers")))
+        ids = sorted(_s(w) for w in self._r.smembers(self._k("workers")))
         if not ids:
             return []
         bodies = self._r.mget([self._k("worker", w) for w in ids])
@@ -112,7 +116,7 @@ class RedisMetadataStore:
         self._r.hset(self._k("loads"), worker_id, json.dumps(load))
 
     def get_loads(self) -> dict[str, dict[str, Any]]:
-        return {w: json.loads(v) for w, v in self._r.hgetall(self._k("loads")).items()}
+        return {_s(w): json.loads(v) for w, v in self._r.hgetall(self._k("loads")).items()}
 
     def close(self) -> None:
         if not self._closed:

@@ -183,7 +183,7 @@ def _paged_prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i is 0 only in tiles past q_len (not stored)
     dst = out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=qmask)
 
@@ -225,6 +225,9 @@ def paged_decode_attention(
         # tokens per tile so the block-id gather is amortised
         cap = 8192 // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim))
         block_n = max(16, min(64, triton.next_power_of_2(block_size), cap))
+    tile = triton.next_power_of_2(group) * block_n * triton.next_power_of_2(head_dim)
+    # ptxas on sm_90 (AOT, no GPU here): 4 warps spill past ~8k elements, 8 warps do not
+    num_warps = 8 if tile > 8192 else 4
     _paged_decode_kernel[(num_seqs, kv_layer.shape[2])](
         out,
         q,
@@ -249,6 +252,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=block_n,
+        num_warps=num_warps,
     )
 
 
@@ -307,4 +311,5 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         UPCAST=interpreted,
         PRECISION=precision,
+        num_warps=8,  # 4 warps spill registers at these tiles (ptxas, sm_80 and sm_90)
     )

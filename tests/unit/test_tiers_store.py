@@ -15,7 +15,7 @@ from memory_tiers.tier_store import TierConfig, TierStore
 
 pytestmark = pytest.mark.unit
 
-# 2 layers x 2 (K, V) x 2 heads x 4 tokens x 32 dims x 4 bytes = 4096 bytes: page-aligned, so G3 uses O_DIRECT.
+# 2 layers x (K, V) x 2 heads x 4 tokens x 32 dims x 4 bytes = 4096 bytes: page-aligned, so G3 uses O_DIRECT.
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, block_size=4)
 BB = LAYOUT.block_bytes
 H = [bytes([i + 1]) * 16 for i in range(12)]
@@ -97,7 +97,9 @@ def test_spill_to_g3_then_onboard_from_disk_and_lru_file_eviction(tmp_path: Path
     store.flush()
     store.check()
     assert store.disk.hashes() == [H[0], H[2]]
-    assert sorted(p.name for p in (tmp_path / "g3").iterdir()) == sorted(h.hex() + ".kvb" for h in (H[0], H[2]))
+    assert sorted(p.name for p in (tmp_path / "g3").iterdir()) == sorted(
+        h.hex() + ".kvb" for h in (H[0], H[2])
+    )
     assert (EventKind.REMOVED, Tier.G3, H[1]) in [(e.kind, e.tier, e.block_hash) for e in events]
     m = store.metrics()
     assert m.g3_blocks == 2 and m.g3_used_bytes == 2 * file_size(BB) == m.g3_capacity_bytes

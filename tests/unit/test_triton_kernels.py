@@ -8,6 +8,10 @@ its own dtype of that, which allows the interpreter's truncating fp32->bf16 stor
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -159,10 +163,23 @@ def test_triton_rejects_mismatched_dtype() -> None:
         TritonAttention().forward(torch.zeros(1, 2, 16), torch.zeros(1, 2, 1, 4, 16).half(), meta, 1.0)
 
 
+@pytest.mark.integration
+def test_kernels_compile_for_cuda_without_a_gpu() -> None:
+    """The interpreter accepts programs the GPU compiler rejects: compile every GPU configuration
+    with the wheel's ptxas, in a fresh process since kernels defined under the interpreter can't."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, "-m", "engine.kernels.compile_check", "--arch", "80", "90"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok   sm_") == 12, proc.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_triton_on_cuda(dtype: torch.dtype, block_size: int) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels run in the interpreter: set TANDEM_GPU=1 to compile them for the GPU")
     query_lens = [37, 100, 5] + [1] * 13
     seq_lens = [80, 100, 300] + [1, 17, 64, 65, 129, 500, 1000, 33, 31, 2, 15, 16, 1025]
     case = make_case(query_lens, seq_lens, block_size, 32, 8, 128, dtype, seed=1)

@@ -109,7 +109,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_time_s", "time_to_first_token_s", "total_time_s", "prefill_worker", "decode_worker", "kv_bytes_moved", "disaggregated", "predicted_ttft_s")
+    __slots__ = ("queue_time_s", "time_to_first_token_s", "total_time_s", "prefill_worker", "decode_worker", "kv_bytes_moved", "disaggregated", "predicted_ttft_s", "backend_time_s", "router_request_time_s", "router_token_time_s")
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,9 @@ class Timings(_message.Message):
     KV_BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_REQUEST_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_TOKEN_TIME_S_FIELD_NUMBER: _ClassVar[int]
     queue_time_s: float
     time_to_first_token_s: float
     total_time_s: float
@@ -126,7 +129,10 @@ class Timings(_message.Message):
     kv_bytes_moved: int
     disaggregated: bool
     predicted_ttft_s: float
-    def __init__(self, queue_time_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_bytes_moved: _Optional[int] = ..., disaggregated: _Optional[bool] = ..., predicted_ttft_s: _Optional[float] = ...) -> None: ...
+    backend_time_s: float
+    router_request_time_s: float
+    router_token_time_s: float
+    def __init__(self, queue_time_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., kv_bytes_moved: _Optional[int] = ..., disaggregated: _Optional[bool] = ..., predicted_ttft_s: _Optional[float] = ..., backend_time_s: _Optional[float] = ..., router_request_time_s: _Optional[float] = ..., router_token_time_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "logprobs", "usage", "timings")
@@ -183,31 +189,41 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "node", "queue_tokens", "running_seqs")
+    __slots__ = ("worker_id", "role", "node", "queue_tokens", "running_seqs", "waiting_seqs", "used_blocks", "total_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_SEQS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SEQS_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     node: str
     queue_tokens: int
     running_seqs: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., node: _Optional[str] = ..., queue_tokens: _Optional[int] = ..., running_seqs: _Optional[int] = ...) -> None: ...
+    waiting_seqs: int
+    used_blocks: int
+    total_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., node: _Optional[str] = ..., queue_tokens: _Optional[int] = ..., running_seqs: _Optional[int] = ..., waiting_seqs: _Optional[int] = ..., used_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "routing_policy", "disaggregation", "workers", "max_queue", "max_concurrency")
+    __slots__ = ("version", "routing_policy", "disaggregation", "workers", "max_queue", "max_concurrency", "in_flight", "queued")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     version: str
     routing_policy: str
     disaggregation: Disaggregation
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     max_queue: int
     max_concurrency: int
-    def __init__(self, version: _Optional[str] = ..., routing_policy: _Optional[str] = ..., disaggregation: _Optional[_Union[Disaggregation, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., max_queue: _Optional[int] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
+    in_flight: int
+    queued: int
+    def __init__(self, version: _Optional[str] = ..., routing_policy: _Optional[str] = ..., disaggregation: _Optional[_Union[Disaggregation, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., max_queue: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...

@@ -35,7 +35,9 @@ def _pool(state: State, layout: dict[str, Any], num_blocks: int) -> torch.Tensor
     return state.layout.allocate(num_blocks)
 
 
-def setup_receiver(state: State, layout: dict[str, Any], num_blocks: int, capacity_blocks: int | None = None) -> str:
+def setup_receiver(
+    state: State, layout: dict[str, Any], num_blocks: int, capacity_blocks: int | None = None
+) -> str:
     if state.rx is not None:
         state.rx.close()
     state.kv = _pool(state, layout, num_blocks)
@@ -50,7 +52,9 @@ def setup_sender(state: State, layout: dict[str, Any], num_blocks: int, seed: in
     kv = _pool(state, layout, num_blocks)
     g = torch.Generator().manual_seed(seed)
     # random bytes, not random floats: every bit pattern (NaN payloads included) must survive
-    kv.view(torch.uint8).copy_(torch.randint(0, 256, kv.view(torch.uint8).shape, generator=g, dtype=torch.uint8))
+    kv.view(torch.uint8).copy_(
+        torch.randint(0, 256, kv.view(torch.uint8).shape, generator=g, dtype=torch.uint8)
+    )
     state.kv = kv
     state.tx = make_transport(state.backend, state.transport).sender(kv)
     return state.tx.name

@@ -25,8 +25,12 @@ def _setup(rx: Peer, tx: Peer, layout: dict[str, Any], dtype: str, rx_blocks: in
     tx.result()
 
 
-def _transfer(rx: Peer, tx: Peer, rids: list[str], dst: list[list[int]], src: list[list[int]], **send_kw: Any):
-    dests = [rx.call("reserve", request_id=r, block_ids=d, deadline_s=30.0) for r, d in zip(rids, dst, strict=True)]
+def _transfer(
+    rx: Peer, tx: Peer, rids: list[str], dst: list[list[int]], src: list[list[int]], **send_kw: Any
+):
+    dests = [
+        rx.call("reserve", request_id=r, block_ids=d, deadline_s=30.0) for r, d in zip(rids, dst, strict=True)
+    ]
     rx.post("poll_until", request_ids=rids, timeout_s=60.0)
     tx.post("send", dests=dests, src=src, **send_kw)
     sent = tx.result()
@@ -40,7 +44,9 @@ def _transfer(rx: Peer, tx: Peer, rids: list[str], dst: list[list[int]], src: li
     [(SMALL, "layer", 0), (WIDE, "whole", 0), (WIDE, "layer", 2)],
     ids=["small-layer", "wide-whole", "wide-chunked"],
 )
-def test_bytes_arrive_identical(pair: tuple[Peer, Peer], dtype: str, layout: dict, mode: str, chunk: int) -> None:
+def test_bytes_arrive_identical(
+    pair: tuple[Peer, Peer], dtype: str, layout: dict, mode: str, chunk: int
+) -> None:
     rx, tx = pair
     _setup(rx, tx, layout, dtype)
     src = [3, 4, 5, 6, 20, 11, 12]

@@ -1,0 +1,133 @@
+"""The seam between the gRPC front door and whatever generates tokens.
+
+A :class:`Backend` takes a validated, tokenized :class:`BackendRequest` and streams
+:class:`Chunk` deltas. The first implementation is :class:`router.engine_backend.EngineBackend` (one
+in-process ``LLMEngine`` on a thread); the Ray prefill/decode pools are the next one. The servicer
+knows only this Protocol.
+
+Cancellation has no method of its own: closing the async generator returned by ``generate`` (or
+cancelling the task iterating it) must release everything the request holds downstream (KV blocks,
+queue slots). Pure: no gRPC, no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from engine.sampling_params import SamplingParams
+from router.validation import ModelLimits
+
+
+@dataclass(frozen=True, slots=True)
+class BackendModelInfo:
+    """What a backend serves: the limits validation uses plus what GetModelInfo reports."""
+
+    limits: ModelLimits
+    fingerprint: str = ""
+    block_size: int = 16
+    dtype: str = "float32"
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    """One worker's load, as GetServerInfo reports it and tests assert on it."""
+
+    worker_id: str
+    role: str  # "prefill" | "decode" | "both"
+    node: str = "local"
+    running: int = 0
+    waiting: int = 0
+    queue_tokens: int = 0
+    used_blocks: int = 0
+    total_blocks: int = 0
+
+
+@dataclass(slots=True)
+class BackendLoad:
+    alive: bool
+    workers: list[WorkerLoad] = field(default_factory=list)
+
+    @property
+    def running(self) -> int:
+        return sum(w.running for w in self.workers)
+
+    @property
+    def waiting(self) -> int:
+        return sum(w.waiting for w in self.workers)
+
+    @property
+    def used_blocks(self) -> int:
+        return sum(w.used_blocks for w in self.workers)
+
+
+@dataclass(slots=True)
+class BackendRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    model: str = ""
+    disaggregation: str = "never"  # "auto" | "always" | "never", resolved against the server default
+    arrival: float = 0.0  # time.monotonic() when the router received it
+
+
+@dataclass(slots=True)
+class ChunkStats:
+    """Carried by the last chunk of a request: usage and where the time went."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_time_s: float  # router arrival -> start of prefill
+    backend_time_s: float  # the backend's own span: request received -> last token produced
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    kv_bytes_moved: int = 0
+    disaggregated: bool = False
+
+
+@dataclass(slots=True)
+class Chunk:
+    """New tokens of one request since its previous chunk; ``finish_reason`` set on the last one."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    stats: ChunkStats | None = None  # last chunk only
+    produced_at: float = 0.0  # time.monotonic() when the backend produced it; 0 = unknown (other process)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Lifecycle: construct (loads the model) -> ``generate`` many times, concurrently -> ``close``
+    (idempotent; aborts what is in flight, so every block is returned)."""
+
+    def model_info(self) -> BackendModelInfo: ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt text; raises InvalidRequest if the model has no tokenizer."""
+        ...
+
+    def generate(self, request: BackendRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream the request's chunks; raises InvalidRequest (bad input, this request only) or
+        BackendUnavailable. Closing the iterator cancels the request downstream."""
+        ...
+
+    def load(self) -> BackendLoad: ...
+
+    def close(self) -> None: ...
+
+
+def finish_reason_name(reason: object | None) -> str | None:
+    """An engine FinishReason (enum with a string value) or a string, as a plain string."""
+    if reason is None:
+        return None
+    return str(getattr(reason, "value", reason))
+
+
+def total_tokens(chunks: Sequence[Chunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]

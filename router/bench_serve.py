@@ -1,0 +1,398 @@
+"""``tandem bench serve``: a bounded load generator against a Tandem gRPC endpoint on loopback.
+
+Sends a seeded workload (router/bench_workload.py: fixed or Poisson arrivals, prompt/output length
+distributions, optional shared prefixes) with ``ignore_eos`` so output lengths are exact, and
+reports throughput plus TTFT, inter-token latency (client-side chunk gaps) and end-to-end latency
+p50/p90/p99 as a table, ``--json`` and a ``--plot`` PNG. The router's own overhead comes from the
+timings the server reports on each last message: ``router_request_time_s`` (before the backend)
+and ``router_token_time_s`` (backend produced a chunk -> router handed it to gRPC), against
+``backend_time_s``, the backend's own span.
+
+Without ``--server`` it starts ``tandem serve`` (router.serve) on a free loopback port for the run
+and, as the reference, runs the same prompts offline through an in-process LLMEngine afterwards:
+the ratio says what serving costs against the bare engine. Bounded: at most 10,000 requests and
+``--max-duration`` seconds; only loopback addresses are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.bench_workload import BenchRequest, make_workload, parse_length, percentile
+
+MAX_REQUESTS = 10_000
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, help="HOST:PORT on loopback (default: start a local server)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint for the local server and the reference (default: demo)"
+    )
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--rate", type=float, default=math.inf, help="requests/s (default inf: all at once)")
+    p.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson")
+    p.add_argument("--prompt-len", default="uniform:16:64", help="fixed:N | uniform:LO:HI | normal:MEAN:STD")
+    p.add_argument("--output-len", default="fixed:32")
+    p.add_argument("--shared-prefix-len", type=int, default=0, help="tokens of a prefix shared by requests")
+    p.add_argument("--num-prefixes", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-duration", type=float, default=120.0, help="stop sending and cancel after this (s)")
+    p.add_argument("--no-reference", action="store_true", help="skip the in-process engine reference")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of the latency distributions")
+
+
+@dataclass(slots=True)
+class RequestResult:
+    index: int
+    prompt_tokens: int
+    output_tokens: int = 0
+    sent: float = 0.0  # seconds after the start
+    ttft: float = math.nan
+    e2e: float = math.nan
+    gaps: list[float] = field(default_factory=list)  # between successive chunks, per token
+    error: str = ""
+    server_total: float = math.nan
+    backend_time: float = math.nan
+    router_request_time: float = math.nan
+    router_token_time: float = math.nan
+    queue_time: float = math.nan
+    cached_tokens: int = 0
+
+
+async def _one(stub: Any, req: BenchRequest, t0: float, deadline: float) -> RequestResult:
+    import grpc
+
+    from router.client import build_request
+
+    res = RequestResult(req.index, len(req.prompt_token_ids))
+    await asyncio.sleep(max(0.0, t0 + req.send_at - time.monotonic()))
+    start = time.monotonic()
+    res.sent = start - t0
+    if start >= deadline:
+        res.error = "NOT_SENT"
+        return res
+    msg_req = build_request(req.prompt_token_ids, max_tokens=req.max_tokens, ignore_eos=True)
+    last_t = start
+    try:
+        async for m in stub.Generate(msg_req, timeout=max(0.1, deadline - start)):
+            now = time.monotonic()
+            n = len(m.token_ids)
+            if n and math.isnan(res.ttft):
+                res.ttft = now - start
+            elif n:
+                res.gaps.extend([(now - last_t) / n] * n)
+            last_t = now
+            res.output_tokens += n
+            if m.HasField("timings"):
+                t = m.timings
+                res.server_total, res.backend_time = t.total_time_s, t.backend_time_s
+                res.router_request_time, res.router_token_time = (
+                    t.router_request_time_s,
+                    t.router_token_time_s,
+                )
+                res.queue_time, res.cached_tokens = t.queue_time_s, m.usage.cached_tokens
+        res.e2e = time.monotonic() - start
+    except grpc.aio.AioRpcError as e:
+        res.error = e.code().name
+    return res
+
+
+async def run_load(
+    address: str, workload: list[BenchRequest], max_duration: float
+) -> tuple[list[RequestResult], float]:
+    import grpc
+
+    from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.TandemStub(ch)
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(_one(stub, r, t0, t0 + max_duration) for r in workload))
+        return list(results), time.monotonic() - t0
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    mean = sum(vals) / len(vals) if vals else math.nan
+    return {
+        "mean": mean,
+        "p50": percentile(vals, 50),
+        "p90": percentile(vals, 90),
+        "p99": percentile(vals, 99),
+    }
+
+
+def summarize(results: list[RequestResult], wall: float) -> dict[str, Any]:
+    ok = [r for r in results if not r.error]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    out_tokens = sum(r.output_tokens for r in ok)
+    tokens = max(1, out_tokens)
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": errors,
+        "duration_s": wall,
+        "request_throughput": len(ok) / wall if wall > 0 else math.nan,
+        "output_tokens": out_tokens,
+        "output_throughput_tok_s": out_tokens / wall if wall > 0 else math.nan,
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "ttft_s": _stats([r.ttft for r in ok]),
+        "itl_s": _stats([g for r in ok for g in r.gaps]),
+        "e2e_s": _stats([r.e2e for r in ok]),
+        "queue_time_s": _stats([r.queue_time for r in ok]),
+        "router_overhead": {
+            "per_request_s": _stats([r.router_request_time for r in ok]),
+            "per_token_s": sum(r.router_token_time for r in ok) / tokens,
+            "network_and_client_per_request_s": _stats([r.e2e - r.server_total for r in ok]),
+        },
+    }
+
+
+def reference_throughput(model_dir: Path, workload: list[BenchRequest]) -> dict[str, float]:
+    """The same prompts offline through an in-process LLMEngine: output tokens/s with no router."""
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=model_dir))
+    result: dict[str, float] = {}
+
+    def offline() -> None:
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up, as the server had
+        t = time.perf_counter()
+        outs = engine.generate(
+            [r.prompt_token_ids for r in workload],
+            [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in workload],
+        )
+        wall = time.perf_counter() - t
+        n = sum(len(o.new_token_ids) for o in outs)
+        result.update(output_tokens=n, duration_s=wall, output_throughput_tok_s=n / wall)
+
+    # On a worker thread, like EngineBackend's step loop: measured here, the same engine stepping on
+    # the main thread ran ~10x slower under CPU contention (torch/OpenMP), which is not the router.
+    worker = threading.Thread(target=offline, name="reference-engine")
+    try:
+        worker.start()
+        worker.join()
+    finally:
+        engine.close()
+    if not result:
+        raise RuntimeError("the reference engine run failed (see the traceback above)")
+    return result
+
+
+def format_table(s: dict[str, Any]) -> str:
+    ms = lambda v: f"{v * 1e3:9.2f}"  # noqa: E731
+    lines = [
+        f"requests {s['ok']}/{s['requests']} ok in {s['duration_s']:.2f} s, errors {s['errors'] or 'none'}",
+        f"throughput: {s['request_throughput']:.2f} req/s, {s['output_throughput_tok_s']:.1f} output tok/s "
+        f"({s['output_tokens']} tokens; cached prompt tokens "
+        f"{s['cached_prompt_tokens']}/{s['prompt_tokens']})",
+        "",
+        f"{'latency (ms)':<26}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
+    ]
+    rows = [
+        ("time to first token", s["ttft_s"]),
+        ("inter-token latency", s["itl_s"]),
+        ("end-to-end latency", s["e2e_s"]),
+        ("queue time (server)", s["queue_time_s"]),
+        ("router, per request", s["router_overhead"]["per_request_s"]),
+        ("network + client", s["router_overhead"]["network_and_client_per_request_s"]),
+    ]
+    for name, st in rows:
+        lines.append(f"{name:<26}{ms(st['mean'])}{ms(st['p50'])}{ms(st['p90'])}{ms(st['p99'])}")
+    ro = s["router_overhead"]
+    lines.append(f"router per token (backend produced -> handed to gRPC): {ro['per_token_s'] * 1e3:.3f} ms")
+    if "reference" in s:
+        ref = s["reference"]
+        lines.append(
+            f"reference (in-process engine, offline): {ref['output_throughput_tok_s']:.1f} tok/s; "
+            f"served / reference = {s['ratio_vs_reference']:.2f}"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(path: Path, results: list[RequestResult], summary: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if not r.error]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (title, vals) in zip(
+        axes.flat[:3],
+        [
+            ("time to first token (ms)", [r.ttft * 1e3 for r in ok]),
+            ("inter-token latency (ms)", [g * 1e3 for r in ok for g in r.gaps]),
+            ("end-to-end latency (ms)", [r.e2e * 1e3 for r in ok]),
+        ],
+        strict=True,
+    ):
+        xs = sorted(vals)
+        ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))] if xs else [])
+        ax.set_title(title)
+        ax.set_ylabel("CDF")
+        ax.grid(alpha=0.3)
+    ax = axes.flat[3]
+    ax.scatter([r.sent for r in ok], [r.e2e * 1e3 for r in ok], s=8, label="end-to-end")
+    ax.scatter([r.sent for r in ok], [r.ttft * 1e3 for r in ok], s=8, label="TTFT")
+    ax.set_xlabel("sent at (s)")
+    ax.set_ylabel("ms")
+    ax.set_title("latency over the run")
+    ax.legend()
+    fig.suptitle(
+        f"tandem bench serve: {summary['ok']} requests, {summary['output_throughput_tok_s']:.1f} tok/s"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _check_loopback(address: str) -> None:
+    host = address.rsplit(":", 1)[0]
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(
+            f"--server must be a loopback address (127.0.0.1, localhost, [::1]), got {address!r}"
+        )
+
+
+def _start_local_server(model: str | None, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m router.serve --port 0`` in its own process group; returns it once it listens."""
+    cmd = [sys.executable, "-m", "router.serve", "--port", "0"] + (["--model", model] if model else [])
+    log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        m = re.search(r"listening on (\S+:\d+)", log_path.read_text(errors="replace"))
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    _stop(proc)
+    raise RuntimeError(f"local server did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _model_info(address: str) -> Any:
+    import grpc
+
+    from proto.tandem.v1 import tandem_pb2 as pb
+    from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        return pb_grpc.TandemStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).models[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if not 1 <= args.num_requests <= MAX_REQUESTS:
+            raise ValueError(f"--num-requests must be in [1, {MAX_REQUESTS}]")
+        if args.max_duration <= 0:
+            raise ValueError("--max-duration must be > 0")
+        prompt_len, output_len = parse_length(args.prompt_len), parse_length(args.output_len)
+        if args.server:
+            _check_loopback(args.server)
+    except ValueError as e:
+        print(f"tandem bench serve: {e}", file=sys.stderr)
+        return 2
+    proc = None
+    tmp = tempfile.TemporaryDirectory(prefix="tandem-bench-serve-")
+    try:
+        address = args.server
+        if address is None:
+            proc, address = _start_local_server(args.model, Path(tmp.name) / "serve.log")
+            print(f"(local server on {address})", file=sys.stderr)
+        info = _model_info(address)
+        workload = make_workload(
+            args.num_requests,
+            vocab_size=info.vocab_size,
+            prompt_len=prompt_len,
+            output_len=output_len,
+            rate=args.rate,
+            arrival=args.arrival,
+            shared_prefix_len=args.shared_prefix_len,
+            num_prefixes=args.num_prefixes,
+            exclude_ids=list(info.eos_token_ids),
+            seed=args.seed,
+        )
+        too_long = [r for r in workload if len(r.prompt_token_ids) + r.max_tokens > info.max_context_length]
+        if too_long:
+            print(f"tandem bench serve: {len(too_long)} requests exceed the context length", file=sys.stderr)
+            return 2
+        results, wall = asyncio.run(run_load(address, workload, args.max_duration))
+    finally:
+        if proc is not None:
+            _stop(proc)
+    summary = summarize(results, wall)
+    summary["workload"] = {
+        k: getattr(args, k)
+        for k in (
+            "num_requests",
+            "rate",
+            "arrival",
+            "prompt_len",
+            "output_len",
+            "shared_prefix_len",
+            "num_prefixes",
+        )
+    }
+    summary["workload"]["rate"] = str(args.rate)
+    if not args.no_reference and (args.model or args.server is None):
+        from engine.demo import demo_model_dir
+
+        ref = reference_throughput(Path(args.model) if args.model else demo_model_dir(), workload)
+        summary["reference"] = ref
+        summary["ratio_vs_reference"] = summary["output_throughput_tok_s"] / ref["output_throughput_tok_s"]
+    tmp.cleanup()
+    if args.plot is not None:
+        write_plot(args.plot, results, summary)
+    if args.json:
+        print(
+            json.dumps(summary, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+        )
+    else:
+        print(format_table(summary))
+        if args.plot is not None:
+            print(f"plot: {args.plot}")
+    return 0 if summary["ok"] == summary["requests"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem bench serve", description="load generator for tandem serve")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

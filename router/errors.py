@@ -1,0 +1,47 @@
+"""The router's error vocabulary and its one mapping to gRPC status codes.
+
+Backends and the admission queue raise these plain exceptions (no gRPC import needed); the servicer's
+single exception-mapping decorator turns them, and :class:`router.validation.ValidationError`, into
+status codes. Anything else is a bug and becomes ``INTERNAL``.
+
+    ValidationError / InvalidRequest  -> INVALID_ARGUMENT  (message starts with the field's name)
+    Overloaded                        -> RESOURCE_EXHAUSTED (bounded queue full: shed, don't wait)
+    BackendUnavailable                -> UNAVAILABLE        (no live worker can take the request)
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from router.validation import ValidationError
+
+
+class RouterError(Exception):
+    """Base of the errors a request can fail with on purpose."""
+
+
+class InvalidRequest(RouterError):
+    """The backend refused one request's input (e.g. the engine's own checks); other requests go on."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Overloaded(RouterError):
+    """The admission queue is full: the request is shed instead of waiting without bound."""
+
+
+class BackendUnavailable(RouterError):
+    """No live backend worker: the engine thread died, or the backend is closed or draining."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and details string a failed request is answered with."""
+    if isinstance(exc, ValidationError | InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "server overloaded"
+    if isinstance(exc, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc) or "no live backend"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

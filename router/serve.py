@@ -1,0 +1,132 @@
+"""``tandem serve``: load the configuration, build the backend, run the gRPC server until a signal.
+
+With no arguments: the embedded default (``deploy.config.default_config``), the demo checkpoint, on
+127.0.0.1:50051. Today the only backend is the in-process engine (``--backend engine``); the Ray
+prefill/decode pools plug in beside it. SIGINT / SIGTERM stop gracefully: stop accepting, give
+in-flight streams ``--grace`` seconds, cancel the rest, close the backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("tandem.serve")
+BACKENDS = ("engine",)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="deployment YAML (default: the embedded one)")
+    p.add_argument("--model", default=None, help="checkpoint directory (overrides the config's model)")
+    p.add_argument("--host", default=None, help="address to bind (default: router.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: router.port, 50051; 0 = any free)")
+    p.add_argument("--disaggregation", choices=["auto", "always", "never"], default=None)
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at once")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting; beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--backend", choices=BACKENDS, default="engine", help="engine: one in-process engine")
+    p.add_argument("--tracing", choices=["none", "console", "otlp"], default=None)
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight streams get at shutdown")
+    p.add_argument("--log-level", default="INFO")
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    """The deployment configuration with the command line's overrides applied (validated again)."""
+    from deploy.config import TandemConfig, default_config, load_config
+
+    cfg = load_config(args.config) if args.config else default_config()
+    data = cfg.model_dump()
+    if args.model:
+        data["model"] = args.model
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "disaggregation": args.disaggregation,
+        "max_concurrency": args.max_concurrency,
+        "max_queue": args.max_queue,
+    }
+    data["router"].update({k: v for k, v in overrides.items() if v is not None})
+    if args.tracing:
+        data["router"]["tracing"]["exporter"] = args.tracing
+    return TandemConfig.model_validate(data)
+
+
+def build_engine_backend(cfg: Any) -> Any:
+    from engine.demo import demo_model_dir
+    from router.engine_backend import EngineBackend, engine_config_from
+
+    model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
+    name = "demo" if cfg.is_demo else model_dir.name
+    log.info("loading model %s from %s", name, model_dir)
+    return EngineBackend(
+        engine_config_from(cfg, model_dir), model_name=name, max_tokens_limit=cfg.router.max_tokens_limit
+    )
+
+
+async def serve(cfg: Any, backend_name: str = "engine", grace: float = 5.0) -> int:
+    from router.server import TandemServer
+    from router.telemetry import setup_telemetry
+
+    rc = cfg.router
+    backend = build_engine_backend(cfg)
+    server = TandemServer(
+        backend,
+        host=rc.host,
+        port=rc.port,
+        max_concurrency=rc.max_concurrency,
+        max_queue=rc.max_queue,
+        telemetry=setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint),
+        default_disaggregation=rc.disaggregation,
+        routing_policy="local" if backend_name == "engine" else rc.policy,
+    )
+    try:
+        await server.start()
+    except BaseException:
+        backend.close()
+        raise
+    addr = server.address
+    log.info("listening on %s (backend %s, model %s)", addr, backend_name, backend.model_info().limits.name)
+    log.info('query it:  tandem generate "Hello" --server %s', addr)
+    log.info('           grpcurl -plaintext -d \'{"text": "Hello"}\' %s tandem.v1.Tandem/Generate', addr)
+    if backend_name == "engine" and rc.disaggregation != "never":
+        log.info("disaggregation %r: the engine backend serves everything in-process", rc.disaggregation)
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    waiter = asyncio.create_task(server.wait())
+    stopper = asyncio.create_task(stopping.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down (grace %.1f s)", grace)
+    await server.stop(grace)
+    for t in (waiter, stopper):
+        t.cancel()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from deploy.config import ConfigError
+
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=fmt, stream=sys.stderr)
+    try:
+        cfg = resolve_config(args)
+    except (ConfigError, ValueError) as e:
+        print(f"tandem serve: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(cfg, args.backend, args.grace))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem serve", description="serve Tandem over gRPC")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
