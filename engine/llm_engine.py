@@ -165,10 +165,9 @@ class LLMEngine:
             prompt_ids = list(prompt)
         if not prompt_ids:
             raise ValueError("prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}"
-            )
+        limit = self.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {limit}")
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
@@ -195,6 +194,11 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest a sequence may grow: the context length, or the KV pool if that is smaller."""
+        return self.scheduler.max_seq_len
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -245,7 +249,7 @@ class LLMEngine:
             return FinishReason.STOP
         if token in p.stop_token_ids:
             return FinishReason.STOP
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
             return FinishReason.LENGTH
         return None
 

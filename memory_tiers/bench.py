@@ -94,6 +94,9 @@ def _direct_files(directory: Path, n: int, file_bytes: int, write: bool) -> floa
     buf = aligned_buffer(file_bytes)
     view = memoryview(buf)
     paths = [directory / f"ceiling-{i}.bin" for i in range(n)]
+    if write:  # new files each run, as the tier writes new files
+        for p in paths:
+            p.unlink(missing_ok=True)
     t = time.perf_counter()
     for p in paths:
         if write:
@@ -126,7 +129,7 @@ def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict
     kv.copy_(torch.randn(kv.shape).to(kv.dtype))
     dev = TorchDevicePool(kv, layout)
     hashes = [i.to_bytes(16, "big") for i in range(n)]
-    memcpy = _best(lambda: _memcpy_seconds(total, device), repeat)
+    memcpy = lambda: _memcpy_seconds(total, device)  # noqa: E731
     g3_opts: dict[str, Any] = {"direct_io": not args.buffered, "fsync": not args.no_fsync}
     rows = []
 
@@ -148,7 +151,7 @@ def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict
         store.close()
         return s
 
-    case("G2", "put", _best(g2_put, repeat), memcpy)
+    case("G2", "put", *_paired(g2_put, memcpy, repeat))
     store = TierStore(layout, dev, TierConfig(host_blocks=n))
     for i, h in enumerate(hashes):
         store.offload(h, i)
@@ -160,7 +163,7 @@ def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict
         _sync(device)
         return time.perf_counter() - t
 
-    case("G2", "get", _best(g2_get, repeat), memcpy)
+    case("G2", "get", *_paired(g2_get, memcpy, repeat))
     assert torch.equal(kv[:, 0].cpu(), store.host.slot(n - 1)), "G2 round trip changed the bytes"
 
     # G3: write = spill every G2 slot to disk; read = onboard from disk into G1.
@@ -186,12 +189,7 @@ def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict
         g3.close()
         return s
 
-    case(
-        "G3",
-        "write",
-        _best(g3_write, repeat),
-        _best(lambda: _direct_files(ceiling_dir, n, file_bytes, True), repeat),
-    )
+    case("G3", "write", *_paired(g3_write, lambda: _direct_files(ceiling_dir, n, file_bytes, True), repeat))
 
     g3 = TierStore(
         layout,

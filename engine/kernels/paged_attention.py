@@ -19,7 +19,6 @@ tl.dot on a GPU, where tensor cores want them, and upcasts only under the interp
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -28,8 +27,10 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def runs_interpreted() -> bool:
+    """Whether these kernels run in the Triton interpreter: decided when they were defined (by
+    TRITON_INTERPRET at import), not by the variable's value now."""
+    return type(_paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
 @triton.jit
@@ -276,7 +277,7 @@ def paged_prefill_attention(
     if num_seqs == 0:
         return
     group, head_dim = _check(q, kv_layer), q.shape[2]
-    interpreted = _interpreted()
+    interpreted = runs_interpreted()
     if head_dim < 16 and not interpreted:
         raise ValueError(f"the prefill kernel's tl.dot needs head_dim >= 16 on a GPU, got {head_dim}")
     # fp32 on a GPU: tl.dot would otherwise round inputs to tf32 (10-bit mantissa)

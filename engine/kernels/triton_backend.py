@@ -16,7 +16,11 @@ import torch
 
 from engine.attention import AttentionMetadata, TorchAttention
 from engine.kernels.kv_write import write_kv
-from engine.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from engine.kernels.paged_attention import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    runs_interpreted,
+)
 
 
 @dataclass(slots=True)
@@ -25,6 +29,14 @@ class TritonAttention:
     reference instead (a fallback while the prefill kernel is not trusted on some hardware)."""
 
     triton_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if not runs_interpreted() and not torch.cuda.is_available():
+            # otherwise the first launch fails with Triton's terse "0 active drivers"
+            raise RuntimeError(
+                "the triton attention backend needs a CUDA GPU, or TRITON_INTERPRET=1 set before "
+                "engine.kernels is first imported (CPU tensors, slow)"
+            )
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor

@@ -33,13 +33,22 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Hello world", "The quick brown fox", "Once upon a time", "gRPC streams tokens"]
 
 
+def _serve_command() -> list[str]:
+    """``tandem serve`` through the CLI dispatcher once it registers the command, else the module."""
+    from deploy.cli import COMMANDS
+
+    if COMMANDS.get("serve", ("",))[0] == "router.serve":
+        return [sys.executable, "-m", "deploy.cli", "serve"]
+    return [sys.executable, "-m", "router.serve"]
+
+
 class ManagedServer:
     """One ``tandem serve`` child: start -> wait for health -> use -> stop (SIGTERM, then SIGKILL)."""
 
     def __init__(self, log_path: Path, *extra: str) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
-        cmd = [sys.executable, "-m", "router.serve", "--port", "0", *extra]
+        cmd = [*_serve_command(), "--port", "0", *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
@@ -360,8 +369,6 @@ def test_bench_serve_smoke(server: ManagedServer, tmp_path: Path) -> None:
 def test_serve_rejects_a_bad_config_naming_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("router:\n  max_queue: 0\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "router.serve", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True
-    )
+    out = subprocess.run([*_serve_command(), "--config", str(cfg)], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2
     assert "router.max_queue: Input should be greater than or equal to 1" in out.stderr
