@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROMPT  ?= The quick brown fox
 
-.PHONY: install run test test-fast lint format proto bench bench-engine clean
+.PHONY: install serve generate bench-serve test test-fast lint format proto bench bench-engine clean
 
 # Create .venv and install Tandem with its test tools (torch==2.13.0 resolves to the CPU build on disk).
 $(STAMP): pyproject.toml
@@ -16,9 +16,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: generate from the demo checkpoint (made on first use) with the in-process engine.
-run: $(STAMP)
+# The main job: serve the gRPC Generate endpoint on the embedded default (127.0.0.1:50051, demo
+# checkpoint made on first use). Query it with: .venv/bin/tandem generate "Hello" --server 127.0.0.1:50051
+serve: $(STAMP)
+	$(BIN)/tandem serve
+
+# Generate once from the demo checkpoint with the in-process engine (no server).
+generate: $(STAMP)
 	$(BIN)/tandem generate "$(PROMPT)" --max-tokens 48
+
+# Load generator against a running server (throughput, TTFT, inter-token latency; table + PNG).
+bench-serve: $(STAMP)
+	$(BIN)/tandem bench serve
 
 # The whole test suite (unit, integration, e2e; gpu tests skip without a GPU).
 test: $(STAMP)

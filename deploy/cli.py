@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench engine": ("engine.bench", "output tokens/s of Tandem vs transformers generate"),
     "kv-bench": ("kv_transfer.bench", "paged-KV transfer microbenchmark over NIXL and ucxx"),
     "tier-bench": ("memory_tiers.bench", "G2 / G3 block store throughput against their ceilings"),
+    "serve": ("router.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, demo model)"),
+    "bench serve": ("router.bench_serve", "load generator against tandem serve: throughput, TTFT, ITL, latency"),
 }
 
 

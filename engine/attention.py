@@ -15,6 +15,7 @@ checked against this reference.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,6 +101,9 @@ class TorchAttention:
         self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
         block_size = kv_layer.shape[3]
+        keep = slot_mapping >= 0  # a negative slot is padding: never written
+        if not bool(keep.all()):
+            slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
         blocks = slot_mapping // block_size  # (T,)
         offsets = slot_mapping % block_size  # (T,)
         kv_layer[blocks, 0, :, offsets] = k.to(kv_layer.dtype)  # advanced dims first: (T, H_kv, D)
@@ -110,7 +114,7 @@ class TorchAttention:
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         block_size = meta.block_size
-        starts = meta.query_start_loc.tolist() if meta.num_prefill_seqs else []
+        starts = list(itertools.accumulate(meta.query_lens_list[: meta.num_prefill_seqs], initial=0))
         for i in range(meta.num_prefill_seqs):
             s, e = starts[i], starts[i + 1]
             ctx = meta.seq_lens_list[i]

@@ -20,9 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn-backend", default="torch", choices=["torch", "triton"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="stream from a tandem serve endpoint")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.server:
+        from router.client import run_client
+
+        return run_client(args)
     from engine.demo import demo_model_dir
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.sampling_params import SamplingParams

@@ -154,6 +154,6 @@ def test_write_kv_places_each_token_at_its_block_and_offset(backend: str) -> Non
 
 def test_write_kv_casts_to_pool_dtype() -> None:
     kv = torch.zeros(2, 2, 1, 4, 16, dtype=torch.bfloat16)
-    k = torch.full((1, 1, 16), 1.0 + 2**-9)  # rounds to 1.0 in bf16 (8 mantissa bits)
+    k = torch.full((1, 1, 16), 1.0 + 2**-9)  # a quarter bf16 ulp above 1.0: rounds to 1.0
     TorchAttention().write_kv(k, 2 * k, kv, torch.tensor([5]))
     assert kv[1, 0, 0, 1].tolist() == [1.0] * 16 and kv[1, 1, 0, 1].tolist() == [2.0] * 16
