@@ -12,13 +12,19 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-model": ("engine.make_model", "write a random-weight Hugging Face checkpoint with a real BPE tokenizer"),
+    "make-model": (
+        "engine.make_model",
+        "write a random-weight Hugging Face checkpoint with a real BPE tokenizer",
+    ),
     "generate": ("engine.cli_generate", "generate text in-process (or from a server with --server)"),
     "bench engine": ("engine.bench", "output tokens/s of Tandem vs transformers generate"),
     "kv-bench": ("kv_transfer.bench", "paged-KV transfer microbenchmark over NIXL and ucxx"),
     "tier-bench": ("memory_tiers.bench", "G2 / G3 block store throughput against their ceilings"),
     "serve": ("router.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, demo model)"),
-    "bench serve": ("router.bench_serve", "load generator against tandem serve: throughput, TTFT, ITL, latency"),
+    "bench serve": (
+        "router.bench_serve",
+        "load generator against tandem serve: throughput, TTFT, ITL, latency",
+    ),
 }
 
 

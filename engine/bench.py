@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ def run_transformers(model_dir: Path, w: Workload, batch: int, dtype: str) -> fl
     from transformers import AutoModelForCausalLM
 
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=tdtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=tdtype)
     model.eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
@@ -98,7 +99,9 @@ def run_transformers(model_dir: Path, w: Workload, batch: int, dtype: str) -> fl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint dir (default: the 'bench' preset, made on first use)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint dir (default: the 'bench' preset, made on first use)"
+    )
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
@@ -116,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model) if args.model else bench_model_dir()
     cfg = ModelConfig.from_pretrained(model_dir, args.dtype)
-    w = make_workload(args.num_requests, cfg.vocab_size, args.seed, tuple(args.prompt_len), tuple(args.output_len))
+    w = make_workload(
+        args.num_requests, cfg.vocab_size, args.seed, tuple(args.prompt_len), tuple(args.output_len)
+    )
     print(
         f"workload: {len(w.prompts)} requests, {sum(map(len, w.prompts))} prompt tokens, "
         f"{w.output_tokens} output tokens; model {model_dir}",
@@ -126,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     t_ref = None if args.skip_reference else run_transformers(model_dir, w, args.concurrency, args.dtype)
     rows = [Result("tandem (continuous batching)", t_tandem, w.output_tokens / t_tandem)]
     if t_ref is not None:
-        rows.append(Result(f"transformers (static batches of {args.concurrency})", t_ref, w.output_tokens / t_ref))
+        rows.append(
+            Result(f"transformers (static batches of {args.concurrency})", t_ref, w.output_tokens / t_ref)
+        )
     ratio = (rows[0].tokens_per_s / rows[1].tokens_per_s) if t_ref is not None else None
     if args.json:
         print(json.dumps({"results": [asdict(r) for r in rows], "ratio": ratio, "model": str(model_dir)}))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from engine.model import Model, load_model
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.sequence import FinishReason, Sequence
+from engine.sequence import FinishReason, Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer
 
 
@@ -123,7 +123,9 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
             self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
         layout = mc.kv_layout(config.block_size)
         self.kv_layout = layout
         num_blocks = config.num_blocks
@@ -260,7 +262,9 @@ class LLMEngine:
             yield from self.step()
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: Seq[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion; one merged RequestOutput per prompt, in order."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -282,3 +286,78 @@ class LLMEngine:
         for request_id in list(self._requests):
             self.abort(request_id)
         self._closed = True
+
+    # -- disaggregated serving: a prompt whose KV another worker computes (decode_pool/) -----------
+    def reserve_prompt(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> Sequence | None:
+        """Blocks for a prompt whose KV arrives from a prefill worker: the longest cached prefix
+        (shared, ref++) plus fresh blocks for the rest of the prompt. The first
+        ``seq.num_cached_tokens`` tokens need not be sent. Returns None (nothing changed) when the
+        pool is short. The sequence is not scheduled: pass it to ``add_prefilled`` once its KV is
+        committed, or to ``release_prompt`` to give the blocks back."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_seq_len}")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt_ids), params, arrival=time.monotonic())
+        bm = self.block_manager
+        if not bm.can_allocate(seq, seq.num_tokens - bm.prefix_hit_tokens(seq)):
+            return None
+        if not bm.allocate_prompt(seq):
+            return None
+        if not bm.append_slots(seq, seq.num_tokens - seq.num_computed_tokens):
+            bm.free(seq)
+            return None
+        return seq
+
+    def release_prompt(self, seq: Sequence) -> None:
+        """Give back the blocks of a ``reserve_prompt`` sequence that never joined the batch."""
+        self.block_manager.free(seq)
+
+    def add_prefilled(
+        self,
+        seq: Sequence,
+        first_token: int,
+        seed: int,
+        logprob: float | None = None,
+        top_logprobs: list[tuple[int, float]] | None = None,
+    ) -> RequestOutput:
+        """Adopt a ``reserve_prompt`` sequence whose prompt KV is now in its blocks, with the first
+        token the prefill worker sampled (at position ``num_prompt_tokens``, seed ``seed``). It
+        joins the running batch; its prompt blocks enter the prefix cache. Returns the first
+        token's output; if that token already ends the request its blocks are freed at once."""
+        n = seq.num_prompt_tokens
+        seq.num_computed_tokens = n
+        self.block_manager.mark_computed(seq, n)
+        seq.output_token_ids.append(first_token)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, stop=list(seq.params.stop))
+        reason = self._stop_reason(seq, first_token)
+        text = ""
+        if detok is not None:
+            text = detok.step(first_token)
+            if detok.stopped:
+                reason = FinishReason.STOP
+            elif reason is not None:
+                text += detok.flush()
+        result = RequestOutput(
+            seq.request_id,
+            [first_token],
+            text,
+            logprobs=[logprob],
+            top_logprobs=[top_logprobs],
+            num_prompt_tokens=n,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        if reason is None:
+            self.scheduler.add_running(seq)
+            self._requests[seq.request_id] = _Request(seq, seed, detok)
+        else:
+            self.block_manager.free(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+            result.finished, result.finish_reason = True, reason
+        return result

@@ -12,6 +12,7 @@ lm_head matmul in the run dtype and only then widened to fp32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,9 +58,13 @@ class Model:
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions (T,) int64; kv_cache (L, N, 2, H_kv, B, D). Writes this step's K/V at
-        ``meta.slot_mapping`` in every layer; returns the final-norm hidden states (T, hidden)."""
+        ``meta.slot_mapping`` in every layer; returns the final-norm hidden states (T, hidden).
+
+        ``on_layer(i)`` (optional) runs as soon as layer ``i``'s K/V are in ``kv_cache``, so a prefill
+        worker can ship that layer while the next ones are computed."""
         c = self.config
         T = input_ids.shape[0]
         H, H_kv, D, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
@@ -73,6 +78,8 @@ class Model:
             v = F.linear(h, w.v_proj, w.v_bias).view(T, H_kv, D)  # (T, H_kv, D)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             self.attn.write_kv(k, v, kv_cache[i], meta.slot_mapping)
+            if on_layer is not None:
+                on_layer(i)
             o = self.attn.forward(q, kv_cache[i], meta, self.scale)  # (T, H, D)
             x = x + F.linear(o.reshape(T, H * D), w.o_proj, w.o_bias)  # (T, hidden)
             # SwiGLU MLP block

@@ -9,6 +9,7 @@ header, digest or ack (NIXL: one WRITE, completion seen by the sender; ucxx: one
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from multiprocessing.connection import Connection
@@ -24,8 +25,15 @@ TAG_RAW = 0x4B5654_10
 TAG_RAW_ACK = 0x4B5654_11
 
 
-def receiver_main(conn: Connection, backend: str, transport: str, layout: KVLayout, num_blocks: int) -> None:
+def _quiet() -> None:
+    """Worker output (NIXL's INFO lines, UCX warnings) goes to stderr: stdout carries --json."""
+    os.dup2(2, 1)
+    logging.getLogger("nixl_cu12").setLevel(logging.WARNING)
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+
+def receiver_main(conn: Connection, backend: str, transport: str, layout: KVLayout, num_blocks: int) -> None:
+    _quiet()
     kv = layout.allocate(num_blocks)  # (L, N, 2, H_kv, B, D), zeroed: pages touched before timing
     rx: Any = make_transport(backend, transport).receiver(kv)
     flat = rx.pool.flat
@@ -95,7 +103,7 @@ def _raw_receive(rx: Any, backend: str, flat: torch.Tensor, left: int, size: int
 
 
 def sender_main(conn: Connection, backend: str, transport: str, layout: KVLayout, num_blocks: int) -> None:
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    _quiet()
     kv = layout.allocate(num_blocks)
     g = torch.Generator().manual_seed(0)
     kv.view(torch.uint8).copy_(
@@ -153,11 +161,13 @@ def _raw(tx: Any, backend: str, dest: KVDestination, size: int, count: int) -> t
             remote = np.array([(dest.base_addr + c * size, size, 0)], dtype=np.uint64)
             descs = tx.agent.get_xfer_descs(local, "DRAM"), tx.agent.get_xfer_descs(remote, "DRAM")
             h = tx.agent.initialize_xfer("WRITE", *descs, remote_name, b"RAW%d" % c)
-            if tx.agent.transfer(h) == "ERR":
+            if tx.agent.transfer(h, b"RAW%d" % c) == "ERR":
                 raise RuntimeError("raw NIXL WRITE failed")
             handles.append(h)
         acks = 0
         while acks < count:
+            for h in handles:  # NIXL sends a WRITE's notification when it sees the WRITE complete
+                tx.agent.check_xfer_state(h)
             for msgs in tx.agent.get_new_notifs().values():
                 for m in msgs:
                     if m == b"RAWACK":

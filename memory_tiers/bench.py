@@ -5,7 +5,7 @@ Cases, each beside its ceiling measured in the same run on the same bytes:
     tier  op     what is timed                                   ceiling
     G2    put    TierStore.offload, G1 -> G2, per block           one memory copy of all the bytes
     G2    get    TierStore.onboard, G2 -> G1, per block           one memory copy of all the bytes
-    G3    write  G2 -> G3 spill: header, xxh3, tmp, fsync, rename one O_DIRECT write per file, same sizes
+    G3    write  G2 -> G3 spill: header, xxh3, tmp, rename       one O_DIRECT write per file, same sizes
     G3    read   TierStore.onboard, G3 -> G1 (read, verify, copy) one O_DIRECT read per file, same sizes
 
 Reads bypass the page cache (O_DIRECT; posix_fadvise DONTNEED where O_DIRECT is refused) for the
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="G3 directory (default: a temp dir under /tmp)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the best is kept")
     parser.add_argument("--device", default="cpu", help="where G1 lives: cpu, or cuda with a GPU")
-    parser.add_argument("--no-fsync", action="store_true", help="G3 writes without fdatasync per file")
+    parser.add_argument("--fsync", action="store_true", help="G3: fdatasync each file before its rename")
     parser.add_argument("--buffered", action="store_true", help="G3 with buffered I/O instead of O_DIRECT")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
@@ -130,7 +130,7 @@ def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict
     dev = TorchDevicePool(kv, layout)
     hashes = [i.to_bytes(16, "big") for i in range(n)]
     memcpy = lambda: _memcpy_seconds(total, device)  # noqa: E731
-    g3_opts: dict[str, Any] = {"direct_io": not args.buffered, "fsync": not args.no_fsync}
+    g3_opts: dict[str, Any] = {"direct_io": not args.buffered, "fsync": args.fsync}
     rows = []
 
     def case(tier: str, op: str, seconds: float, ceiling: float) -> None:

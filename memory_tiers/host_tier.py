@@ -41,6 +41,15 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(arr).cast("B")
 
 
+def _cuda_register(t: torch.Tensor) -> bool:
+    """Page-lock an existing CPU tensor with cudaHostRegister (exact size, stays page-aligned)."""
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        return int(rc) == 0
+    except Exception:  # no CUDA runtime binding: fall back to torch's pinned allocator
+        return False
+
+
 class HostPool:
     """The G2 tensor. ``pin`` asks for CUDA page-locked memory (only meaningful with a GPU)."""
 
@@ -50,12 +59,19 @@ class HostPool:
         shape = (num_slots, *block_shape(layout))
         if pin is None:
             pin = torch.cuda.is_available()
-        self._mmap: mmap.mmap | None = None
-        if pin:
-            # cudaHostAlloc returns page-aligned memory, so O_DIRECT still applies.
+        self._mmap: mmap.mmap | None
+        self.tensor, self._mmap = aligned_tensor(shape, layout.torch_dtype)
+        self._registered = pin and _cuda_register(self.tensor)
+        if pin and not self._registered:
+            # torch's pinned allocator rounds sizes up to a power of two, hence the attempt above.
+            self._mmap = None
             self.tensor = torch.empty(shape, dtype=layout.torch_dtype, pin_memory=True)
-        else:
-            self.tensor, self._mmap = aligned_tensor(shape, layout.torch_dtype)
+
+    def close(self) -> None:
+        """Unregister pinned memory (idempotent); the tensor must not be used afterwards."""
+        if self._registered:
+            self._registered = False
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
 
     def slot(self, slot: int) -> torch.Tensor:
         """View of one slot, (L, 2, H_kv, B, D)."""

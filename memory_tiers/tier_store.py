@@ -331,6 +331,7 @@ class TierStore:
         self._readers.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()
+        self.host.close()
         self._flush_events()
 
     def metrics(self) -> TierMetrics:

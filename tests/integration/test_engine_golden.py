@@ -17,8 +17,13 @@ from tests.helpers_checkpoints import load_reference, make_checkpoint
 
 pytestmark = pytest.mark.integration
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 # name -> (arch, run dtype, checkpoint kwargs)
 CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama-gqa-untied": ("llama", "float32", {}),
@@ -55,7 +60,9 @@ def golden(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return path, dtype, prompts, expected
 
 
-def _run(path: Path, dtype: str, prompts: list[list[int]], **engine_kwargs: Any) -> tuple[list[list[int]], int]:
+def _run(
+    path: Path, dtype: str, prompts: list[list[int]], **engine_kwargs: Any
+) -> tuple[list[list[int]], int]:
     engine = LLMEngine(EngineConfig(model=path, dtype=dtype, **engine_kwargs))
     preemptions = 0
     schedule = engine.scheduler.schedule

@@ -232,3 +232,20 @@ def test_random_operations_keep_exact_accounting(tmp_path: Path) -> None:
         assert store.onboard(h, 0).result(timeout=30) is True
         assert torch.equal(kv[:, 0], block(h[0]))
     store.close()
+
+
+@pytest.mark.gpu
+def test_cuda_g1_with_pinned_g2_round_trips(tmp_path: Path) -> None:
+    kv = LAYOUT.allocate(4, "cuda")  # (L, N, 2, H_kv, B, D) on the GPU
+    kv[:, 1] = block(1).cuda()
+    cfg = TierConfig(host_blocks=1, disk_dir=str(tmp_path), disk_bytes=4 * file_size(BB), spill_watermark=0.0)
+    store = TierStore(LAYOUT, TorchDevicePool(kv, LAYOUT), cfg)
+    assert store.host.tensor.is_pinned()
+    store.offload(H[0], 1)
+    assert store.onboard(H[0], 2).result() is True
+    store.offload(H[1], 3)  # H0 spills to G3
+    store.flush()
+    assert store.onboard(H[0], 0).result(timeout=30) is True
+    assert torch.equal(kv[:, 0].cpu(), block(1)) and torch.equal(kv[:, 2].cpu(), block(1))
+    store.check()
+    store.close()

@@ -1,0 +1,298 @@
+"""DecodeWorker: reserves KV for incoming handoffs, adopts committed requests into its running batch
+and streams their tokens (continuous batching); it can also prefill a request itself.
+
+A request here is in one of three places::
+
+    reserve()  ──▶ _reserved (blocks held under a KV lease; the receiver checks every layer's digest)
+                     │ Completed (all layers verified): committed, waiting for start()
+                     │ Failed (digest, lease expiry, dead sender) / cancel: blocks freed at once
+    start()    ──▶ the engine's running batch (joins at the next step, leaves the step it finishes)
+    submit_local() ─▶ the engine's waiting queue (conditional disaggregation: prefilled here)
+
+Tokens go to a per-request stream that callers long-poll with ``take`` (a Ray call per batch of
+tokens: the "equal" of a streaming generator, and cancel-safe). Every exit — finish, cancel, failed
+handoff, close — frees the request's blocks, so ``load().used_blocks`` returns to 0.
+
+Thread model: every public method is thread-safe (one lock around engine and receiver); the loop
+thread (``start_loop``) polls the receiver and steps the engine; tests may call ``step`` by hand
+instead. Lifecycle: construct -> start_loop (or step by hand) -> serve -> close (idempotent).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from decode_pool.handoff import (
+    UNKNOWN_REQUEST,
+    FirstToken,
+    KVGrant,
+    PoolError,
+    TokenChunk,
+    WorkerConfig,
+    WorkerLoad,
+    WorkRequest,
+)
+from decode_pool.runtime import make_engine, make_kv_transport
+from engine.llm_engine import RequestOutput
+from engine.sequence import Sequence
+from kv_transfer.base import idle
+from kv_transfer.protocol import NoRoomError
+from kv_transfer.transport import Completed
+
+
+@dataclass(slots=True)
+class _Reserved:
+    req: WorkRequest
+    seq: Sequence
+    committed: bool = False
+
+
+@dataclass(slots=True)
+class _Stream:
+    chunks: list[TokenChunk] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class DecodeWorker:
+    role = "decode"
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id
+        self.engine = make_engine(config)
+        self.block_size = config.block_size
+        self.num_layers = self.engine.kv_layout.num_layers
+        self.receiver = make_kv_transport(config).receiver(self.engine.kv_cache)
+        self._cv = threading.Condition()
+        self._reserved: dict[str, _Reserved] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._crash_after_tokens: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._closed = False
+
+    # -- the handoff ----------------------------------------------------------------------------------
+    def reserve(self, req: WorkRequest) -> KVGrant:
+        """Hold blocks for ``req``'s prompt under a lease of ``config.lease_s`` and return where its
+        KV goes. Raises NoRoomError (backpressure: try elsewhere or later) or PoolError (bad input)."""
+        rid = req.request_id
+        with self._cv:
+            self._check_open()
+            if rid in self._streams:
+                raise PoolError(f"request {rid!r} is already on decode worker {self.worker_id}")
+            try:
+                seq = self.engine.reserve_prompt(rid, req.prompt_token_ids, req.params)
+            except ValueError as e:
+                raise PoolError(f"{rid}: {e}") from e
+            if seq is None:
+                bm = self.engine.block_manager
+                raise NoRoomError(
+                    f"decode worker {self.worker_id}: {len(req.prompt_token_ids)} prompt tokens do not fit "
+                    f"in {bm.num_free_blocks} free blocks"
+                )
+            skip = seq.num_cached_tokens // self.block_size
+            try:
+                dest = self.receiver.reserve(
+                    rid, seq.block_table[skip:], self.num_layers, self.config.lease_s
+                )
+            except Exception:
+                self.engine.release_prompt(seq)
+                raise
+            self._reserved[rid] = _Reserved(req, seq)
+            self._streams[rid] = _Stream()
+            return KVGrant(rid, self.worker_id, dest, skip)
+
+    def start(self, request_id: str, first: FirstToken) -> None:
+        """The prefill worker reported the commit: the request joins the running batch with its
+        first token (streamed like any other)."""
+        with self._cv:
+            r = self._reserved.get(request_id)
+            if r is None:
+                raise PoolError(
+                    f"{request_id}: no reservation on {self.worker_id} (failed, expired or cancelled)"
+                )
+            if not r.committed:
+                self._poll()  # the ack was sent from a poll; its Completed may still be queued
+            if not r.committed:
+                raise PoolError(f"{request_id}: KV not committed on {self.worker_id}")
+            del self._reserved[request_id]
+            self.receiver.release(request_id)
+            out = self.engine.add_prefilled(
+                r.seq, first.token_id, r.req.seed, first.logprob, first.top_logprobs
+            )
+            self._push(out)
+            self._cv.notify_all()
+
+    def submit_local(self, req: WorkRequest) -> None:
+        """Conditional disaggregation: prefill ``req`` here, in the running batch (chunked)."""
+        rid = req.request_id
+        with self._cv:
+            self._check_open()
+            if rid in self._streams:
+                raise PoolError(f"request {rid!r} is already on decode worker {self.worker_id}")
+            try:
+                self.engine.add_request(req.prompt_token_ids, req.params, rid)
+            except ValueError as e:
+                raise PoolError(f"{rid}: {e}") from e
+            self._streams[rid] = _Stream()
+            self._cv.notify_all()
+
+    def cancel(self, request_id: str) -> bool:
+        """Release the request wherever it is (reserved, committed, running, waiting); False if unknown."""
+        with self._cv:
+            found = self._release(request_id)
+            found = self.engine.abort(request_id) or found
+            found = self._streams.pop(request_id, None) is not None or found
+            self._cv.notify_all()
+            return found
+
+    def take(self, request_id: str, timeout_s: float = 0.0) -> list[TokenChunk]:
+        """The chunks produced for the request since the last call, waiting up to ``timeout_s`` for
+        at least one. An unknown (cancelled, finished and taken) request gets one final error chunk."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._ready(request_id), timeout_s)
+            st = self._streams.get(request_id)
+            if st is None:
+                return [self._ended(request_id, f"{UNKNOWN_REQUEST} (cancelled, or finished and taken)")]
+            out, st.chunks = st.chunks, []
+            if out and out[-1].finished:
+                del self._streams[request_id]
+            return out
+
+    def crash_after_tokens(self, request_id: str, num_tokens: int) -> None:
+        """Test hook: SIGKILL this process when ``request_id`` has produced ``num_tokens`` tokens."""
+        self._crash_after_tokens[request_id] = num_tokens
+
+    # -- reports -------------------------------------------------------------------------------------
+    def load(self) -> WorkerLoad:
+        with self._cv:
+            bm, sch = self.engine.block_manager, self.engine.scheduler
+            return WorkerLoad(
+                self.worker_id,
+                self.role,
+                waiting=sch.num_waiting + len(self._reserved),
+                queue_tokens=sum(len(r.req.prompt_token_ids) for r in self._reserved.values()),
+                running=sch.num_running,
+                used_blocks=bm.num_used_blocks,
+                free_blocks=bm.num_free_blocks,
+                total_blocks=bm.num_blocks,
+                reserved_blocks=self.receiver.num_reserved_blocks,
+                cached_blocks=bm.num_cached_blocks,
+            )
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Poll the receiver and run one engine step; False when there was nothing to do."""
+        with self._cv:
+            return self._step()
+
+    def start_loop(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"decode-{self.worker_id}", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        spins = 0
+        while not self._stop:
+            with self._cv:
+                busy = self._step()
+                waiting_kv = bool(self._reserved)
+                if not busy and not waiting_kv:
+                    self._cv.wait(0.005)  # idle: woken by submit_local / start
+            if busy:
+                spins = 0
+                time.sleep(0)  # let callers waiting on the lock in
+            elif waiting_kv:
+                spins += 1
+                idle(spins)  # poll the transport often while KV is arriving
+
+    def _step(self) -> bool:
+        if self._closed:
+            return False
+        did = self._poll()
+        outs = self.engine.step() if self.engine.has_unfinished() else []
+        for o in outs:
+            self._push(o)
+        if outs or did:
+            self._cv.notify_all()
+        return bool(outs) or did
+
+    def _poll(self) -> bool:
+        results = self.receiver.poll()
+        for res in results:
+            r = self._reserved.get(res.request_id)
+            if r is None:
+                continue
+            if isinstance(res, Completed):
+                r.committed = True
+            else:  # the receiver already dropped its lease; free the blocks and end the request
+                del self._reserved[res.request_id]
+                self.engine.release_prompt(r.seq)
+                st = self._streams.get(res.request_id)
+                if st is not None:
+                    st.chunks.append(self._ended(res.request_id, f"KV handoff failed: {res.reason}"))
+        return bool(results)
+
+    def _release(self, request_id: str) -> bool:
+        r = self._reserved.pop(request_id, None)
+        if r is None:
+            return False
+        self.receiver.release(request_id)
+        self.engine.release_prompt(r.seq)
+        return True
+
+    def _push(self, o: RequestOutput) -> None:
+        st = self._streams.get(o.request_id)
+        if st is None:
+            return
+        limit = self._crash_after_tokens.get(o.request_id)
+        if limit is not None and st.num_tokens + len(o.new_token_ids) >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        st.num_tokens += len(o.new_token_ids)
+        st.chunks.append(
+            TokenChunk(
+                o.request_id,
+                list(o.new_token_ids),
+                o.text,
+                o.finished,
+                o.finish_reason.value if o.finish_reason is not None else None,
+                list(o.logprobs),
+                list(o.top_logprobs),
+                worker_id=self.worker_id,
+                num_prompt_tokens=o.num_prompt_tokens,
+                num_cached_tokens=o.num_cached_tokens,
+            )
+        )
+
+    def _ready(self, request_id: str) -> bool:
+        st = self._streams.get(request_id)
+        return st is None or bool(st.chunks) or self._closed
+
+    def _ended(self, request_id: str, error: str) -> TokenChunk:
+        return TokenChunk(
+            request_id, [], finished=True, finish_reason="abort", error=error, worker_id=self.worker_id
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolError(f"decode worker {self.worker_id} is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._stop = True
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self._cv:
+            for rid in list(self._reserved):
+                self._release(rid)
+            self._streams.clear()
+            self.engine.close()
+            self.receiver.close()

@@ -1,0 +1,49 @@
+"""Drive in-process prefill and decode workers by hand (no threads): deterministic handoffs."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from decode_pool.handoff import FirstToken, TokenChunk, WorkRequest
+from decode_pool.worker import DecodeWorker
+from engine.sampling_params import SamplingParams
+from prefill_pool.worker import PrefillWorker
+
+
+def work(rid: str, prompt: list[int], max_tokens: int = 12, seed: int = 1) -> WorkRequest:
+    return WorkRequest(rid, list(prompt), SamplingParams(max_tokens=max_tokens, seed=seed))
+
+
+def prefill_all(p: PrefillWorker, futs: list[Future[FirstToken]], max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        if all(f.done() for f in futs):
+            return
+        p.step()
+    raise AssertionError("prefill did not finish")
+
+
+def decode_all(d: DecodeWorker, rids: list[str], max_steps: int = 1000) -> dict[str, list[TokenChunk]]:
+    chunks: dict[str, list[TokenChunk]] = {r: [] for r in rids}
+    done: set[str] = set()
+    for _ in range(max_steps):
+        for r in rids:
+            if r not in done:
+                got = d.take(r)
+                chunks[r] += got
+                if got and got[-1].finished:
+                    done.add(r)
+        if len(done) == len(rids):
+            return chunks
+        d.step()
+    raise AssertionError(f"decode did not finish: {set(rids) - done}")
+
+
+def handoff(p: PrefillWorker, d: DecodeWorker, reqs: list[WorkRequest]) -> dict[str, list[int]]:
+    """Reserve, prefill and stream all requests together; returns each one's output tokens."""
+    grants = [d.reserve(r) for r in reqs]
+    futs = [p.submit(r, g) for r, g in zip(reqs, grants, strict=True)]
+    prefill_all(p, futs)
+    for r, f in zip(reqs, futs, strict=True):
+        d.start(r.request_id, f.result())
+    chunks = decode_all(d, [r.request_id for r in reqs])
+    return {rid: [t for c in cs for t in c.token_ids] for rid, cs in chunks.items()}

@@ -1,0 +1,49 @@
+"""One local Ray cluster per test session, shared by every test module that needs one.
+
+``ray_cluster`` (a fixture) starts it on first use — ``address="local"`` in a fresh temp dir, no
+dashboard (MEASURED.md: a stale ``ray_current_cluster`` can hang ``ray.init``; never ``ray stop``)
+— and it is shut down once, when the test process exits. Modules import the fixture; the start is
+idempotent, so several modules (or conftests) importing it share the one cluster.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+_temp_dir: str | None = None
+
+
+def ensure_ray() -> None:
+    """Start the session's Ray cluster if it is not running yet."""
+    global _temp_dir
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    _temp_dir = tempfile.mkdtemp(prefix="ray-")
+    ray.init(address="local", include_dashboard=False, _temp_dir=_temp_dir, num_cpus=4, log_to_driver=False)
+    atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if _temp_dir is not None:
+        shutil.rmtree(_temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    ensure_ray()
+    yield
