@@ -92,7 +92,7 @@ class _Live:
     prefill: PrefillHandle | None = None  # set while a prefill call is in flight
     decode: DecodeHandle | None = None  # set while a decode worker holds the request
     cancelled: bool = False
-    done: bool = False
+    done: bool = False  # the decode worker sent the last chunk (and so released the request itself)
     prefill_attempts: int = 0
     decode_attempts: int = 0
 
@@ -201,6 +201,8 @@ class Pools:
                     await d.submit_local(live.work())
                 else:
                     await self._handoff(live, d)
+                if live.cancelled:
+                    raise _CallerCancelled
                 while True:
                     for c in await d.take(rid, self.take_timeout_s):
                         if c.error.startswith(UNKNOWN_REQUEST):
@@ -237,6 +239,8 @@ class Pools:
         last_error = ""
         while live.prefill_attempts < self.max_attempts:
             grant = await d.reserve(work)
+            if live.cancelled:  # the cancel may have reached d before the reservation did
+                raise _CallerCancelled
             p = self._pick(self.prefill, self._rr_prefill, dead_prefill, live.req.prefill_worker)
             if p is None:
                 break
@@ -276,7 +280,6 @@ class Pools:
                 await d.cancel(rid)
 
     def _error(self, live: _Live, error: str) -> TokenChunk:
-        live.done = True
         return TokenChunk(live.req.request_id, [], finished=True, finish_reason="abort", error=error)
 
     @staticmethod

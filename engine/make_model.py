@@ -299,7 +299,7 @@ def make_model(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output directory")
+    parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--arch", default="llama", choices=sorted(ARCHS))
     parser.add_argument("--seed", type=int, default=0)

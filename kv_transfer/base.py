@@ -25,6 +25,7 @@ from kv_transfer.protocol import (
     STATUS_FAILED,
     STATUS_OK,
     DeadlineExceededError,
+    DigestMismatchError,
     Header,
     KVTransferError,
     Reservation,
@@ -311,7 +312,8 @@ class BaseSender:
                 if ack is not None:
                     if ack.status == STATUS_OK:
                         return out.messages
-                    raise KVTransferError(f"{rid}: receiver failed the handoff: {ack.text}")
+                    kind = DigestMismatchError if ack.text.startswith("digest mismatch") else KVTransferError
+                    raise kind(f"{rid}: receiver failed the handoff: {ack.text}")
                 if out.error:
                     raise KVTransferError(f"{rid}: {out.error}")
                 if time.monotonic() > deadline:

@@ -45,7 +45,9 @@ def receiver_main(conn: Connection, backend: str, transport: str, layout: KVLayo
         spins += 1
         idle(spins)
         if raw_left:
-            raw_left -= _raw_receive(rx, backend, flat, raw_left, raw_size)
+            got = _raw_receive(rx, backend, flat, raw_left, raw_size)
+            raw_left -= got
+            spins = 0 if got else spins
         else:
             for r in rx.poll():
                 done[r.request_id] = "" if isinstance(r, Completed) else r.reason
@@ -164,8 +166,10 @@ def _raw(tx: Any, backend: str, dest: KVDestination, size: int, count: int) -> t
             if tx.agent.transfer(h, b"RAW%d" % c) == "ERR":
                 raise RuntimeError("raw NIXL WRITE failed")
             handles.append(h)
-        acks = 0
+        acks = spins = 0
         while acks < count:
+            spins += 1
+            idle(spins)  # as KVSender.finish does, so both wait alike
             for h in handles:  # NIXL sends a WRITE's notification when it sees the WRITE complete
                 tx.agent.check_xfer_state(h)
             for msgs in tx.agent.get_new_notifs().values():
@@ -185,7 +189,10 @@ def _raw(tx: Any, backend: str, dest: KVDestination, size: int, count: int) -> t
             ep.tag_send(_array(p.flat[c * size : (c + 1) * size]), tx.w.ucx.UCXXTag(TAG_RAW))
             for c in range(count)
         ]
+        spins = 0
         while len(lat) < count:
+            spins += 1
+            idle(spins)
             tx.w.progress()
             if (probe := tx.w.probe(TAG_RAW_ACK)) is not None:
                 tx.w.recv_small(probe)

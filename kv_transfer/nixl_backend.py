@@ -25,7 +25,7 @@ import torch
 
 from kv_transfer import protocol
 from kv_transfer.base import BaseReceiver, BaseSender, Outgoing
-from kv_transfer.protocol import KIND_ACK, KIND_DATA, KIND_HELLO, Header
+from kv_transfer.protocol import KIND_ACK, KIND_DATA, KIND_HELLO, Header, KVTransferError
 from kv_transfer.transport import KVDestination
 
 
@@ -68,7 +68,10 @@ class NixlReceiver(BaseReceiver):
     def _progress(self) -> None:
         for sender, msgs in self.agent.get_new_notifs().items():
             for msg in msgs:
-                h, n = Header.decode(msg)
+                try:
+                    h, n = Header.decode(msg)
+                except KVTransferError:
+                    continue  # not ours (another protocol sharing the agent): drop it
                 if h.kind == KIND_HELLO:
                     if sender not in self._senders:
                         self.agent.add_remote_agent(bytes(msg[n:]))
@@ -182,7 +185,10 @@ class NixlSender(BaseSender):
                     self._lost(out, f"notification to {out.dest.receiver} failed: {e}")
         for msgs in self.agent.get_new_notifs().values():
             for msg in msgs:
-                h, _ = Header.decode(msg)
+                try:
+                    h, _ = Header.decode(msg)
+                except KVTransferError:
+                    continue
                 if h.kind == KIND_ACK:
                     self._on_ack(h)
 

@@ -35,13 +35,15 @@ class TorchDevicePool:
         assert kv[:, 0].shape == block_shape(layout), f"kv {tuple(kv.shape)} does not match {layout}"
         self.kv = kv
         self.layout = layout
+        # Views made once: indexing a tensor costs microseconds, a list lookup nothing.
+        self._blocks = list(kv.unbind(1))  # N x (L, 2, H_kv, B, D)
 
     def read_block(self, block_id: int, out: torch.Tensor) -> None:
-        out.copy_(self.kv[:, block_id])  # (L, 2, H_kv, B, D); synchronous: the host copy is used next
+        out.copy_(self._blocks[block_id])  # synchronous: the host copy is used next
 
     def write_block(self, block_id: int, src: torch.Tensor) -> None:
         # Synchronous even from pinned memory: the source slot may be reused as soon as we return.
-        self.kv[:, block_id].copy_(src)
+        self._blocks[block_id].copy_(src)
 
 
 def block_shape(layout: KVLayout) -> tuple[int, int, int, int, int]:

@@ -66,6 +66,7 @@ class HostPool:
             # torch's pinned allocator rounds sizes up to a power of two, hence the attempt above.
             self._mmap = None
             self.tensor = torch.empty(shape, dtype=layout.torch_dtype, pin_memory=True)
+        self._slots = list(self.tensor.unbind(0))  # views made once
 
     def close(self) -> None:
         """Unregister pinned memory (idempotent); the tensor must not be used afterwards."""
@@ -75,7 +76,7 @@ class HostPool:
 
     def slot(self, slot: int) -> torch.Tensor:
         """View of one slot, (L, 2, H_kv, B, D)."""
-        return self.tensor[slot]
+        return self._slots[slot]
 
     def slot_bytes(self, slot: int) -> memoryview:
         """The slot's raw bytes (a view, no copy)."""

@@ -155,8 +155,10 @@ class TierStore:
 
     def _make_free(self, n: int) -> bool:
         """Make ``n`` G2 slots free, evicting LRU unpinned blocks; waits only for spills in flight."""
-        evictable = len(self.slots.victims(self.slots.capacity))
-        if self.slots.num_free + len(self.slots.spilling) + evictable < n:
+        if self.slots.num_free >= n:
+            return True
+        have = self.slots.num_free + len(self.slots.spilling)
+        if have + len(self.slots.victims(n - have)) < n:
             return False  # refuse up front rather than evict blocks for a request that cannot fit
         while self.slots.num_free < n:
             short = n - self.slots.num_free - len(self.slots.spilling)

@@ -26,6 +26,7 @@ import os
 import queue
 import signal
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ from engine.model import Model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import FinishReason, Sequence
 from kv_transfer.protocol import KVTransferError
+
+_TOMBSTONES = 4096  # cancelled request ids remembered, to refuse a prefill that arrives after its cancel
 
 
 class Cancelled(PoolError):
@@ -99,6 +102,7 @@ class PrefillWorker:
         self._hook = _LayerHook(self.engine.model)
         self.engine.runner.model = self._hook  # type: ignore[assignment]
         self._jobs: dict[str, _Job] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancels, oldest first
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -259,6 +263,11 @@ class PrefillWorker:
 
     def _add(self, req: WorkRequest, grant: KVGrant, fut: Future[FirstToken]) -> None:
         rid = req.request_id
+        if rid in self._cancelled:
+            # The cancel overtook the request (two concurrent calls): the decode side has already
+            # freed the destination blocks, so nothing may be written to them.
+            fut.set_exception(Cancelled(f"{rid}: cancelled before it started"))
+            return
         if rid in self._jobs:
             fut.set_exception(PoolError(f"request {rid!r} is already being prefilled here"))
             return
@@ -271,6 +280,9 @@ class PrefillWorker:
         self._jobs[rid] = _Job(req, grant, seq, fut)
 
     def _cancel(self, request_id: str) -> None:
+        self._cancelled[request_id] = None
+        while len(self._cancelled) > _TOMBSTONES:
+            self._cancelled.popitem(last=False)
         job = self._jobs.get(request_id)
         if job is None:
             return

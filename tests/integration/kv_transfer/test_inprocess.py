@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.kv_layout import KVLayout
-from kv_transfer.protocol import DeadlineExceededError, KVTransferError, NoRoomError
+from kv_transfer.protocol import DeadlineExceededError, DigestMismatchError, KVTransferError, NoRoomError
 from kv_transfer.transport import Completed, Failed, make_transport
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_inprocess_flipped_byte_fails_handoff() -> None:
         tx.send_layer(dest, 1, [3, 4])
         tx.corrupt_after_digest = False
         tx.send_layer(dest, 2, [3, 4])
-        with pytest.raises(KVTransferError, match="digest mismatch on layer 1 blocks 0..1"):
+        with pytest.raises(DigestMismatchError, match="digest mismatch on layer 1 blocks 0..1"):
             tx.finish(dest, timeout_s=5.0)
         (failed,) = rx.poll()
         assert isinstance(failed, Failed) and failed.request_id == "a"

@@ -67,7 +67,9 @@ def test_flipped_byte_is_detected(pair: tuple[Peer, Peer]) -> None:
     sent, got = _transfer(rx, tx, ["bad"], [[1, 2, 3]], [[7, 8, 9]], corrupt=True)
     assert got["bad"][0] == "failed"
     assert "digest mismatch on layer 0" in got["bad"][1]
-    assert sent[0][0] == "err" and "digest mismatch" in sent[0][1]
+    assert sent[0][0] == "err" and sent[0][1].startswith(
+        "DigestMismatchError: bad: receiver failed the handoff"
+    )
     assert rx.call("num_reserved") == 0
     assert tx.call("num_in_flight") == 0
     # the pair keeps serving: a clean transfer of other blocks goes through (source restored by
@@ -147,3 +149,15 @@ def test_killed_receiver_fails_request_within_deadline(pair: tuple[Peer, Peer], 
     sent, got = _transfer(rx, tx, ["alive"], [[0, 1]], [[1, 2]])
     assert sent == [("ok", 2)]
     assert got == {"alive": ("completed", "")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["nixl", "ucxx"])
+def test_tcp_transport_bytes_arrive_identical(backend: str, spawn_peer: Any) -> None:
+    rx, tx = spawn_peer(backend, "tcp"), spawn_peer(backend, "tcp")
+    _setup(rx, tx, WIDE, "bfloat16")
+    sent, got = _transfer(rx, tx, ["t1", "t2"], [[0, 1, 2], [9, 3]], [[5, 6, 7], [1, 40]])
+    assert sent == [("ok", 3), ("ok", 3)]
+    assert got == {"t1": ("completed", ""), "t2": ("completed", "")}
+    assert rx.call("read_blocks", block_ids=[0, 1, 2]) == tx.call("read_src", block_ids=[5, 6, 7])
+    assert rx.call("read_blocks", block_ids=[9, 3]) == tx.call("read_src", block_ids=[1, 40])

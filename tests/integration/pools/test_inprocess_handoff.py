@@ -34,7 +34,10 @@ def prompts() -> list[list[int]]:
     rng = random.Random(5)
     shared = [rng.randrange(3, 384) for _ in range(20)]
     out = [[rng.randrange(3, 384) for _ in range(n)] for n in (3, 16, 41, 9, 30)]
-    out += [shared + [rng.randrange(3, 384) for _ in range(6)], shared + [rng.randrange(3, 384) for _ in range(13)]]
+    out += [
+        shared + [rng.randrange(3, 384) for _ in range(6)],
+        shared + [rng.randrange(3, 384) for _ in range(13)],
+    ]
     return out
 
 
@@ -48,7 +51,12 @@ def expected(ckpt: Path, prompts: list[list[int]]) -> list[list[int]]:
 
 def _cfg(ckpt: Path, wid: str, **kw: object) -> WorkerConfig:
     base: dict[str, object] = dict(
-        model=ckpt, worker_id=wid, block_size=4, num_blocks=64, max_num_batched_tokens=8, kv_backend="inprocess"
+        model=ckpt,
+        worker_id=wid,
+        block_size=4,
+        num_blocks=64,
+        max_num_batched_tokens=8,
+        kv_backend="inprocess",
     )
     base.update(kw)
     return WorkerConfig(**base)  # type: ignore[arg-type]
@@ -79,12 +87,20 @@ def test_handoff_matches_single_engine(pair, prompts, expected) -> None:
     got = handoff(p, d, reqs)
     assert [got[r.request_id] for r in reqs] == expected
     _assert_idle(p, d)
-    # the same prompts again: both sides now serve the prompt prefixes from their caches
+    # the same prompts again: both sides now hold the prompts' full blocks in their prefix caches,
+    # so the decode worker asks only for the tail and the prefill worker recomputes only the tail
     reqs2 = [work(f"again{i}", pr, MAX_NEW) for i, pr in enumerate(prompts)]
     grants = [d.reserve(r) for r in reqs2]
     assert [g.num_cached_blocks for g in grants] == [(len(pr) - 1) // 4 for pr in prompts]
-    for r in reqs2:
-        d.cancel(r.request_id)
+    assert [len(g.dest.block_ids) for g in grants] == [1] * len(prompts)  # only the last block
+    futs = [p.submit(r, g) for r, g in zip(reqs2, grants, strict=True)]
+    prefill_all(p, futs)
+    firsts = [f.result() for f in futs]
+    assert [f.num_cached_tokens for f in firsts] == [4 * ((len(pr) - 1) // 4) for pr in prompts]
+    for r, f in zip(reqs2, firsts, strict=True):
+        d.start(r.request_id, f)
+    chunks = decode_all(d, [r.request_id for r in reqs2])
+    assert [[t for c in chunks[r.request_id] for t in c.token_ids] for r in reqs2] == expected
     _assert_idle(p, d)
 
 

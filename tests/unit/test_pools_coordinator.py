@@ -1,0 +1,196 @@
+"""The pools' request flow over fake workers: retries, resume, cancel and disaggregation choice.
+
+Each fake records the calls it gets, so the tests assert the exact protocol sequence."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from decode_pool.coordinator import PoolRequest, Pools
+from decode_pool.handoff import (
+    UNKNOWN_REQUEST,
+    FirstToken,
+    KVGrant,
+    TokenChunk,
+    WorkerDied,
+    WorkerLoad,
+    WorkRequest,
+)
+from engine.sampling_params import SamplingParams
+from kv_transfer.protocol import KVTransferError
+
+pytestmark = pytest.mark.unit
+
+
+# the "model": the token at position p of any request is 100 + p
+def _tok(pos: int) -> int:
+    return 100 + pos
+
+
+class FakePrefill:
+    def __init__(self, worker_id: str, fail: BaseException | None = None) -> None:
+        self.worker_id = worker_id
+        self.fail = fail
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken:
+        self.calls.append(("prefill", req.request_id, len(req.prompt_token_ids), grant.worker_id))
+        if self.fail is not None:
+            raise self.fail
+        return FirstToken(req.request_id, _tok(len(req.prompt_token_ids)), self.worker_id)
+
+    async def cancel(self, request_id: str) -> None:
+        self.calls.append(("cancel", request_id))
+
+    async def load(self) -> WorkerLoad:
+        return WorkerLoad(self.worker_id, "prefill")
+
+
+class FakeDecode:
+    """Streams one token per take; dies (WorkerDied) when ``die_at`` tokens have been produced."""
+
+    def __init__(self, worker_id: str, die_at: int | None = None) -> None:
+        self.worker_id = worker_id
+        self.die_at = die_at
+        self.calls: list[tuple[Any, ...]] = []
+        self.live: dict[str, list[int]] = {}  # rid -> [next position, tokens left]
+        self.gate: asyncio.Event | None = None  # when set, reserve waits for it
+
+    async def reserve(self, req: WorkRequest) -> KVGrant:
+        self.calls.append(("reserve", req.request_id, len(req.prompt_token_ids), req.params.max_tokens))
+        if self.gate is not None:
+            await self.gate.wait()
+        return KVGrant(req.request_id, self.worker_id, dest=None)  # type: ignore[arg-type]
+
+    async def start(self, request_id: str, first: FirstToken) -> None:
+        self.calls.append(("start", request_id, first.token_id))
+        prompt_len = first.token_id - 100
+        max_tokens = next(c[3] for c in reversed(self.calls) if c[0] == "reserve")
+        self.live[request_id] = [prompt_len, max_tokens]
+
+    async def submit_local(self, req: WorkRequest) -> None:
+        self.calls.append(("local", req.request_id, len(req.prompt_token_ids), req.params.max_tokens))
+        self.live[req.request_id] = [len(req.prompt_token_ids), req.params.max_tokens]
+
+    async def take(self, request_id: str, timeout_s: float) -> list[TokenChunk]:
+        st = self.live.get(request_id)
+        if st is None:
+            return [TokenChunk(request_id, [], finished=True, finish_reason="abort", error=UNKNOWN_REQUEST)]
+        if self.die_at is not None and st[0] >= self.die_at:
+            raise WorkerDied(self.worker_id)
+        pos, left = st
+        st[0], st[1] = pos + 1, left - 1
+        done = st[1] == 0
+        if done:
+            del self.live[request_id]
+        return [TokenChunk(request_id, [_tok(pos)], finished=done, finish_reason="length" if done else None)]
+
+    async def cancel(self, request_id: str) -> bool:
+        self.calls.append(("cancel", request_id))
+        return self.live.pop(request_id, None) is not None
+
+    async def load(self) -> WorkerLoad:
+        return WorkerLoad(self.worker_id, "decode")
+
+
+def _run(pools: Pools, req: PoolRequest, stop_after: int | None = None) -> list[TokenChunk]:
+    async def go() -> list[TokenChunk]:
+        out: list[TokenChunk] = []
+        gen = pools.submit(req)
+        async for c in gen:
+            out.append(c)
+            if stop_after is not None and len(out) == stop_after:
+                await gen.aclose()
+                break
+        return out
+
+    return asyncio.run(go())
+
+
+def _req(rid: str = "r", n: int = 5, max_tokens: int = 4, **kw: Any) -> PoolRequest:
+    return PoolRequest(rid, list(range(n)), SamplingParams(max_tokens=max_tokens, seed=9), **kw)
+
+
+def _tokens(chunks: list[TokenChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def test_handoff_happy_path() -> None:
+    p, d = FakePrefill("p0"), FakeDecode("d0")
+    chunks = _run(Pools([p], [d]), _req())
+    assert _tokens(chunks) == [105, 106, 107, 108]
+    assert p.calls == [("prefill", "r", 5, "d0")]
+    assert d.calls == [("reserve", "r", 5, 4), ("start", "r", 105)]
+    assert chunks[-1].finished and chunks[-1].error == ""
+
+
+def test_dead_prefill_is_retried_on_another() -> None:
+    p0, p1, d = FakePrefill("p0", WorkerDied("p0")), FakePrefill("p1"), FakeDecode("d0")
+    chunks = _run(Pools([p0, p1], [d]), _req(prefill_worker="p0"))
+    assert _tokens(chunks)[0] == 105 and chunks[-1].error == ""
+    assert p0.calls == [("prefill", "r", 5, "d0")]
+    assert p1.calls == [("prefill", "r", 5, "d0")]
+    assert d.calls == [("reserve", "r", 5, 4), ("cancel", "r"), ("reserve", "r", 5, 4), ("start", "r", 105)]
+
+
+def test_failed_transfers_end_with_a_clear_error() -> None:
+    bad = [FakePrefill(f"p{i}", KVTransferError("digest mismatch")) for i in range(2)]
+    d = FakeDecode("d0")
+    chunks = _run(Pools(bad, [d], max_attempts=3), _req())
+    assert len(chunks) == 1 and chunks[0].finish_reason == "abort"
+    assert "prefill failed 2 times" in chunks[0].error and "digest mismatch" in chunks[0].error
+    assert d.calls.count(("cancel", "r")) >= 2 and d.live == {}
+
+
+def test_dead_decode_resumes_from_streamed_tokens() -> None:
+    d0, d1, p = FakeDecode("d0", die_at=7), FakeDecode("d1"), FakePrefill("p0")
+    chunks = _run(Pools([p], [d0, d1]), _req(max_tokens=5, decode_worker="d0"))
+    # positions 5, 6 from d0; then d1 resumes with prompt + 2 streamed tokens and 3 tokens to go
+    assert _tokens(chunks) == [105, 106, 107, 108, 109]
+    assert p.calls == [("prefill", "r", 5, "d0"), ("prefill", "r", 7, "d1")]
+    assert d1.calls == [("reserve", "r", 7, 3), ("start", "r", 107)]
+    assert chunks[-1].finished and chunks[-1].error == ""
+
+
+def test_close_iterator_cancels_on_the_decode_worker() -> None:
+    p, d = FakePrefill("p0"), FakeDecode("d0")
+    chunks = _run(Pools([p], [d]), _req(max_tokens=10), stop_after=2)
+    assert _tokens(chunks) == [105, 106]
+    assert d.calls[-1] == ("cancel", "r") and d.live == {}
+
+
+def test_cancel_while_reserving_releases_and_ends() -> None:
+    p, d = FakePrefill("p0"), FakeDecode("d0")
+    pools = Pools([p], [d])
+
+    async def go() -> list[TokenChunk]:
+        d.gate = asyncio.Event()
+        gen = pools.submit(_req())
+        first = asyncio.ensure_future(gen.__anext__())
+        while not d.calls:
+            await asyncio.sleep(0)  # until the request is inside reserve
+        assert await pools.cancel("r")
+        d.gate.set()  # the reservation lands after the cancel
+        return [await first]
+
+    chunks = asyncio.run(go())
+    assert chunks[0].error == "cancelled" and chunks[0].finish_reason == "abort"
+    assert p.calls == [] and d.live == {}
+    assert d.calls == [("reserve", "r", 5, 4), ("cancel", "r"), ("cancel", "r")]
+
+
+@pytest.mark.parametrize(
+    ("mode", "n", "expect_local"),
+    [("never", 5, True), ("always", 5, False), ("auto", 5, True), ("auto", 70, False)],
+)
+def test_disaggregation_choice(mode: str, n: int, expect_local: bool) -> None:
+    p, d = FakePrefill("p0"), FakeDecode("d0")
+    chunks = _run(
+        Pools([p], [d], disaggregation="always", auto_min_prompt_tokens=64), _req(n=n, disaggregation=mode)
+    )
+    assert _tokens(chunks)[0] == 100 + n
+    assert (d.calls[0][0] == "local") is expect_local
+    assert (p.calls == []) is expect_local
