@@ -82,6 +82,7 @@ class PoolRequest:
     disaggregation: str | None = None  # None: the pools' default; "always" | "never" | "auto"
     prefill_worker: str | None = None  # placement chosen by the router (None: round robin)
     decode_worker: str | None = None
+    deadline_s: float | None = None  # from submit; past it the request is cancelled ("deadline exceeded")
 
 
 @dataclass(slots=True)
@@ -92,6 +93,7 @@ class _Live:
     prefill: PrefillHandle | None = None  # set while a prefill call is in flight
     decode: DecodeHandle | None = None  # set while a decode worker holds the request
     cancelled: bool = False
+    cancel_reason: str = "cancelled"
     done: bool = False  # the decode worker sent the last chunk (and so released the request itself)
     prefill_attempts: int = 0
     decode_attempts: int = 0
@@ -149,25 +151,34 @@ class Pools:
         seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
         live = _Live(req, dataclasses.replace(req.params, seed=seed))
         self._live[rid] = live
+        timer = None
+        if req.deadline_s is not None:
+            timer = asyncio.get_running_loop().call_later(
+                req.deadline_s, lambda: asyncio.ensure_future(self.cancel(rid, "deadline exceeded"))
+            )
         try:
             async for chunk in self._serve(live):
                 yield chunk
         finally:
+            if timer is not None:
+                timer.cancel()
             self._live.pop(rid, None)
             if not live.done:
                 await asyncio.shield(self._release(live))
 
-    async def cancel(self, request_id: str) -> bool:
+    async def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a request in flight (its stream ends with ``error=reason``); False if unknown."""
         live = self._live.get(request_id)
-        if live is None:
+        if live is None or live.cancelled:
             return False
-        live.cancelled = True
+        live.cancelled, live.cancel_reason = True, reason
         await self._release(live)
         return True
 
     async def load(self) -> list[WorkerLoad]:
         out: list[WorkerLoad] = []
-        for h in [*self.prefill, *self.decode]:
+        handles: list[PrefillHandle | DecodeHandle] = [*self.prefill, *self.decode]
+        for h in handles:
             with contextlib.suppress(Exception):  # a dead worker reports nothing
                 out.append(await h.load())
         return out
@@ -215,17 +226,17 @@ class Pools:
                         if c.finished:
                             return
             except _CallerCancelled:
-                yield self._error(live, "cancelled")
+                yield self._error(live, live.cancel_reason)
                 return
             except WorkerDied:
                 live.decode = None
                 if live.cancelled:
-                    yield self._error(live, "cancelled")
+                    yield self._error(live, live.cancel_reason)
                     return
                 dead_decode.add(d.worker_id)  # resume on another one
             except (PoolError, KVTransferError) as e:
                 if live.cancelled:
-                    yield self._error(live, "cancelled")
+                    yield self._error(live, live.cancel_reason)
                     return
                 yield self._error(live, str(e))
                 return

@@ -41,6 +41,7 @@ class WorkerConfig:
     model: str | Path
     worker_id: str = "worker-0"
     dtype: str = "float32"
+    device: str = "cpu"  # "cuda" when the pool asks for GPUs
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_bytes: int = 64 << 20
@@ -114,6 +115,8 @@ class TokenChunk:
     worker_id: str = ""
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # time.monotonic() when the worker produced it (one clock for every process on a host)
+    produced_at: float = 0.0
 
 
 @dataclass(slots=True)

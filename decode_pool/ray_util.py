@@ -16,8 +16,9 @@ from ray.exceptions import RayActorError
 
 from decode_pool.handoff import WorkerDied
 
-# Concurrent calls per actor: every in-flight request may hold one (a blocking prefill or a take).
-MAX_CONCURRENCY = 64
+# Concurrent calls per actor: every in-flight request may hold one (a blocking prefill or a take
+# long-poll), so this bounds the requests a worker serves without queueing calls.
+MAX_CONCURRENCY = 256
 
 
 @dataclass(slots=True)
@@ -43,10 +44,9 @@ def actor_class(cls: type, spec: PoolSpec) -> Any:
     )
     if spec.resources:
         opts["resources"] = dict(spec.resources)
-    actor = ray.remote(cls).options(**opts)
     if spec.node_labels:
-        actor = actor.options(label_selector=dict(spec.node_labels))
-    return actor
+        opts["label_selector"] = dict(spec.node_labels)
+    return ray.remote(cls).options(**opts)
 
 
 async def call(ref: Any, worker_id: str) -> Any:

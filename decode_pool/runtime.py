@@ -16,6 +16,7 @@ def make_engine(cfg: WorkerConfig) -> LLMEngine:
         EngineConfig(
             model=cfg.model,
             dtype=cfg.dtype,
+            device=cfg.device,
             block_size=cfg.block_size,
             num_blocks=cfg.num_blocks,
             kv_cache_bytes=cfg.kv_cache_bytes,

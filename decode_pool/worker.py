@@ -265,6 +265,7 @@ class DecodeWorker:
                 worker_id=self.worker_id,
                 num_prompt_tokens=o.num_prompt_tokens,
                 num_cached_tokens=o.num_cached_tokens,
+                produced_at=time.monotonic(),
             )
         )
 

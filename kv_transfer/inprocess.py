@@ -7,7 +7,6 @@ receiver's pool and hands the header to the receiver, which checks the digest on
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -91,7 +90,7 @@ class InProcessSender(BaseSender):
             )
         if self.corrupt_after_digest:
             rx.pool.flat[rx.pool.regions(layers, dst)[0][0]] ^= 0xFF
-        rx.inbox.append((self.name, dataclasses.replace(header, digest=dig)))
+        rx.inbox.append((self.name, header.with_digest(dig)))
 
     def _progress(self) -> None:
         rx_names = {o.dest.receiver for o in self._out.values()}

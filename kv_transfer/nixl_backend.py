@@ -10,12 +10,18 @@ the destination regions when the header arrives and commits when every piece has
 No progress thread (it halved throughput on 2 cores, MEASURED.md): both sides poll, the receiver
 in ``poll`` and the sender in ``send_layer`` / ``finish``. The first message from a sender to a
 receiver is a HELLO notification carrying the sender's agent metadata, so the receiver can ack.
+The receiver must be polled continuously (a decode worker's loop): without it, connection setup
+and notifications stall and the sender's WRITEs never complete.
+
+Caveat of one-sided writes: when the receiver fails a request (deadline, digest) it frees the
+blocks at once, but a stalled (not dead) sender may still WRITE into them later. Headers of such
+late messages are dropped, yet the bytes land. A caller that reuses freed blocks at once should
+give failed reservations a grace period, or give senders a shorter deadline than the lease.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,18 +129,14 @@ class NixlSender(BaseSender):
     ) -> None:
         d, p = out.dest, self.pool
         lbb = p.layer_block_bytes
-        pieces = protocol.paired_runs(src, dst)
-        local = np.empty((len(layers) * len(pieces), 3), dtype=np.uint64)
-        remote = np.empty_like(local)
-        i = 0
-        for layer in layers:
-            for s, t, n in pieces:
-                so, ln = protocol.region(layer, s, n, p.num_blocks, lbb)
-                to, _ = protocol.region(layer, t, n, d.pool_blocks, lbb)
-                local[i] = (p.base_addr + so, ln, p.device_id)
-                remote[i] = (d.base_addr + to, ln, d.device_id)
-                i += 1
-        src_regions = [(int(a) - p.base_addr, int(n)) for a, n, _ in local]
+        pieces = np.array(protocol.paired_runs(src, dst), dtype=np.uint64)  # (k, 3): src, dst, count
+        lay = np.array(layers, dtype=np.uint64)[:, None]  # (l, 1)
+        src_off = ((lay * p.num_blocks + pieces[:, 0]) * lbb).reshape(-1)  # (l * k,) layer-major
+        dst_off = ((lay * d.pool_blocks + pieces[:, 1]) * lbb).reshape(-1)
+        length = np.broadcast_to(pieces[:, 2] * lbb, (len(lay), len(pieces))).reshape(-1)
+        local = np.stack([src_off + p.base_addr, length, np.full_like(length, p.device_id)], axis=1)
+        remote = np.stack([dst_off + d.base_addr, length, np.full_like(length, d.device_id)], axis=1)
+        src_regions = list(zip(src_off.tolist(), length.tolist(), strict=True))
         if self.corrupt_after_digest:
             dig = p.digest(src_regions)
             o = src_regions[0][0]
@@ -162,7 +164,7 @@ class NixlSender(BaseSender):
             return
         if not self.corrupt_after_digest:
             dig = p.digest(src_regions)  # overlaps the WRITE in flight
-        out.pending.append(_Write(handle, dataclasses.replace(header, digest=dig).encode(), receiver))
+        out.pending.append(_Write(handle, header.with_digest(dig).encode(), receiver))
 
     def _progress(self) -> None:
         for out in self._out.values():

@@ -78,6 +78,23 @@ class Header:
     status: int = STATUS_OK
     text: str = ""  # HELLO: sender name; ACK: failure reason
 
+    def with_digest(self, digest: int, text: str | None = None) -> Header:
+        """A copy carrying ``digest`` (and ``text``); cheaper than dataclasses.replace on the hot path."""
+        return Header(
+            self.kind,
+            self.request_id,
+            self.layer,
+            self.num_layers,
+            self.block_start,
+            self.num_blocks,
+            self.dtype,
+            self.block_shape,
+            digest,
+            self.payload_bytes,
+            self.status,
+            self.text if text is None else text,
+        )
+
     def encode(self) -> bytes:
         rid = self.request_id.encode()
         text = self.text.encode()

@@ -17,7 +17,6 @@ detect it. Everything is driven by ``worker.progress()`` from ``poll`` / ``send_
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -203,7 +202,7 @@ class UcxxSender(BaseSender):
     ) -> None:
         p = self.pool
         regions = p.regions(layers, src)
-        hlen = len(dataclasses.replace(header, text=self.name).encode())
+        hlen = len(header.with_digest(0, self.name).encode())
         start = -(-hlen // _ALIGN) * _ALIGN
         buf = self._buffer(start + header.payload_bytes)
         payload = buf[start:]
@@ -211,7 +210,7 @@ class UcxxSender(BaseSender):
         dig = tensor_digest(payload)
         if self.corrupt_after_digest:
             payload[0] ^= 0xFF
-        hdr = dataclasses.replace(header, text=self.name, digest=dig).encode()
+        hdr = header.with_digest(dig, self.name).encode()
         buf[: len(hdr)].copy_(torch.frombuffer(bytearray(hdr), dtype=torch.uint8))
         req = self.w.endpoints[out.dest.receiver].tag_send(_array(buf), self.w.ucx.UCXXTag(TAG_DATA))
         out.pending.append(_Send(req, buf))

@@ -29,7 +29,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -39,6 +39,7 @@ from engine.attention import AttentionMetadata
 from engine.model import Model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import FinishReason, Sequence
+from kv_transfer.base import BaseSender
 from kv_transfer.protocol import KVTransferError
 
 _TOMBSTONES = 4096  # cancelled request ids remembered, to refuse a prefill that arrives after its cancel
@@ -98,7 +99,8 @@ class PrefillWorker:
         self.engine = make_engine(config)
         self.block_size = config.block_size
         self.num_layers = self.engine.kv_layout.num_layers
-        self.sender = make_kv_transport(config).sender(self.engine.kv_cache)
+        # every backend's sender is a BaseSender, which also has flush() (not in the KVSender protocol)
+        self.sender = cast(BaseSender, make_kv_transport(config).sender(self.engine.kv_cache))
         self._hook = _LayerHook(self.engine.model)
         self.engine.runner.model = self._hook  # type: ignore[assignment]
         self._jobs: dict[str, _Job] = {}

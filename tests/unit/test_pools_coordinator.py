@@ -194,3 +194,25 @@ def test_disaggregation_choice(mode: str, n: int, expect_local: bool) -> None:
     assert _tokens(chunks)[0] == 100 + n
     assert (d.calls[0][0] == "local") is expect_local
     assert (p.calls == []) is expect_local
+
+
+def test_deadline_cancels_like_a_caller() -> None:
+    p, d = FakePrefill("p0"), FakeDecode("d0")
+    d.gate = asyncio.Event()  # reserve never returns on its own
+    pools = Pools([p], [d])
+
+    async def go() -> list[TokenChunk]:
+        async def release_after_cancel() -> None:
+            while ("cancel", "r") not in d.calls:
+                await asyncio.sleep(0.001)
+            assert d.gate is not None
+            d.gate.set()
+
+        opener = asyncio.ensure_future(release_after_cancel())
+        chunks = [c async for c in pools.submit(_req(deadline_s=0.01))]
+        await opener
+        return chunks
+
+    chunks = asyncio.run(go())
+    assert [(c.finish_reason, c.error) for c in chunks] == [("abort", "deadline exceeded")]
+    assert p.calls == [] and d.live == {}

@@ -1,0 +1,183 @@
+"""Failure and cancel paths with real Ray actors over NIXL: a prefill actor killed mid-transfer, a
+decode actor killed mid-generation, and caller cancels at every stage. Every request ends (completed
+by a retry with the exact tokens, or with a clear error) and every worker's in-use block count
+returns to zero."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from decode_pool.coordinator import PoolRequest, Pools
+from decode_pool.handoff import TokenChunk, WorkerConfig
+from decode_pool.ray_util import PoolSpec
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.helpers_checkpoints import make_checkpoint
+from tests.ray_fixture import ray_cluster  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("pools-ray"), "llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(8)
+    return [[rng.randrange(3, 384) for _ in range(n)] for n in (41, 23, 7, 60)]
+
+
+@pytest.fixture(scope="module")
+def expected(ckpt: Path, prompts: list[list[int]]) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(model=ckpt, block_size=4))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, seed=1))
+    engine.close()
+    return [o.new_token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def cluster(ckpt: Path, ray_cluster) -> Iterator[tuple[list, list]]:  # noqa: F811
+    from decode_pool.pool import build_decode_pool, shutdown
+    from prefill_pool.pool import build_prefill_pool
+
+    # an 8-token budget: a 41-token prompt takes 6 prefill steps, so "mid-transfer" is a real stage
+    cfg = WorkerConfig(
+        model=ckpt,
+        block_size=4,
+        num_blocks=128,
+        max_num_batched_tokens=8,
+        kv_backend="nixl",
+        ack_timeout_s=20,
+    )
+    prefill = build_prefill_pool(cfg, PoolSpec(replicas=2, num_cpus=0.25))
+    try:
+        decode = build_decode_pool(cfg, PoolSpec(replicas=2, num_cpus=0.25))
+    except BaseException:
+        shutdown(prefill)
+        raise
+    try:
+        yield prefill, decode
+    finally:
+        shutdown(prefill + decode)
+
+
+def _pid_when_back(handle: object) -> int:
+    """The actor's pid once it answers again (Ray refuses calls while it restarts)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    for _ in range(600):
+        try:
+            return ray.get(handle.actor.pid.remote())  # type: ignore[attr-defined]
+        except ActorUnavailableError:
+            time.sleep(0.2)
+    raise AssertionError("actor did not come back")
+
+
+def _zero_blocks(pools: Pools) -> list[tuple[str, int, int]]:
+    for h in [*pools.prefill, *pools.decode]:
+        _pid_when_back(h)
+    loads = asyncio.run(pools.load())
+    return [(w.worker_id, w.used_blocks, w.reserved_blocks) for w in loads]
+
+
+IDLE = [("prefill-0", 0, 0), ("prefill-1", 0, 0), ("decode-0", 0, 0), ("decode-1", 0, 0)]
+
+
+async def _stream(pools: Pools, req: PoolRequest) -> list[TokenChunk]:
+    return [c async for c in pools.submit(req)]
+
+
+def _req(rid: str, prompt: list[int], **kw: object) -> PoolRequest:
+    return PoolRequest(rid, prompt, SamplingParams(max_tokens=MAX_NEW, seed=1), **kw)  # type: ignore[arg-type]
+
+
+def test_prefill_killed_mid_transfer_is_retried(cluster, prompts, expected) -> None:
+    import ray
+
+    prefill, decode = cluster
+    pools = Pools(prefill, decode)
+    pid_before = ray.get(prefill[0].actor.pid.remote())
+    ray.get(prefill[0].actor.crash_after_layer.remote("kill-p", 0))  # dies after sending layer 0
+    chunks = asyncio.run(_stream(pools, _req("kill-p", prompts[0], prefill_worker="prefill-0")))
+    assert [t for c in chunks for t in c.token_ids] == expected[0]
+    assert chunks[-1].finished and chunks[-1].error == ""
+    assert _pid_when_back(prefill[0]) != pid_before  # it died and Ray restarted it
+    assert _zero_blocks(pools) == IDLE
+
+
+def test_decode_killed_mid_generation_resumes(cluster, prompts, expected) -> None:
+    import ray
+
+    prefill, decode = cluster
+    pools = Pools(prefill, decode)
+    pid_before = ray.get(decode[0].actor.pid.remote())
+    ray.get(decode[0].actor.crash_after_tokens.remote("kill-d", 5))
+    chunks = asyncio.run(_stream(pools, _req("kill-d", prompts[1], decode_worker="decode-0")))
+    assert [t for c in chunks for t in c.token_ids] == expected[1]  # resumed: the same tokens
+    assert chunks[-1].finished and chunks[-1].error == "" and chunks[-1].worker_id == "decode-1"
+    assert _pid_when_back(decode[0]) != pid_before
+    assert _zero_blocks(pools) == IDLE
+
+
+def test_decode_killed_in_colocated_mode_resumes(cluster, prompts, expected) -> None:
+    prefill, decode = cluster
+    pools = Pools(prefill, decode, disaggregation="never")
+    import ray
+
+    ray.get(decode[1].actor.crash_after_tokens.remote("kill-dl", 3))
+    chunks = asyncio.run(_stream(pools, _req("kill-dl", prompts[3], decode_worker="decode-1")))
+    assert [t for c in chunks for t in c.token_ids] == expected[3]
+    assert chunks[-1].worker_id == "decode-0"
+    assert _zero_blocks(pools) == IDLE
+
+
+@pytest.mark.parametrize("after_chunks", [0, 1, 3])
+def test_cancel_at_any_point_returns_every_block(cluster, prompts, after_chunks: int) -> None:
+    """after_chunks = 0 cancels while reserving / prefilling / transferring (a 41-token prompt at
+    8 tokens a step); 1 and 3 cancel while decoding. The other requests still complete."""
+    prefill, decode = cluster
+    pools = Pools(prefill, decode)
+
+    async def go() -> tuple[list[TokenChunk], list[list[TokenChunk]]]:
+        others = [
+            asyncio.ensure_future(_stream(pools, _req(f"o{after_chunks}-{i}", p)))
+            for i, p in enumerate(prompts)
+        ]
+        victim: list[TokenChunk] = []
+        gen = pools.submit(
+            _req(f"v{after_chunks}", prompts[0], prefill_worker="prefill-1", decode_worker="decode-1")
+        )
+        if after_chunks == 0:
+            first = asyncio.ensure_future(gen.__anext__())
+            await asyncio.sleep(0.05)
+            await pools.cancel(f"v{after_chunks}")
+            victim.append(await first)
+            await gen.aclose()
+        else:
+            async for c in gen:
+                victim.append(c)
+                if len(victim) == after_chunks:
+                    await gen.aclose()
+                    break
+        return victim, list(await asyncio.gather(*others))
+
+    victim, others = asyncio.run(go())
+    if after_chunks == 0:
+        # a cancel that lands before the first token ends the stream with "cancelled"; one that
+        # lands later (the machine was slow) still stops it before the end
+        assert victim[-1].error == "cancelled" or not victim[-1].finished
+    else:
+        assert len(victim) == after_chunks and not victim[-1].finished
+    assert all(o[-1].finished and o[-1].error == "" for o in others)
+    assert _zero_blocks(pools) == IDLE
