@@ -199,7 +199,11 @@ class DecodeWorker:
         spins = 0
         while not self._stop:
             with self._cv:
-                busy = self._step()
+                try:
+                    busy = self._step()
+                except Exception as e:  # a bug or a device error: end what is in flight, keep serving
+                    self._fail_all(f"decode worker {self.worker_id} failed: {e!r}")
+                    continue
                 waiting_kv = bool(self._reserved)
                 if not busy and not waiting_kv:
                     self._cv.wait(0.005)  # idle: woken by submit_local / start
@@ -236,6 +240,13 @@ class DecodeWorker:
                 if st is not None:
                     st.chunks.append(self._ended(res.request_id, f"KV handoff failed: {res.reason}"))
         return bool(results)
+
+    def _fail_all(self, error: str) -> None:
+        for rid in list(self._streams):
+            self._release(rid)
+            self.engine.abort(rid)
+            self._streams[rid].chunks.append(self._ended(rid, error))
+        self._cv.notify_all()
 
     def _release(self, request_id: str) -> bool:
         r = self._reserved.pop(request_id, None)

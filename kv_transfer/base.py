@@ -23,6 +23,7 @@ from kv_transfer.pool import PoolView
 from kv_transfer.protocol import (
     KIND_DATA,
     STATUS_FAILED,
+    STATUS_NO_DIGEST,
     STATUS_OK,
     DeadlineExceededError,
     DigestMismatchError,
@@ -66,6 +67,7 @@ class BaseReceiver:
         self.pool = PoolView(kv)
         self.name = unique_name("recv")
         self.book = ReservationBook(self.pool.num_blocks, capacity_blocks, max_requests)
+        self.require_digest = True  # False only to measure the protocol without integrity (bench)
         self._results: list[Completed | Failed] = []
         self._closed = False
 
@@ -146,9 +148,11 @@ class BaseReceiver:
         if self._closed:
             raise KVTransferError(f"receiver {self.name} is closed")
 
-    def _on_data(self, h: Header, sender: str, verify: Callable[[list[tuple[int, int]]], int | None]) -> None:
-        """Handle one DATA header from ``sender``; ``verify(dst_regions)`` returns the payload's
-        actual digest (None if it could not be read), after which the bytes are in place."""
+    def _on_data(
+        self, h: Header, sender: str, verify: Callable[[list[tuple[int, int]], bool], int | None]
+    ) -> None:
+        """Handle one DATA header from ``sender``; ``verify(dst_regions, check)`` returns the
+        payload's actual digest (0 when ``check`` is False), after which the bytes are in place."""
         r = self.book.get(h.request_id)
         if r is None or r.committed:
             return  # late message for a failed, released or finished request: drop it
@@ -162,7 +166,12 @@ class BaseReceiver:
                 )
             dst = r.block_ids[h.block_start : h.block_start + h.num_blocks]
             regions = self.pool.regions(range(h.layer, h.layer + h.num_layers), dst)
-            actual = verify(regions)
+            check = h.status != STATUS_NO_DIGEST
+            if not check and self.require_digest:
+                raise KVTransferError(f"{h.request_id}: payload without a digest refused")
+            actual = verify(regions, check)
+            if not check:
+                actual = h.digest
         except KVTransferError as e:
             self._fail(r, str(e))
             return
@@ -215,6 +224,7 @@ class BaseSender:
     def __init__(self, kv: torch.Tensor) -> None:
         self.pool = PoolView(kv)
         self.name = unique_name("send")
+        self.digests = True  # False only to measure the protocol without integrity (bench)
         self._out: dict[str, Outgoing] = {}
         self._acks: dict[str, Header] = {}
         self._closed = False
@@ -285,6 +295,7 @@ class BaseSender:
             dtype=p.dtype,
             block_shape=p.block_shape,
             payload_bytes=num_layers * len(src_block_ids) * p.layer_block_bytes,
+            status=STATUS_OK if self.digests else STATUS_NO_DIGEST,
         )
         dst = dest.block_ids[block_offset : block_offset + len(src_block_ids)]
         self._post(out, header, range(layer, layer + num_layers), src_block_ids, dst)

@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "scattered"], default=["contiguous"])
     parser.add_argument("--backends", nargs="+", choices=["nixl", "ucxx"], default=["nixl", "ucxx"])
     parser.add_argument("--transports", nargs="+", choices=["shm", "tcp", "auto"], default=["shm", "tcp"])
+    parser.add_argument(
+        "--digests",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="off: no integrity check (to cost it)",
+    )
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     parser.add_argument("--iters", type=int, default=8, help="timed batches per case")
     parser.add_argument("--warmup", type=int, default=2)
@@ -186,28 +193,26 @@ def run(args: argparse.Namespace) -> int:
                 rows.append({**base, "error": f"{type(e).__name__}: {e}"})
                 continue
             try:
-                for tokens in args.tokens:
-                    for scattered in [lay == "scattered" for lay in args.layouts]:
-                        for mode in args.modes:
-                            nb = layout.blocks_for(tokens)
-                            try:
-                                rows.append(
-                                    {
-                                        **base,
-                                        **_case(pair, layout, nb, args.concurrency, mode, scattered, args),
-                                    }
-                                )
-                            except Exception as e:
-                                rows.append(
-                                    {
-                                        **base,
-                                        "mode": mode,
-                                        "tokens": tokens,
-                                        "error": f"{type(e).__name__}: {e}",
-                                    }
-                                )
-                            if not args.json:
-                                print(_row(rows[-1]), file=sys.stderr, flush=True)
+                cases = [
+                    (tokens, lay == "scattered", mode, dig == "on")
+                    for tokens in args.tokens
+                    for lay in args.layouts
+                    for dig in args.digests
+                    for mode in args.modes
+                ]
+                for tokens, scattered, mode, digests in cases:
+                    nb = layout.blocks_for(tokens)
+                    pair.call(pair.rx, ("digests", digests))
+                    pair.call(pair.tx, ("digests", digests))
+                    try:
+                        row = _case(pair, layout, nb, args.concurrency, mode, scattered, args)
+                        rows.append({**base, "digests": digests, **row})
+                    except Exception as e:
+                        rows.append(
+                            {**base, "mode": mode, "tokens": tokens, "error": f"{type(e).__name__}: {e}"}
+                        )
+                    if not args.json:
+                        print(_row(rows[-1]), file=sys.stderr, flush=True)
             finally:
                 pair.close()
     if args.json:
@@ -225,7 +230,7 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
     protocol figure (NIXL if measured), in GB/s, with the per-request latency at that size."""
     out: dict[str, Any] = {}
     for r in rows:
-        if "error" in r:
+        if "error" in r or not r["digests"]:
             continue
         cur = out.get(r["transport"])
         key = (r["backend"] == "nixl", r["bytes_per_request"], r["gbps"])
@@ -247,6 +252,7 @@ _COLS = [
     ("transport", "{}"),
     ("mode", "{}"),
     ("layout", "{}"),
+    ("digests", "{}"),
     ("tokens", "{}"),
     ("bytes_per_request", "{}"),
     ("descriptors_per_request", "{}"),
@@ -259,7 +265,20 @@ _COLS = [
     ("p50_ms", "{:.2f}"),
     ("p99_ms", "{:.2f}"),
 ]
-_HEAD = ["backend", "tport", "mode", "layout", "tokens", "MiB/req", "desc", "msgs", "GB/s", "raw", "memcpy"]
+_HEAD = [
+    "backend",
+    "tport",
+    "mode",
+    "layout",
+    "digests",
+    "tokens",
+    "MiB/req",
+    "desc",
+    "msgs",
+    "GB/s",
+    "raw",
+    "memcpy",
+]
 _HEAD += ["ratio", "overhd", "p50 ms", "p99 ms"]
 
 

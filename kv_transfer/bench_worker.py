@@ -75,6 +75,9 @@ def receiver_main(conn: Connection, backend: str, transport: str, layout: KVLayo
             rx.release("raw-probe")
         elif cmd == "digest":
             conn.send(rx.pool.digest(rx.pool.regions(range(layout.num_layers), arg)))
+        elif cmd == "digests":  # off: measure the protocol without integrity checks
+            rx.require_digest = arg
+            conn.send(arg)
         elif cmd == "stop":
             rx.close()
             conn.send("stopped")
@@ -121,6 +124,9 @@ def sender_main(conn: Connection, backend: str, transport: str, layout: KVLayout
             conn.send(_raw(tx, backend, *arg))
         elif cmd == "digest":
             conn.send(tx.pool.digest(tx.pool.regions(range(layout.num_layers), arg)))
+        elif cmd == "digests":
+            tx.digests = arg
+            conn.send(arg)
         elif cmd == "stop":
             tx.close()
             conn.send("stopped")

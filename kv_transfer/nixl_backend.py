@@ -83,7 +83,7 @@ class NixlReceiver(BaseReceiver):
                         self.agent.add_remote_agent(bytes(msg[n:]))
                         self._senders.add(sender)
                 elif h.kind == KIND_DATA:
-                    self._on_data(h, sender, self.pool.digest)
+                    self._on_data(h, sender, lambda regions, check: self.pool.digest(regions) if check else 0)
 
     def _send_ack(self, sender: str, request_id: str, status: int, text: str) -> None:
         if sender in self._senders:
@@ -163,7 +163,7 @@ class NixlSender(BaseSender):
             self._lost(out, f"NIXL WRITE to {d.receiver}: {err}")
             return
         if not self.corrupt_after_digest:
-            dig = p.digest(src_regions)  # overlaps the WRITE in flight
+            dig = p.digest(src_regions) if self.digests else 0
         out.pending.append(_Write(handle, header.with_digest(dig).encode(), receiver))
 
     def _progress(self) -> None:

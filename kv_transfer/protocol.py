@@ -40,6 +40,7 @@ KIND_ACK = 3  # receiver -> sender: status OK (committed) or FAILED (text says w
 
 STATUS_OK = 0
 STATUS_FAILED = 1
+STATUS_NO_DIGEST = 2  # DATA sent without a digest (benchmarking only; receivers refuse it by default)
 
 DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3, "uint8": 4}
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}

@@ -94,6 +94,7 @@ class DiskTier:
                 log.warning("G3: dropping %s: %s", entry.name, e)
                 path.unlink(missing_ok=True)
                 self.stats.corrupt_dropped += 1
+                self._on_removed(fmt.hash_of(entry.name))  # type: ignore[arg-type]  # announced before
                 continue
             found.append((entry.stat().st_mtime, h, self.file_bytes))
         for _, h, size in sorted(found):  # oldest first = least recently used

@@ -204,6 +204,10 @@ class TierStore:
         self._flush_events()
         return ok
 
+    def on_evict(self, h: BlockHash, g1_block_id: int) -> None:
+        """BlockManager's ``on_evict`` hook: offload a cached G1 block before it is repurposed."""
+        self.offload(h, g1_block_id)
+
     def lookup(self, hashes: Sequence[BlockHash]) -> list[Tier]:
         """Tiers of the longest prefix of ``hashes`` held in G2 or G3 (G2 when in both)."""
         out: list[Tier] = []

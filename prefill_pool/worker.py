@@ -163,7 +163,15 @@ class PrefillWorker:
 
     def _run(self) -> None:
         while not self._stop:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as e:  # a bug or a device error: fail what is in flight, keep serving
+                for job in list(self._jobs.values()):
+                    self._drop(job, FinishReason.ABORT)
+                    if not job.future.done():
+                        job.future.set_exception(PoolError(f"prefill worker {self.worker_id} failed: {e!r}"))
+                continue
+            if not busy:
                 self._wake.wait(0.01)
                 self._wake.clear()
 

@@ -108,10 +108,15 @@ def test_damaged_files_are_dropped_at_start_up(tmp_path: Path, damage: str) -> N
     else:  # a valid file under another block's name
         p.unlink()
         path(tmp_path, H[5]).write_bytes(raw)
-    store, kv = open_store(tmp_path)
+    events: list[BlockEvent] = []
+    store, kv = open_store(tmp_path, events=events)
     store.check()
     assert sorted(store.disk.hashes()) == sorted([H[0], H[2]])  # type: ignore[union-attr]
     assert store.metrics().g3_corrupt_dropped == 1
+    bad = H[5] if damage == "renamed" else H[1]  # routers may have heard of it before the restart
+    assert [(e.kind, e.block_hash) for e in events if e.kind is EventKind.REMOVED] == [
+        (EventKind.REMOVED, bad)
+    ]
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(h.hex() + ".kvb" for h in (H[0], H[2]))
     store.close()
 

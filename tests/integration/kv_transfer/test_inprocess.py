@@ -118,3 +118,20 @@ def test_send_layer_validates_shapes() -> None:
             tx.send_layer(dest, 0, [0, 1], block_offset=1)
         with pytest.raises(ValueError, match="layers 2\\+2 outside 0..2"):
             tx.send_layer(dest, 2, [0, 1], num_layers=2)
+
+
+def test_payload_without_digest_is_refused_unless_allowed() -> None:
+    t = make_transport("inprocess")
+    src, dst = _pools()
+    with t.receiver(dst) as rx, t.sender(src) as tx:
+        tx.digests = False  # the bench's --digests off
+        dest = rx.reserve("a", [0], LAYOUT.num_layers, deadline_s=5.0)
+        tx.send_layer(dest, 0, [3], num_layers=LAYOUT.num_layers)
+        with pytest.raises(KVTransferError, match="a: payload without a digest refused"):
+            tx.finish(dest, timeout_s=5.0)
+        assert rx.num_reserved_blocks == 0
+        rx.require_digest = False
+        dest = rx.reserve("b", [0], LAYOUT.num_layers, deadline_s=5.0)
+        tx.send_layer(dest, 0, [3], num_layers=LAYOUT.num_layers)
+        assert tx.finish(dest, timeout_s=5.0) == 1
+        assert torch.equal(dst[:, 0].view(torch.int16), src[:, 3].view(torch.int16))
