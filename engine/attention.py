@@ -127,19 +127,50 @@ class TorchAttention:
             mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= q_pos  # (q_len, ctx)
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1)
-        n_dec = meta.num_decode_seqs
-        if n_dec:
-            t0 = meta.num_prefill_tokens
-            seq_lens = meta.seq_lens[meta.num_prefill_seqs :]  # (S_d,)
-            max_ctx = max(meta.seq_lens_list[meta.num_prefill_seqs :])
-            nb = -(-max_ctx // block_size)
-            k, v = _gather(kv_layer, meta.block_tables[meta.num_prefill_seqs :], nb)  # (S_d, H_kv, nb*B, D)
-            valid = torch.arange(nb * block_size, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)
-            mask = valid[:, None, None, :]  # (S_d, 1, 1, nb*B)
-            qd = q[t0:].unsqueeze(2)  # (S_d, H_q, 1, D)
-            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[t0:] = o.squeeze(2)
+        if meta.num_decode_seqs:
+            self._decode(q, kv_layer, meta, scale, out)
         return out
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Decode rows, batched: sequences of similar context length share one padded SDPA call, so
+        one long context does not make every short one pay for its length."""
+        first, t0, block_size = meta.num_prefill_seqs, meta.num_prefill_tokens, meta.block_size
+        lens = meta.seq_lens_list[first:]
+        for group in _length_groups(lens):
+            nb = -(-lens[group[0]] // block_size)  # the group's longest context, in blocks
+            if len(group) == len(lens):  # one group: plain slices, no index tensors
+                tables, seq_lens, rows = meta.block_tables[first:], meta.seq_lens[first:], slice(t0, None)
+            else:
+                idx = torch.tensor(group, dtype=torch.int64, device=q.device)
+                tables, seq_lens, rows = meta.block_tables[first + idx], meta.seq_lens[first + idx], t0 + idx
+            k, v = _gather(kv_layer, tables, nb)  # (S_g, H_kv, nb*B, D)
+            valid = torch.arange(nb * block_size, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)
+            mask = valid[:, None, None, :]  # (S_g, 1, 1, nb*B)
+            qd = q[rows].unsqueeze(2)  # (S_g, H_q, 1, D)
+            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[rows] = o.squeeze(2)
+
+
+def _length_groups(lens: list[int], slack: float = 1.3) -> list[list[int]]:
+    """Split indices into groups, longest first, such that padding every member of a group to its
+    longest context costs at most ``slack`` times the group's real context tokens."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lens)), key=lambda j: -lens[j]):
+        if groups and lens[groups[-1][0]] * (len(groups[-1]) + 1) <= slack * (total + lens[i]):
+            groups[-1].append(i)
+            total += lens[i]
+        else:
+            groups.append([i])
+            total = lens[i]
+    return groups
 
 
 def _gather(

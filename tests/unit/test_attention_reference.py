@@ -157,3 +157,23 @@ def test_write_kv_casts_to_pool_dtype() -> None:
     k = torch.full((1, 1, 16), 1.0 + 2**-9)  # a quarter bf16 ulp above 1.0: rounds to 1.0
     TorchAttention().write_kv(k, 2 * k, kv, torch.tensor([5]))
     assert kv[1, 0, 0, 1].tolist() == [1.0] * 16 and kv[1, 1, 0, 1].tolist() == [2.0] * 16
+
+
+def test_decode_length_groups_bound_padding() -> None:
+    from engine.attention import _length_groups
+
+    assert _length_groups([10, 10, 10, 10]) == [[0, 1, 2, 3]]
+    # one long context is kept apart from the short ones, which share one padded call
+    assert _length_groups([2048, 100, 120, 90, 110]) == [[0], [2, 4, 1, 3]]
+    assert _length_groups([17, 1, 6]) == [[0], [2], [1]]
+    assert _length_groups([]) == []
+
+
+def test_reference_decode_rows_split_into_length_groups() -> None:
+    # eight decodes with very different contexts: several groups, rows scattered back in order
+    lens = [3, 40, 5, 41, 2, 39, 64, 4]
+    case = make_case([1] * len(lens), lens, 4, 4, 2, 16, torch.float32, seed=3)
+    attn = TorchAttention()
+    attn.write_kv(case.k_new, case.v_new, case.kv_layer, case.meta.slot_mapping)
+    out = attn.forward(case.q, case.kv_layer, case.meta, case.scale)
+    torch.testing.assert_close(out.double(), naive_attention(case), atol=1e-5, rtol=0)
