@@ -37,6 +37,7 @@ from decode_pool.handoff import (
     DISAGGREGATION_MODES,
     UNKNOWN_REQUEST,
     FirstToken,
+    InvalidWorkRequest,
     KVGrant,
     PoolError,
     TokenChunk,
@@ -45,7 +46,7 @@ from decode_pool.handoff import (
     WorkRequest,
 )
 from engine.sampling_params import SamplingParams
-from kv_transfer.protocol import KVTransferError
+from kv_transfer.protocol import KVTransferError, NoRoomError
 
 
 class PrefillHandle(Protocol):
@@ -97,6 +98,7 @@ class _Live:
     done: bool = False  # the decode worker sent the last chunk (and so released the request itself)
     prefill_attempts: int = 0
     decode_attempts: int = 0
+    firsts: list[FirstToken] = field(default_factory=list)  # one per successful prefill attempt
 
     def work(self) -> WorkRequest:
         """The request as a worker gets it now: resumed requests carry their streamed tokens."""
@@ -203,7 +205,8 @@ class Pools:
         while True:
             d = self._pick(self.decode, self._rr_decode, dead_decode, live.req.decode_worker)
             if d is None or live.decode_attempts >= self.max_attempts:
-                yield self._error(live, f"no decode worker left after {live.decode_attempts} attempts")
+                msg = f"no decode worker left after {live.decode_attempts} attempts"
+                yield self._error(live, msg, "unavailable")
                 return
             live.decode_attempts += 1
             live.decode = d
@@ -222,6 +225,8 @@ class Pools:
                             raise WorkerDied(f"decode worker {d.worker_id} lost {rid} (restarted?)")
                         live.streamed += c.token_ids
                         live.done = c.finished
+                        if c.finished and live.firsts:
+                            self._annotate(live, c)
                         yield c
                         if c.finished:
                             return
@@ -238,7 +243,7 @@ class Pools:
                 if live.cancelled:
                     yield self._error(live, live.cancel_reason)
                     return
-                yield self._error(live, str(e))
+                yield self._error(live, str(e), _error_kind(e))
                 return
 
     async def _handoff(self, live: _Live, d: DecodeHandle) -> None:
@@ -271,6 +276,7 @@ class Pools:
                 await d.cancel(rid)  # frees the reservation; raises WorkerDied if d is the dead one
                 continue
             live.prefill = None
+            live.firsts.append(first)
             if live.cancelled:
                 raise _CallerCancelled
             await d.start(rid, first)
@@ -290,8 +296,19 @@ class Pools:
             with contextlib.suppress(Exception):
                 await d.cancel(rid)
 
-    def _error(self, live: _Live, error: str) -> TokenChunk:
-        return TokenChunk(live.req.request_id, [], finished=True, finish_reason="abort", error=error)
+    def _error(self, live: _Live, error: str, kind: str = "") -> TokenChunk:
+        if not kind:
+            kind = "deadline" if error == "deadline exceeded" else "cancelled" if live.cancelled else "failed"
+        return TokenChunk(
+            live.req.request_id, [], finished=True, finish_reason="abort", error=error, error_kind=kind
+        )
+
+    @staticmethod
+    def _annotate(live: _Live, last: TokenChunk) -> None:
+        """The handoff's facts on the last chunk: who prefilled, KV bytes sent, its cached tokens."""
+        last.prefill_worker = live.firsts[-1].worker_id
+        last.kv_bytes = sum(f.kv_bytes for f in live.firsts)
+        last.prefill_cached_tokens = live.firsts[-1].num_cached_tokens
 
     @staticmethod
     def _pick(
@@ -304,3 +321,12 @@ class Pools:
             if h.worker_id == preferred:
                 return h
         return alive[next(rr) % len(alive)]
+
+
+def _error_kind(e: BaseException) -> str:
+    """TokenChunk.error_kind of a failure (Ray re-raises a worker's exception as its own class)."""
+    if isinstance(e, NoRoomError):
+        return "overloaded"
+    if isinstance(e, InvalidWorkRequest):
+        return "invalid"
+    return "failed"

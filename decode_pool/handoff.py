@@ -34,6 +34,14 @@ class PoolError(RuntimeError):
     """A request could not be served by the pools (no room, retries exhausted, bad input)."""
 
 
+class InvalidWorkRequest(PoolError):
+    """A worker refused the request's input (the engine's own checks); retrying cannot help."""
+
+
+# TokenChunk.error_kind: why a stream ended with an error, for a router to pick a status code.
+ERROR_KINDS = ("", "cancelled", "deadline", "invalid", "overloaded", "unavailable", "failed")
+
+
 @dataclass(slots=True)
 class WorkerConfig:
     """What one prefill or decode worker runs: the engine settings plus the KV transport."""
@@ -117,6 +125,13 @@ class TokenChunk:
     num_cached_tokens: int = 0
     # time.monotonic() when the worker produced it (one clock for every process on a host)
     produced_at: float = 0.0
+    # Set by the coordinator: error_kind on an error chunk (one of ERROR_KINDS); on the last chunk
+    # of a disaggregated request, the prefill worker, the KV bytes it sent (every attempt) and the
+    # prompt tokens it served from its prefix cache.
+    error_kind: str = ""
+    prefill_worker: str = ""
+    kv_bytes: int = 0
+    prefill_cached_tokens: int = 0
 
 
 @dataclass(slots=True)

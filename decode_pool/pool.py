@@ -31,6 +31,10 @@ class DecodeActor(DecodeWorker):
     def pid(self) -> int:
         return os.getpid()
 
+    def node_ip(self) -> str:
+        """The IP of the Ray node this worker runs on (the router's topology keys nodes by it)."""
+        return str(ray.util.get_node_ip_address())
+
 
 class RayDecodeHandle:
     def __init__(self, actor: Any, worker_id: str) -> None:
@@ -54,6 +58,9 @@ class RayDecodeHandle:
 
     async def load(self) -> WorkerLoad:
         return await call(self.actor.load.remote(), self.worker_id)
+
+    async def take_evictions(self) -> list[bytes]:
+        return await call(self.actor.take_evictions.remote(), self.worker_id)
 
 
 def build_decode_pool(config: WorkerConfig, spec: PoolSpec, prefix: str = "decode") -> list[RayDecodeHandle]:

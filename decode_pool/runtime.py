@@ -1,6 +1,9 @@
-"""What both kinds of worker build the same way: the engine (model + KV pool) and the KV transport."""
+"""What both kinds of worker build the same way: the engine (model + KV pool), the KV transport,
+and the log of prefix blocks their engine evicted (which the router drains to fix its block index)."""
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 
@@ -30,3 +33,21 @@ def make_engine(cfg: WorkerConfig) -> LLMEngine:
 
 def make_kv_transport(cfg: WorkerConfig) -> KVTransport:
     return make_transport(cfg.kv_backend, cfg.kv_transport)
+
+
+class EvictionLog:
+    """Hashes of the prefix blocks an engine evicted, oldest first, until someone takes them.
+
+    Bounded: with nobody draining it, the oldest entries are dropped (a router that misses one keeps
+    a stale index entry, which costs it one mispriced request). Thread-safe (a deque): the engine's
+    thread appends, a Ray call takes."""
+
+    def __init__(self, engine: LLMEngine, maxlen: int = 1 << 16) -> None:
+        self._hashes: deque[bytes] = deque(maxlen=maxlen)
+        engine.block_manager.on_evict = lambda block_hash, _block_id: self._hashes.append(block_hash)
+
+    def take(self) -> list[bytes]:
+        out = []
+        while self._hashes:
+            out.append(self._hashes.popleft())
+        return out

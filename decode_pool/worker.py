@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from decode_pool.handoff import (
     UNKNOWN_REQUEST,
     FirstToken,
+    InvalidWorkRequest,
     KVGrant,
     PoolError,
     TokenChunk,
@@ -36,7 +37,7 @@ from decode_pool.handoff import (
     WorkerLoad,
     WorkRequest,
 )
-from decode_pool.runtime import make_engine, make_kv_transport
+from decode_pool.runtime import EvictionLog, make_engine, make_kv_transport
 from engine.llm_engine import RequestOutput
 from engine.sequence import Sequence
 from kv_transfer.base import idle
@@ -64,6 +65,7 @@ class DecodeWorker:
         self.config = config
         self.worker_id = config.worker_id
         self.engine = make_engine(config)
+        self.evictions = EvictionLog(self.engine)
         self.block_size = config.block_size
         self.num_layers = self.engine.kv_layout.num_layers
         self.receiver = make_kv_transport(config).receiver(self.engine.kv_cache)
@@ -87,7 +89,7 @@ class DecodeWorker:
             try:
                 seq = self.engine.reserve_prompt(rid, req.prompt_token_ids, req.params)
             except ValueError as e:
-                raise PoolError(f"{rid}: {e}") from e
+                raise InvalidWorkRequest(f"{rid}: {e}") from e
             if seq is None:
                 bm = self.engine.block_manager
                 raise NoRoomError(
@@ -137,7 +139,7 @@ class DecodeWorker:
             try:
                 self.engine.add_request(req.prompt_token_ids, req.params, rid)
             except ValueError as e:
-                raise PoolError(f"{rid}: {e}") from e
+                raise InvalidWorkRequest(f"{rid}: {e}") from e
             self._streams[rid] = _Stream()
             self._cv.notify_all()
 
@@ -168,6 +170,10 @@ class DecodeWorker:
         self._crash_after_tokens[request_id] = num_tokens
 
     # -- reports -------------------------------------------------------------------------------------
+    def take_evictions(self) -> list[bytes]:
+        """Hashes of the prefix blocks evicted since the last call (for the router's block index)."""
+        return self.evictions.take()
+
     def load(self) -> WorkerLoad:
         with self._cv:
             bm, sch = self.engine.block_manager, self.engine.scheduler

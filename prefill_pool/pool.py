@@ -33,6 +33,10 @@ class PrefillActor(PrefillWorker):
     def pid(self) -> int:
         return os.getpid()
 
+    def node_ip(self) -> str:
+        """The IP of the Ray node this worker runs on (the router's topology keys nodes by it)."""
+        return str(ray.util.get_node_ip_address())
+
     def cancel_and_wait(self, request_id: str) -> None:
         """``cancel``, returning once the loop has released the request (so the caller may free
         the decode side)."""
@@ -52,6 +56,9 @@ class RayPrefillHandle:
 
     async def load(self) -> WorkerLoad:
         return await call(self.actor.load.remote(), self.worker_id)
+
+    async def take_evictions(self) -> list[bytes]:
+        return await call(self.actor.take_evictions.remote(), self.worker_id)
 
 
 def build_prefill_pool(

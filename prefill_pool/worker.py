@@ -34,7 +34,7 @@ from typing import Any, cast
 import torch
 
 from decode_pool.handoff import FirstToken, KVGrant, PoolError, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.runtime import make_engine, make_kv_transport
+from decode_pool.runtime import EvictionLog, make_engine, make_kv_transport
 from engine.attention import AttentionMetadata
 from engine.model import Model
 from engine.scheduler import SchedulerOutput
@@ -97,6 +97,7 @@ class PrefillWorker:
         self.config = config
         self.worker_id = config.worker_id
         self.engine = make_engine(config)
+        self.evictions = EvictionLog(self.engine)
         self.block_size = config.block_size
         self.num_layers = self.engine.kv_layout.num_layers
         # every backend's sender is a BaseSender, which also has flush() (not in the KVSender protocol)
@@ -135,6 +136,10 @@ class PrefillWorker:
         self._inbox.put(("cancel", (request_id, done)))
         self._wake.set()
         return done
+
+    def take_evictions(self) -> list[bytes]:
+        """Hashes of the prefix blocks evicted since the last call (for the router's block index)."""
+        return self.evictions.take()
 
     def load(self) -> WorkerLoad:
         bm, sch = self.engine.block_manager, self.engine.scheduler

@@ -1,9 +1,12 @@
 """``tandem serve``: load the configuration, build the backend, run the gRPC server until a signal.
 
-With no arguments: the embedded default (``deploy.config.default_config``), the demo checkpoint, on
-127.0.0.1:50051. Today the only backend is the in-process engine (``--backend engine``); the Ray
-prefill/decode pools plug in beside it. SIGINT / SIGTERM stop gracefully: stop accepting, give
-in-flight streams ``--grace`` seconds, cancel the rest, close the backend.
+With no arguments: the embedded default (``deploy.config.default_config``): a local Ray cluster, one
+prefill and one decode worker (Ray actors, KV over NIXL), the demo checkpoint, in-process metadata, on
+127.0.0.1:50051 (``--backend pools``, router/pools_backend.py: cache- and fabric-aware routing).
+``--backend engine`` serves from one in-process engine instead (no Ray). ``--ray-address`` (or
+``RAY_ADDRESS``) joins a running Ray cluster instead of starting one. SIGINT / SIGTERM stop
+gracefully: stop accepting, give in-flight streams ``--grace`` seconds, cancel the rest, close the
+backend (which stops the workers and the Ray cluster it started).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("tandem.serve")
-BACKENDS = ("engine",)
+BACKENDS = ("pools", "engine")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disaggregation", choices=["auto", "always", "never"], default=None)
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at once")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting; beyond: RESOURCE_EXHAUSTED")
-    p.add_argument("--backend", choices=BACKENDS, default="engine", help="engine: one in-process engine")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pools",
+        help="pools: Ray prefill/decode workers, routed per request; engine: one in-process engine",
+    )
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--tracing", choices=["none", "console", "otlp"], default=None)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight streams get at shutdown")
     p.add_argument("--log-level", default="INFO")
@@ -67,19 +77,36 @@ def build_engine_backend(cfg: Any) -> Any:
     )
 
 
-async def serve(cfg: Any, backend_name: str = "engine", grace: float = 5.0) -> int:
+def build_pools_backend(cfg: Any, ray_address: str | None, tracer: Any) -> Any:
+    from router.pools_backend import PoolsBackend
+
+    return PoolsBackend.from_config(cfg, ray_address=ray_address, tracer=tracer)
+
+
+async def serve(
+    cfg: Any, backend_name: str = "pools", grace: float = 5.0, ray_address: str | None = None
+) -> int:
     from router.server import TandemServer
     from router.telemetry import setup_telemetry
 
     rc = cfg.router
-    backend = build_engine_backend(cfg)
+    telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint)
+    if backend_name == "engine":
+        backend = build_engine_backend(cfg)
+    else:
+        backend = build_pools_backend(cfg, ray_address or os.environ.get("RAY_ADDRESS"), telemetry.tracer)
+        try:
+            await backend.start()
+        except BaseException:
+            backend.close()
+            raise
     server = TandemServer(
         backend,
         host=rc.host,
         port=rc.port,
         max_concurrency=rc.max_concurrency,
         max_queue=rc.max_queue,
-        telemetry=setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint),
+        telemetry=telemetry,
         default_disaggregation=rc.disaggregation,
         routing_policy="local" if backend_name == "engine" else rc.policy,
     )
@@ -119,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"tandem serve: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(cfg, args.backend, args.grace))
+    return asyncio.run(serve(cfg, args.backend, args.grace, args.ray_address))
 
 
 def main(argv: list[str] | None = None) -> int:

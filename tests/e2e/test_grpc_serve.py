@@ -1,4 +1,5 @@
-"""End to end through a real gRPC connection to a real ``tandem serve`` child process (engine backend).
+"""End to end through a real gRPC connection to a real ``tandem serve --backend engine`` child process
+(the pools backend, serve's default, has its own tests: tests/e2e/test_serve_pools.py).
 
 The managed-server fixture starts ``python -m router.serve --port 0`` in its own process group, reads
 the bound port from its log, waits for gRPC health SERVING, prints the log tail if the child dies,
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -143,7 +145,9 @@ def reference(checkpoint: Path) -> dict[tuple[str, int, bool], list[int]]:
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
-    s = ManagedServer(tmp_path_factory.mktemp("serve") / "serve.log", "--model", str(checkpoint))
+    s = ManagedServer(
+        tmp_path_factory.mktemp("serve") / "serve.log", "--backend", "engine", "--model", str(checkpoint)
+    )
     try:
         yield s
     finally:
@@ -194,7 +198,7 @@ def test_64_concurrent_streams_lose_no_token_and_free_every_block(
     assert (w.running_seqs, w.waiting_seqs, w.used_blocks) == (0, 0, 0)
 
 
-BAD_INPUTS = [
+BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
     # The engine's own check: the id of the stream that is running.
     (dict(request_id="long-running"), "request_id: request id 'long-running' is already in use"),
     (dict(prompt=""), "prompt: is empty"),
@@ -317,7 +321,15 @@ def test_client_cli_json(server: ManagedServer, reference: dict) -> None:
 
 def test_overload_sheds_with_resource_exhausted_then_sigterm_drains(checkpoint: Path, tmp_path: Path) -> None:
     s = ManagedServer(
-        tmp_path / "serve.log", "--model", str(checkpoint), "--max-concurrency", "1", "--max-queue", "1"
+        tmp_path / "serve.log",
+        "--backend",
+        "engine",
+        "--model",
+        str(checkpoint),
+        "--max-concurrency",
+        "1",
+        "--max-queue",
+        "1",
     )
     try:
 

@@ -1,0 +1,481 @@
+"""The pools backend: the router's Backend over the Ray prefill/decode pools, routed per request.
+
+::
+
+    generate(BackendRequest)
+      Router.route: block hashes -> metadata store prefix lookup -> cached loads -> policy
+      Pools.submit(PoolRequest(prefill_worker, decode_worker, "always" | "never"))
+      TokenChunk -> Chunk; the last carries ChunkStats (workers, KV bytes moved, cached tokens)
+    a background task refreshes the workers' loads every ``load_interval_s`` (never per token),
+    registers / heartbeats them, with their load reports, in the metadata store, and removes the
+    prefix blocks the workers evicted from the block index (every ``eviction_interval_s``)
+
+Errors: no route because no live decode worker -> BackendUnavailable (UNAVAILABLE); no decode
+worker with KV room, or a reservation refused -> Overloaded (RESOURCE_EXHAUSTED); a worker refusing
+the input -> InvalidRequest (INVALID_ARGUMENT); a handoff that failed every retry -> UNAVAILABLE.
+Closing the generator (client cancel, deadline) closes the pools' stream, which cancels the request
+on its workers and frees its blocks.
+
+Lifecycle: ``PoolsBackend.from_config`` (starts or joins Ray, starts the workers) or construct
+over existing ``Pools`` -> ``await start()`` (first loads; also done by the first ``generate``) ->
+``generate`` concurrently -> ``close()`` (idempotent; kills the workers and stops Ray it started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any, cast
+
+from opentelemetry import trace
+
+from decode_pool.coordinator import PoolRequest, Pools
+from decode_pool.handoff import PoolError, TokenChunk, WorkerConfig
+from decode_pool.handoff import WorkerLoad as PoolLoad
+from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
+from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
+from router.cost_model import CostParams
+from router.errors import BackendUnavailable, InvalidRequest, Overloaded
+from router.policies import NoRouteError
+from router.routing import Route, Router, span_attributes
+from router.topology import Placement, Topology
+from router.validation import ModelLimits
+
+log = logging.getLogger(__name__)
+# Handoff fixed cost priced by the cost model: reserve + start RPCs (~1 ms each, MEASURED.md) and
+# the transfer's setup.
+HANDOFF_OVERHEAD_S = 0.005
+
+
+class PoolsBackend:
+    """A :class:`router.backend.Backend` over :class:`decode_pool.coordinator.Pools`."""
+
+    def __init__(
+        self,
+        pools: Pools,
+        router: Router,
+        info: BackendModelInfo,
+        *,
+        tokenizer: Any = None,
+        nodes: dict[str, str] | None = None,
+        load_interval_s: float = 0.1,
+        eviction_interval_s: float = 0.5,
+        heartbeat_interval_s: float = 2.0,
+        heartbeat_ttl_s: float = 10.0,
+        tracer: trace.Tracer | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.pools = pools
+        self.router = router
+        self._info = info
+        self._tokenizer = tokenizer
+        self._nodes = nodes or {}
+        self._load_interval_s = load_interval_s
+        self._eviction_interval_s = eviction_interval_s
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._heartbeat_ttl_s = heartbeat_ttl_s
+        self._tracer = tracer or trace.NoOpTracer()
+        self._on_close = on_close
+        self._loads: list[PoolLoad] = []
+        self._refresher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        # Redis answers over the network: keep the event loop free during its round trips.
+        self._offload = not isinstance(router.store, InProcessMetadataStore)
+
+    # -- building from the deployment configuration -------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, cfg: Any, *, ray_address: str | None = None, tracer: trace.Tracer | None = None
+    ) -> PoolsBackend:
+        """Join Ray at ``ray_address`` (else start a local one), start the pools ``cfg`` describes."""
+        import ray
+
+        from decode_pool.pool import build_decode_pool, shutdown
+        from decode_pool.ray_util import PoolSpec
+        from engine.demo import demo_model_dir
+        from prefill_pool.pool import build_prefill_pool
+
+        model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
+        name = "demo" if cfg.is_demo else model_dir.name
+        temp_dir = _init_ray(ray_address)
+        handles: list[Any] = []
+        stores: list[MetadataStore] = []
+
+        def stop() -> None:
+            for st in stores:
+                st.close()
+            shutdown(handles)
+            if temp_dir is not None:
+                ray.shutdown()
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
+        try:
+            e = cfg.engine
+            wcfg = WorkerConfig(
+                model=model_dir,
+                dtype=cfg.dtype,
+                block_size=e.block_size,
+                kv_cache_bytes=int(cfg.tiers.g1.capacity),
+                max_num_seqs=e.max_num_seqs,
+                max_num_batched_tokens=e.max_num_batched_tokens,
+                enable_prefix_caching=e.enable_prefix_caching,
+                kv_backend="nixl",
+            )
+
+            def spec(p: Any) -> PoolSpec:
+                return PoolSpec(p.replicas, p.num_cpus, p.num_gpus, dict(p.resources), dict(p.node_labels))
+
+            log.info(
+                "starting %d prefill and %d decode workers",
+                cfg.pools.prefill.replicas,
+                cfg.pools.decode.replicas,
+            )
+            pc, dc = cfg.pools.prefill, cfg.pools.decode
+            prefill = build_prefill_pool(_with_device(wcfg, pc.device), spec(pc)) if pc.replicas else []
+            handles += prefill
+            decode = build_decode_pool(_with_device(wcfg, dc.device), spec(dc))
+            handles += decode
+            nodes = dict(
+                zip(
+                    [h.worker_id for h in handles],
+                    ray.get([h.actor.node_ip.remote() for h in handles]),
+                    strict=True,
+                )
+            )
+            topo = cfg.topology
+            placements = {
+                w: Placement(
+                    node=ip,
+                    nvlink_domain=topo.nodes[ip].nvlink_domain if ip in topo.nodes else None,
+                    rack=topo.nodes[ip].rack if ip in topo.nodes else None,
+                )
+                for w, ip in nodes.items()
+            }
+            topology = Topology.build(
+                placements,
+                link_gbps=dict(topo.link_gbps),
+                calibration_file=topo.calibration_file,
+                same_node_link=topo.same_node_link,
+            )
+            store = make_store(cfg.metadata.store)
+            stores.append(store)
+            default_mode = "auto" if prefill else "never"
+            return cls.over_pools(
+                Pools(prefill, decode, disaggregation=default_mode),
+                model_dir,
+                store,
+                name=name,
+                dtype=cfg.dtype,
+                block_size=e.block_size,
+                policy=cfg.router.policy,
+                topology=topology,
+                nodes=nodes,
+                max_model_len=e.max_model_len,
+                max_tokens_limit=cfg.router.max_tokens_limit,
+                heartbeat_interval_s=cfg.metadata.heartbeat_interval_s,
+                heartbeat_ttl_s=cfg.metadata.heartbeat_ttl_s,
+                tracer=tracer,
+                on_close=stop,
+            )
+        except BaseException:
+            stop()
+            raise
+
+    @classmethod
+    def over_pools(
+        cls,
+        pools: Pools,
+        model_dir: str | Path,
+        store: MetadataStore,
+        *,
+        name: str = "",
+        dtype: str = "float32",
+        block_size: int = 16,
+        policy: str = "cost_model",
+        topology: Topology | None = None,
+        max_model_len: int | None = None,
+        max_tokens_limit: int | None = None,
+        **kwargs: Any,
+    ) -> PoolsBackend:
+        """A backend over running pools serving the checkpoint at ``model_dir`` (tests, restarts:
+        the workers outlive the backend unless ``on_close`` stops them)."""
+        from engine.config import ModelConfig
+
+        model_dir = Path(model_dir)
+        mc = ModelConfig.from_pretrained(model_dir, dtype)
+        router = Router(store, mc.fingerprint, cost_params(mc, block_size), topology or Topology(), policy)
+        info = model_info(mc, name or model_dir.name, block_size, max_model_len, max_tokens_limit)
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer is not None:
+            info = _with_eos(info, tokenizer)
+        return cls(pools, router, info, tokenizer=tokenizer, **kwargs)
+
+    # -- the Backend protocol -----------------------------------------------------------------------
+    def model_info(self) -> BackendModelInfo:
+        return self._info
+
+    def tokenize(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            raise InvalidRequest("prompt", "this model has no tokenizer: send prompt token_ids")
+        return list(self._tokenizer.encode(text))
+
+    def load(self) -> BackendLoad:
+        workers = [
+            WorkerLoad(
+                w.worker_id,
+                w.role,
+                self._nodes.get(w.worker_id, "local"),
+                running=w.running,
+                waiting=w.waiting,
+                queue_tokens=w.queue_tokens,
+                used_blocks=w.used_blocks,
+                total_blocks=w.total_blocks,
+            )
+            for w in self._loads
+        ]
+        alive = not self._closed and any(w.role == "decode" for w in self._loads)
+        # Before the first refresh nothing is known: let the request through, route() decides.
+        return BackendLoad(alive=alive or (not self._closed and self._refresher is None), workers=workers)
+
+    async def start(self) -> None:
+        """Fetch the first loads and start refreshing them (idempotent)."""
+        if self._refresher is None and not self._closed:
+            self._loop = asyncio.get_running_loop()
+            await self.refresh()
+            self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def refresh(self) -> list[PoolLoad]:
+        """Ask every worker for its load now (tests call it to see a cancel's effect at once)."""
+        self._loads = await self.pools.load()
+        return self._loads
+
+    async def generate(self, request: BackendRequest) -> AsyncGenerator[Chunk, None]:
+        if self._closed:
+            raise BackendUnavailable("the pools backend is closed")
+        await self.start()
+        route = await self._route(request)
+        d = route.decision
+        mode = "always" if d.disaggregate else "never"
+        preq = PoolRequest(
+            request.request_id or uuid.uuid4().hex,
+            list(request.prompt_token_ids),
+            request.params,
+            disaggregation=mode,
+            prefill_worker=d.prefill_worker,
+            decode_worker=d.decode_worker,
+        )
+        if self._offload:
+            await asyncio.to_thread(self.router.commit, route)
+        else:
+            self.router.commit(route)
+        started = time.monotonic()
+        count = 0
+        try:
+            async with aclosing(cast(AsyncGenerator[TokenChunk, None], self.pools.submit(preq))) as chunks:
+                async for c in chunks:
+                    if c.error:
+                        raise _error_for(c)
+                    count += len(c.token_ids)
+                    chunk = Chunk(
+                        list(c.token_ids),
+                        c.text,
+                        c.finish_reason if c.finished else None,
+                        list(c.logprobs),
+                        list(c.top_logprobs),
+                        produced_at=c.produced_at,
+                    )
+                    if c.finished:
+                        chunk.stats = self._stats(request, c, count, started)
+                    yield chunk
+        except PoolError as e:  # refused before it started: the id is in flight already
+            raise InvalidRequest("request_id", f"request id {preq.request_id!r} is already in use") from e
+        finally:
+            self.router.release(route)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._refresher is not None and self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop stopped already
+                self._loop.call_soon_threadsafe(self._refresher.cancel)
+        if self._on_close is not None:
+            self._on_close()
+
+    # -- internals ----------------------------------------------------------------------------------
+    async def _route(self, request: BackendRequest) -> Route:
+        with self._tracer.start_as_current_span("tandem.route") as span:
+            try:
+                args = (request.prompt_token_ids, request.disaggregation, list(self._loads))
+                if self._offload:
+                    route = await asyncio.to_thread(self.router.route, *args)
+                else:
+                    route = self.router.route(*args)
+            except NoRouteError as e:
+                span.set_attribute("tandem.route.error", str(e))
+                raise (Overloaded if e.overloaded else BackendUnavailable)(str(e)) from e
+            attrs = span_attributes(route)
+            span.set_attributes(attrs)
+        trace.get_current_span().set_attributes(attrs)  # the request's own span (the servicer's)
+        return route
+
+    def _stats(self, request: BackendRequest, last: TokenChunk, count: int, started: float) -> ChunkStats:
+        disaggregated = bool(last.prefill_worker)
+        return ChunkStats(
+            prompt_tokens=len(request.prompt_token_ids),
+            completion_tokens=count,
+            cached_tokens=last.prefill_cached_tokens if disaggregated else last.num_cached_tokens,
+            queue_time_s=max(0.0, started - request.arrival) if request.arrival else 0.0,
+            backend_time_s=time.monotonic() - started,
+            prefill_worker=last.prefill_worker or last.worker_id,
+            decode_worker=last.worker_id,
+            kv_bytes_moved=last.kv_bytes,
+            disaggregated=disaggregated,
+        )
+
+    async def _refresh_loop(self) -> None:
+        registered: set[str] = set()
+        next_beat = next_evictions = 0.0
+        while not self._closed:
+            try:
+                loads = await self.refresh()
+                if time.monotonic() >= next_evictions:
+                    next_evictions = time.monotonic() + self._eviction_interval_s
+                    await self.sync_evictions()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self._heartbeat_interval_s
+                    await asyncio.to_thread(self._publish_loads, loads, registered)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a flaky store must not stop the load reports routing depends on
+                log.warning("load refresh failed", exc_info=True)
+            await asyncio.sleep(self._load_interval_s)
+
+    async def sync_evictions(self) -> int:
+        """Drop the blocks every worker evicted since the last call from the index; how many."""
+        handles: list[Any] = [*self.pools.prefill, *self.pools.decode]
+        n = 0
+        for h in handles:
+            if not hasattr(h, "take_evictions"):
+                continue
+            try:
+                hashes = await h.take_evictions()
+            except Exception:  # a dead worker: its entries go when it is dropped or re-evicts
+                continue
+            if hashes:
+                n += len(hashes)
+                if self._offload:
+                    await asyncio.to_thread(self.router.forget, h.worker_id, hashes)
+                else:
+                    self.router.forget(h.worker_id, hashes)
+        return n
+
+    def _publish_loads(self, loads: Sequence[PoolLoad], registered: set[str]) -> None:
+        store, ttl = self.router.store, self._heartbeat_ttl_s
+        for w in loads:
+            if w.worker_id not in registered or not store.heartbeat(w.worker_id, ttl):
+                node = self._nodes.get(w.worker_id, "local")
+                store.register_worker(WorkerInfo(w.worker_id, w.role, node), ttl)
+                registered.add(w.worker_id)
+            store.put_load(
+                w.worker_id,
+                {
+                    "queue_tokens": w.queue_tokens,
+                    "running_seqs": w.running,
+                    "free_blocks": {"G1": w.free_blocks},
+                    "used_blocks": w.used_blocks,
+                },
+            )
+
+
+def _error_for(c: TokenChunk) -> Exception:
+    kind = c.error_kind
+    if kind == "invalid":
+        return InvalidRequest("prompt", c.error.split(": ", 1)[-1])
+    if kind == "overloaded":
+        return Overloaded(c.error)
+    return BackendUnavailable(c.error or "the request failed on the pools")
+
+
+def _init_ray(address: str | None) -> str | None:
+    """Join Ray at ``address``, or start a local one in a fresh temp dir (returned: ours to remove).
+    Nothing happens when this process is already connected (tests share one cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    if address:
+        ray.init(address=address)
+        return None
+    # One machine: every KV transfer is on loopback (UCX would otherwise also offer eth0).
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    temp_dir = tempfile.mkdtemp(prefix="tandem-ray-")
+    # address="local" and a fresh temp dir: never attach to (or hang on) a stale cluster (MEASURED.md)
+    ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
+    return temp_dir
+
+
+def _with_device(cfg: WorkerConfig, device: str) -> WorkerConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, device=device)
+
+
+def make_store(url: str) -> MetadataStore:
+    """``memory`` -> the in-process store; a redis:// URL -> RedisMetadataStore."""
+    if url == "memory":
+        return InProcessMetadataStore()
+    from memory_tiers.redis_metadata import RedisMetadataStore
+
+    return RedisMetadataStore(url)
+
+
+def cost_params(mc: Any, block_size: int) -> CostParams:
+    """The cost model's constants for a model (``engine.config.ModelConfig``)."""
+    per_token = mc.kv_layout(block_size).block_bytes // block_size
+    return CostParams(
+        kv_bytes_per_token=per_token, block_size=block_size, handoff_overhead_s=HANDOFF_OVERHEAD_S
+    )
+
+
+def model_info(
+    mc: Any, name: str, block_size: int, max_model_len: int | None, max_tokens_limit: int | None
+) -> BackendModelInfo:
+    context = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    limit = min(max_tokens_limit or context, context)
+    return BackendModelInfo(
+        limits=ModelLimits(
+            name=name,
+            max_context_length=context,
+            max_tokens_limit=limit,
+            default_max_tokens=min(64, limit),
+            vocab_size=mc.vocab_size,
+        ),
+        fingerprint=mc.fingerprint,
+        block_size=block_size,
+        dtype=mc.dtype,
+        eos_token_ids=tuple(sorted(mc.eos_token_ids)),
+    )
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").exists() else None
+
+
+def _with_eos(info: BackendModelInfo, tokenizer: Any) -> BackendModelInfo:
+    import dataclasses
+
+    eos = sorted({*info.eos_token_ids, *tokenizer.eos_token_ids})
+    return dataclasses.replace(info, eos_token_ids=tuple(eos))
