@@ -143,6 +143,7 @@ class TorchAttention:
         one long context does not make every short one pay for its length."""
         first, t0, block_size = meta.num_prefill_seqs, meta.num_prefill_tokens, meta.block_size
         lens = meta.seq_lens_list[first:]
+        rows: slice | torch.Tensor
         for group in _length_groups(lens):
             nb = -(-lens[group[0]] // block_size)  # the group's longest context, in blocks
             if len(group) == len(lens):  # one group: plain slices, no index tensors

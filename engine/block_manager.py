@@ -255,6 +255,43 @@ class BlockManager:
                 block.token_ids = chunk
                 self._hash_to_block[h] = block.block_id
 
+    # ---- raw blocks, for KV that arrives from a lower tier ---------------------------------------
+
+    def take_block(self) -> int | None:
+        """One block with ``ref_count == 1`` and no hash (evicting the LRU cached block if needed),
+        or None when every block is in use. Fill it, ``register`` it, then ``release_block`` it."""
+        if not self.num_free_blocks:
+            return None
+        return self._take_free_block()
+
+    def release_block(self, block_id: int) -> None:
+        """ref-- on a block from ``take_block``: cached-free if it was registered, else free."""
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} released twice"
+        if block.ref_count == 0:
+            if block.block_hash is not None:
+                self._cached_free[block_id] = None
+            else:
+                self._free.append(block_id)
+
+    def evict_cached(self, max_blocks: int | None = None) -> int:
+        """Evict up to ``max_blocks`` cached-free blocks (all when None), LRU first, calling
+        ``on_evict`` for each (so a lower tier can take them). Returns how many were evicted."""
+        n = 0
+        while self._cached_free and (max_blocks is None or n < max_blocks):
+            block_id, _ = self._cached_free.popitem(last=False)
+            block = self._blocks[block_id]
+            assert block.block_hash is not None
+            if self.on_evict is not None:
+                self.on_evict(block.block_hash, block_id)
+            del self._hash_to_block[block.block_hash]
+            block.block_hash = None
+            block.token_ids = None
+            self._free.append(block_id)
+            n += 1
+        return n
+
     def free(self, seq: Sequence) -> None:
         """ref-- on every block of ``seq`` (tail first); clears ``seq.block_table``.
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,7 +33,11 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.tier_onboarding import TierOnboarder
 from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from memory_tiers.tier_store import TierStore
 
 
 @dataclass(slots=True)
@@ -49,6 +54,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Lower KV tiers (memory_tiers/): G2 host slots (0: no tiers) and an optional G3 directory.
+    host_kv_blocks: int = 0
+    disk_kv_dir: str | None = None
+    disk_kv_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -134,9 +143,29 @@ class LLMEngine:
             needed = config.max_num_seqs * layout.blocks_for(self.max_model_len) + 1
             num_blocks = max(1, min(config.kv_cache_bytes // layout.block_bytes, needed))
         self.kv_cache = layout.allocate(num_blocks, config.device)
+        self.tier_store: TierStore | None = None
+        if config.host_kv_blocks > 0 and config.enable_prefix_caching:
+            from memory_tiers.device_pool import TorchDevicePool
+            from memory_tiers.tier_store import TierConfig, TierStore
+
+            self.tier_store = TierStore(
+                layout,
+                TorchDevicePool(self.kv_cache, layout),
+                TierConfig(
+                    host_blocks=config.host_kv_blocks,
+                    disk_dir=config.disk_kv_dir,
+                    disk_bytes=config.disk_kv_bytes,
+                    model_fingerprint=mc.fingerprint,
+                ),
+            )
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, mc.fingerprint, enable_prefix_caching=config.enable_prefix_caching
+            num_blocks,
+            config.block_size,
+            mc.fingerprint,
+            enable_prefix_caching=config.enable_prefix_caching,
+            on_evict=self.tier_store.on_evict if self.tier_store is not None else None,
         )
+        self.onboarder = TierOnboarder(self.block_manager, self.tier_store) if self.tier_store else None
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -184,7 +213,8 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, stop=list(params.stop))
-        self.scheduler.add(seq)
+        if self.onboarder is None or not self.onboarder.begin(seq):
+            self.scheduler.add(seq)
         self._requests[request_id] = _Request(seq, seed, detok)
         return request_id
 
@@ -192,11 +222,12 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
-        self.scheduler.abort(request_id)
+        if self.onboarder is None or not self.onboarder.abort(request_id):
+            self.scheduler.abort(request_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.onboarder and self.onboarder.num_pending)
 
     @property
     def max_seq_len(self) -> int:
@@ -205,8 +236,13 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.onboarder is not None and self.onboarder.num_pending:
+            for seq in self.onboarder.ready():
+                self.scheduler.add(seq)
         out = self.scheduler.schedule()
         if not out.scheduled:
+            if self.onboarder is not None:
+                self.onboarder.wait(timeout=0.01)  # nothing runs until a G3 read lands
             return []
         logits = self.runner.execute(out)
         self.scheduler.update(out)
@@ -286,6 +322,12 @@ class LLMEngine:
             return
         for request_id in list(self._requests):
             self.abort(request_id)
+        if self.onboarder is not None:
+            while self.onboarder.num_pending:  # copies still landing in G1 blocks
+                self.onboarder.wait(timeout=0.1)
+                self.onboarder.ready()
+        if self.tier_store is not None:
+            self.tier_store.close()
         self._closed = True
 
     # -- disaggregated serving: a prompt whose KV another worker computes (decode_pool/) -----------

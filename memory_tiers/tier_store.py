@@ -325,6 +325,18 @@ class TierStore:
         self._flush_events()
 
     # -- lifecycle / introspection -------------------------------------------------------------------
+    def spill_all(self) -> int:
+        """Demote every cached, unpinned G2 block to G3 (writes queued; ``flush`` waits for them).
+        Used before a planned restart, and to measure the G3 path. Returns the number demoted."""
+        if self.disk is None:
+            return 0
+        with self._cond:
+            victims = self.slots.victims(self.slots.capacity)
+            for h in victims:
+                self._evict(h)
+        self._flush_events()
+        return len(victims)
+
     def flush(self) -> None:
         """Wait until every queued G3 write has ended."""
         if self.disk is not None:
