@@ -36,15 +36,23 @@ def make_kv_transport(cfg: WorkerConfig) -> KVTransport:
 
 
 class EvictionLog:
-    """Hashes of the prefix blocks an engine evicted, oldest first, until someone takes them.
+    """Hashes of the prefix blocks an engine evicted from G1, oldest first, until someone takes them.
 
-    Bounded: with nobody draining it, the oldest entries are dropped (a router that misses one keeps
-    a stale index entry, which costs it one mispriced request). Thread-safe (a deque): the engine's
-    thread appends, a Ray call takes."""
+    With lower tiers on, an evicted block may live on in G2/G3 (the router drops only its G1
+    entry). Bounded: with nobody draining it, the oldest entries are dropped (a router that misses
+    one keeps a stale index entry, which costs it one mispriced request). Thread-safe (a deque):
+    the engine's thread appends, a Ray call takes."""
 
     def __init__(self, engine: LLMEngine, maxlen: int = 1 << 16) -> None:
         self._hashes: deque[bytes] = deque(maxlen=maxlen)
-        engine.block_manager.on_evict = lambda block_hash, _block_id: self._hashes.append(block_hash)
+        bm = engine.block_manager
+        self._chained = bm.on_evict  # the engine's tier store offloads through the same hook
+        bm.on_evict = self._on_evict
+
+    def _on_evict(self, block_hash: bytes, block_id: int) -> None:
+        if self._chained is not None:
+            self._chained(block_hash, block_id)  # first: it copies the block's KV while still intact
+        self._hashes.append(block_hash)
 
     def take(self) -> list[bytes]:
         out = []

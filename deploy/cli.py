@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": ("engine.cli_generate", "generate text in-process (or from a server with --server)"),
     "bench engine": ("engine.bench", "output tokens/s of Tandem vs transformers generate"),
+    "bench prefix-cache": (
+        "engine.bench_prefix",
+        "time to first token with a 2,000-token prefix cached in G1 / G2 / G3 vs uncached",
+    ),
     "kv-bench": ("kv_transfer.bench", "paged-KV transfer microbenchmark over NIXL and ucxx"),
     "tier-bench": ("memory_tiers.bench", "G2 / G3 block store throughput against their ceilings"),
     "serve": ("router.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, demo model)"),

@@ -215,3 +215,43 @@ def test_mark_computed_hashes_outputs_incrementally() -> None:
     assert bm.lookup_prefix([1, 2, 3, 4, 5, 6, 7, 8, 9]) == 2
     bm.free(seq)
     assert bm.block_hashes("s") == [] and bm.num_used_blocks == 0
+
+
+def test_evict_cached_offloads_lru_first_and_frees_the_blocks() -> None:
+    bm, evicted = make_bm()
+    seq = Sequence("a", list(range(9)))  # two full blocks (hashed) + one partial
+    run_prompt(bm, seq)
+    table = list(seq.block_table)
+    bm.free(seq)  # tail first: the partial block is plain-free, then block 1, then block 0 cached
+    assert bm.num_cached_blocks == 2
+    assert bm.evict_cached(1) == 1
+    hashes = hash_blocks(list(range(9)), 4, FP)
+    assert evicted == [(hashes[1], table[1])]  # the tail of the prefix leaves first
+    assert bm.evict_cached() == 1
+    assert evicted == [(hashes[1], table[1]), (hashes[0], table[0])]
+    assert bm.num_cached_blocks == 0 and bm.lookup_prefix(list(range(9))) == 0
+    assert bm.num_free_blocks == 8 and bm.num_used_blocks == 0
+
+
+def test_take_register_release_makes_an_onboarded_block_a_prefix_hit() -> None:
+    bm, evicted = make_bm(num_blocks=3)
+    tokens = list(range(8))
+    hashes = hash_blocks(tokens, 4, FP)
+    ids = [bm.take_block(), bm.take_block()]
+    assert ids == [0, 1] and bm.num_used_blocks == 2
+    for block_id, h, start in zip(ids, hashes, (0, 4), strict=True):
+        bm.register(block_id, h, tokens[start : start + 4])  # KV copied in from G2 / G3
+        bm.release_block(block_id)
+    assert bm.num_used_blocks == 0 and bm.lookup_prefix(tokens) == 2
+    seq = Sequence("b", tokens + [99])
+    assert bm.allocate_prompt(seq)
+    assert seq.block_table == [0, 1] and seq.num_cached_tokens == 8
+    bm.free(seq)
+    assert bm.take_block() == 2  # plain free first
+    assert bm.take_block() == 1  # then the LRU cached block (freed tail-first), offloaded first
+    assert evicted == [(hashes[1], 1)]
+    assert bm.take_block() == 0
+    assert bm.take_block() is None  # everything in use
+    for block_id in (0, 1, 2):
+        bm.release_block(block_id)
+    assert bm.num_used_blocks == 0
