@@ -138,7 +138,17 @@ def test_dtype_and_overrides(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     rc = cli_main(
-        ["make-model", "--out", str(out), "--arch", "mistral", "--num-shards", "2", "--set", "num_hidden_layers=3"]
+        [
+            "make-model",
+            "--out",
+            str(out),
+            "--arch",
+            "mistral",
+            "--num-shards",
+            "2",
+            "--set",
+            "num_hidden_layers=3",
+        ]
     )
     assert rc == 0
     cfg = json.loads((out / "config.json").read_text())
