@@ -151,15 +151,42 @@ class TorchAttention:
             else:
                 idx = torch.tensor(group, dtype=torch.int64, device=q.device)
                 tables, seq_lens, rows = meta.block_tables[first + idx], meta.seq_lens[first + idx], t0 + idx
-            k, v = _gather(kv_layer, tables, nb)  # (S_g, H_kv, nb*B, D)
-            valid = torch.arange(nb * block_size, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)
-            mask = valid[:, None, None, :]  # (S_g, 1, 1, nb*B)
-            s_g, h_kv = k.shape[0], k.shape[1]
-            # GQA without expanding K/V: the query heads sharing a KV head become that head's
-            # "query positions" (heads h*g .. h*g+g-1 use KV head h, as in transformers' repeat_kv)
-            qd = q[rows].view(s_g, h_kv, -1, q.shape[-1])  # (S_g, H_kv, group, D)
-            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale)
-            out[rows] = o.reshape(s_g, -1, q.shape[-1])  # (S_g, H_q, D)
+            if q.dtype == torch.float32:
+                out[rows] = _decode_group(q[rows], kv_layer, tables, seq_lens, nb, scale)
+            else:  # bf16 / fp16: SDPA's kernel, whose rounding the reference shares
+                k, v = _gather(kv_layer, tables, nb)  # (S_g, H_kv, nb*B, D)
+                valid = torch.arange(nb * block_size, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)
+                qd = q[rows].view(k.shape[0], k.shape[1], -1, q.shape[-1])  # (S_g, H_kv, group, D)
+                o = F.scaled_dot_product_attention(qd, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+                out[rows] = o.reshape(k.shape[0], -1, q.shape[-1])  # (S_g, H_q, D)
+
+
+def _decode_group(
+    q: torch.Tensor,  # (S, H_q, D)
+    kv_layer: torch.Tensor,  # (N, 2, H_kv, B, D)
+    tables: torch.Tensor,  # (S, >= nb) block ids
+    seq_lens: torch.Tensor,  # (S,)
+    nb: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence against its first ``nb`` blocks, without laying the blocks of a
+    head side by side: scores are taken block by block (a batched matmul over (S, nb, H_kv)) and
+    the softmax runs over all of a sequence's blocks at once. The only copy of K/V is the gather
+    of whole blocks. GQA without expanding K/V: query heads h*g .. h*g+g-1 read KV head h, as in
+    transformers' repeat_kv. fp32 only: in bf16 its rounding differs from SDPA's kernel."""
+    s, _, d = q.shape
+    _, _, h, b, _ = kv_layer.shape
+    ids = tables[:, :nb].reshape(-1).long()  # (S*nb,)
+    k = kv_layer[:, 0].index_select(0, ids).view(s, nb, h, b, d)  # (S, nb, H_kv, B, D)
+    v = kv_layer[:, 1].index_select(0, ids).view(s, nb, h, b, d)
+    qg = q.view(s, 1, h, -1, d)  # (S, 1, H_kv, g, D)
+    g = qg.shape[3]
+    scores = torch.matmul(qg.expand(s, nb, h, g, d), k.transpose(-1, -2)) * scale  # (S, nb, H_kv, g, B)
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(s, h, g, nb * b)  # (S, H_kv, g, nb*B)
+    valid = torch.arange(nb * b, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)  # (S, nb*B)
+    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+    probs = probs.view(s, h, g, nb, b).permute(0, 3, 1, 2, 4)  # (S, nb, H_kv, g, B)
+    return torch.matmul(probs, v).sum(1).reshape(s, -1, d)  # (S, H_q, D)
 
 
 def _length_groups(lens: list[int], slack: float = 1.3) -> list[list[int]]:
