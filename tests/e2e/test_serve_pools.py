@@ -200,7 +200,6 @@ def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:
     from decode_pool.ray_util import PoolSpec
     from prefill_pool.pool import build_prefill_pool
 
-    os.environ.update(RAY_ENV)
     cfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
     prefill = build_prefill_pool(cfg, PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0))
     try:
