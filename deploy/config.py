@@ -9,6 +9,7 @@ is :func:`default_config` written out) to a multi-node Ray cluster (``deploy/exa
     topology                 node -> NVLink domain / rack, link bandwidths, kv-bench calibration
     metadata                 "memory" (in the router) or a redis:// URL (several routers, restarts)
     router                   address, policy, disaggregation, admission limits, tracing
+    ray                      the cluster `tandem launch` joins, the namespace of its named actors
 
 Unknown keys are errors (a typo must not silently fall back to a default), and every error names
 the field by its dotted path: ``pools.decode.replicas: Input should be greater than or equal to 1``.
@@ -192,6 +193,13 @@ class RouterConfig(_Strict):
     tracing: TracingConfig = TracingConfig()
 
 
+class RaySection(_Strict):
+    """Where ``tandem launch`` / ``status`` / ``stop`` find the cluster (``--address`` wins)."""
+
+    address: str | None = None  # "HOST:6379" or "auto"; None: RAY_ADDRESS, else "auto"
+    namespace: str = Field(default="tandem", min_length=1)  # the named, detached actors live here
+
+
 class TandemConfig(_Strict):
     version: Literal[1] = 1
     model: str = Field(default="demo", min_length=1)  # "demo" (generated locally) or a checkpoint directory
@@ -202,6 +210,7 @@ class TandemConfig(_Strict):
     topology: TopologyConfig = TopologyConfig()
     metadata: MetadataConfig = MetadataConfig()
     router: RouterConfig = RouterConfig()
+    ray: RaySection = RaySection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TandemConfig:
