@@ -62,6 +62,10 @@ class WorkerConfig:
     lease_s: float = 60.0  # how long a decode reservation waits for its KV
     ack_timeout_s: float = 30.0  # how long a prefill worker waits for the decode worker's commit
     torch_threads: int = 0  # > 0: torch.set_num_threads (one core per worker in the benchmark)
+    # Lower KV tiers (memory_tiers/): G2 host bytes (0: none) and G3 under <disk_kv_dir>/<worker_id>
+    host_kv_bytes: int = 0
+    disk_kv_dir: str | None = None
+    disk_kv_bytes: int = 0
 
 
 @dataclass(slots=True)

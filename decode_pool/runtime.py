@@ -4,6 +4,7 @@ and the log of prefix blocks their engine evicted (which the router drains to fi
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,9 @@ def make_engine(cfg: WorkerConfig) -> LLMEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             enable_chunked_prefill=cfg.enable_chunked_prefill,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            host_kv_bytes=cfg.host_kv_bytes,
+            disk_kv_dir=str(Path(cfg.disk_kv_dir) / cfg.worker_id) if cfg.disk_kv_dir else None,
+            disk_kv_bytes=cfg.disk_kv_bytes,
         )
     )
 

@@ -18,6 +18,7 @@ Pure: imports no ray, torch or grpc, so the CLI can validate a file without star
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -104,6 +105,10 @@ class TiersConfig(_Strict):
 
     @property
     def resolved_dir(self) -> Path:
+        """The directory, with the default ``~/.cache/tandem`` root following ``$TANDEM_HOME``."""
+        root = Path("~/.cache/tandem")
+        if self.dir.parts[: len(root.parts)] == root.parts and os.environ.get("TANDEM_HOME"):
+            return Path(os.environ["TANDEM_HOME"]).joinpath(*self.dir.parts[len(root.parts) :])
         return self.dir.expanduser()
 
 

@@ -56,6 +56,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # Lower KV tiers (memory_tiers/): G2 host slots (0: no tiers) and an optional G3 directory.
     host_kv_blocks: int = 0
+    host_kv_bytes: int = 0  # alternative to host_kv_blocks: G2 capacity in bytes
     disk_kv_dir: str | None = None
     disk_kv_bytes: int = 0
 
@@ -144,7 +145,8 @@ class LLMEngine:
             num_blocks = max(1, min(config.kv_cache_bytes // layout.block_bytes, needed))
         self.kv_cache = layout.allocate(num_blocks, config.device)
         self.tier_store: TierStore | None = None
-        if config.host_kv_blocks > 0 and config.enable_prefix_caching:
+        host_blocks = config.host_kv_blocks or config.host_kv_bytes // layout.block_bytes
+        if host_blocks > 0 and config.enable_prefix_caching:
             from memory_tiers.device_pool import TorchDevicePool
             from memory_tiers.tier_store import TierConfig, TierStore
 
@@ -152,7 +154,7 @@ class LLMEngine:
                 layout,
                 TorchDevicePool(self.kv_cache, layout),
                 TierConfig(
-                    host_blocks=config.host_kv_blocks,
+                    host_blocks=host_blocks,
                     disk_dir=config.disk_kv_dir,
                     disk_bytes=config.disk_kv_bytes,
                     model_fingerprint=mc.fingerprint,

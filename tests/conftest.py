@@ -11,6 +11,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Demo checkpoints and KV tier files of a test session live in a fresh directory: no test reads the
+# user's cache, and no G3 block of an earlier run is ever served to this one.
+if "TANDEM_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["TANDEM_HOME"] = tempfile.mkdtemp(prefix="tandem-test-home-")
 
 import pytest  # noqa: E402
 

@@ -29,7 +29,16 @@ def test_local_yaml_is_the_embedded_default() -> None:
     assert cfg.is_demo and not cfg.metadata.is_redis
     assert (cfg.tiers.g1.capacity, cfg.tiers.g2.capacity) == (256 << 20, 1 << 30)
     assert cfg.tiers.g3 is not None and cfg.tiers.g3.capacity == 4 << 30
-    assert cfg.tiers.resolved_dir == Path.home() / ".cache/tandem/tiers"
+
+
+def test_default_tier_dir_follows_tandem_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tiers = default_config().tiers
+    monkeypatch.delenv("TANDEM_HOME", raising=False)
+    assert tiers.resolved_dir == Path.home() / ".cache/tandem/tiers"
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+    assert tiers.resolved_dir == tmp_path / "tiers"
+    custom = parse_config({"tiers": {"dir": "/srv/kv"}}).tiers  # an explicit directory stays put
+    assert custom.resolved_dir == Path("/srv/kv")
 
 
 def test_dump_round_trips(tmp_path: Path) -> None:
