@@ -59,6 +59,8 @@ bench-engine: $(STAMP)
 # All benchmarks whose figures go into docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/tandem bench engine
+	$(BIN)/tandem bench prefix-cache
+	$(BIN)/tandem bench pools
 	$(BIN)/tandem kv-bench
 	$(BIN)/tandem tier-bench
 
