@@ -169,18 +169,21 @@ class BlockManager:
 
     # ---- allocation ---------------------------------------------------------------------------
 
+    def _evict_lru(self) -> int:
+        """Drop the least recently used cached-free block from the cache (``on_evict`` first, while
+        its KV is intact); returns its id, now hashless with ``ref_count == 0``."""
+        block_id, _ = self._cached_free.popitem(last=False)
+        block = self._blocks[block_id]
+        assert block.block_hash is not None
+        if self.on_evict is not None:
+            self.on_evict(block.block_hash, block_id)
+        del self._hash_to_block[block.block_hash]
+        block.block_hash = None
+        block.token_ids = None
+        return block_id
+
     def _take_free_block(self) -> int:
-        if self._free:
-            block_id = self._free.popleft()
-        else:
-            block_id, _ = self._cached_free.popitem(last=False)
-            block = self._blocks[block_id]
-            assert block.block_hash is not None
-            if self.on_evict is not None:
-                self.on_evict(block.block_hash, block_id)
-            del self._hash_to_block[block.block_hash]
-            block.block_hash = None
-            block.token_ids = None
+        block_id = self._free.popleft() if self._free else self._evict_lru()
         self._blocks[block_id].ref_count = 1
         return block_id
 
@@ -280,15 +283,7 @@ class BlockManager:
         ``on_evict`` for each (so a lower tier can take them). Returns how many were evicted."""
         n = 0
         while self._cached_free and (max_blocks is None or n < max_blocks):
-            block_id, _ = self._cached_free.popitem(last=False)
-            block = self._blocks[block_id]
-            assert block.block_hash is not None
-            if self.on_evict is not None:
-                self.on_evict(block.block_hash, block_id)
-            del self._hash_to_block[block.block_hash]
-            block.block_hash = None
-            block.token_ids = None
-            self._free.append(block_id)
+            self._free.append(self._evict_lru())
             n += 1
         return n
 
