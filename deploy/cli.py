@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "decode_pool.bench_itl",
         "inter-token latency of running decodes: colocated (never) vs disaggregated (always) pools",
     ),
+    "launch": ("deploy.launch", "start (or update) the pools and router on a running Ray cluster"),
+    "status": ("deploy.status", "pools, workers, their nodes, load and G1 occupancy of a launch"),
+    "stop": ("deploy.stop", "drain the launched router and stop it and the pools"),
     "bench serve": (
         "router.bench_serve",
         "load generator against tandem serve: throughput, TTFT, ITL, latency",

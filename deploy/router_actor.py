@@ -29,7 +29,9 @@ START_TIMEOUT_S = 300.0
 class RouterActor:
     """Hosts the gRPC router; ``cfg_json`` is the validated TandemConfig as JSON."""
 
-    def __init__(self, cfg_json: str, prefill: list[str], decode: list[str], namespace: str, digest: str) -> None:
+    def __init__(
+        self, cfg_json: str, prefill: list[str], decode: list[str], namespace: str, digest: str
+    ) -> None:
         from deploy.config import TandemConfig
 
         self.cfg = TandemConfig.model_validate_json(cfg_json)
@@ -137,7 +139,9 @@ class RouterActor:
 
         def place(node: str) -> Placement:
             t = topo.nodes.get(node)
-            return Placement(node=node, nvlink_domain=t.nvlink_domain if t else None, rack=t.rack if t else None)
+            return Placement(
+                node=node, nvlink_domain=t.nvlink_domain if t else None, rack=t.rack if t else None
+            )
 
         topology = Topology.build(
             {w: place(n) for w, n in nodes.items()},
