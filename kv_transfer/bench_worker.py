@@ -162,7 +162,7 @@ def _raw(tx: Any, backend: str, dest: KVDestination, size: int, count: int) -> t
     p = tx.pool
     tx._connect(dest)
     if backend == "nixl":
-        remote_name = tx._remotes[dest.receiver]
+        remote_name = tx._remotes[dest.receiver].name
         handles = []
         for c in range(count):
             local = np.array([(p.base_addr + c * size, size, 0)], dtype=np.uint64)

@@ -35,7 +35,7 @@ import xxhash
 try:  # hardware CRC32C that releases the GIL: the sender hashes on a thread, overlapped with its WRITE
     import crc32c as _crc32c
 except ImportError:  # pragma: no cover - exercised only where the package is missing
-    _crc32c = None
+    _crc32c = None  # type: ignore[assignment]
 
 MAGIC = 0x4B565431  # "KVT1"
 VERSION = 1

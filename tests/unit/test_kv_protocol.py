@@ -7,6 +7,7 @@ import pytest
 import xxhash
 
 from kv_transfer.protocol import (
+    DIGEST_NAME,
     KIND_ACK,
     KIND_DATA,
     STATUS_FAILED,
@@ -85,9 +86,26 @@ def test_regions_layer_major() -> None:
     ]
 
 
+def _reference_digest(data: bytes) -> int:
+    """The digest computed by the reference implementation of the algorithm protocol.py uses."""
+    if DIGEST_NAME == "crc32c":
+        import crc32c
+
+        return crc32c.crc32c(data)
+    assert DIGEST_NAME == "xxh3-64"
+    return xxhash.xxh3_64(data).intdigest()
+
+
+def test_digest_is_a_known_algorithm_with_known_value() -> None:
+    data = b"123456789"  # the standard CRC check input: CRC-32C("123456789") = 0xE3069283
+    expected = 0xE3069283 if DIGEST_NAME == "crc32c" else xxhash.xxh3_64(data).intdigest()
+    assert digest([data]) == expected
+    assert digest([b"1234", b"", b"56789"]) == expected
+
+
 def test_digest_independent_of_cuts() -> None:
     data = bytes(range(256)) * 64
-    whole = xxhash.xxh3_64(data).intdigest()
+    whole = _reference_digest(data)
     assert digest([data]) == whole
     assert digest([data[:100], data[100:4000], data[4000:]]) == whole
     flipped = bytearray(data)

@@ -60,6 +60,16 @@ def setup_sender(state: State, layout: dict[str, Any], num_blocks: int, seed: in
     return state.tx.name
 
 
+def set_chunk_bytes(state: State, nbytes: int) -> int:
+    """NIXL only: cut messages over ``nbytes`` into several WRITEs (one header each); returns the
+    previous limit."""
+    from kv_transfer import nixl_backend
+
+    prev = nixl_backend.CHUNK_BYTES
+    nixl_backend.CHUNK_BYTES = nbytes
+    return prev
+
+
 def reserve(state: State, request_id: str, block_ids: list[int], deadline_s: float) -> KVDestination:
     assert state.layout is not None
     return state.rx.reserve(request_id, block_ids, state.layout.num_layers, deadline_s)
@@ -166,6 +176,7 @@ COMMANDS = {
     for f in (
         setup_receiver,
         setup_sender,
+        set_chunk_bytes,
         reserve,
         poll_until,
         release,

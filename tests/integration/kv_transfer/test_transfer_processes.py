@@ -61,6 +61,33 @@ def test_bytes_arrive_identical(
     assert tx.call("num_in_flight") == 0
 
 
+def test_nixl_large_message_goes_in_verified_chunks(pair: tuple[Peer, Peer]) -> None:
+    """A whole-request message bigger than the NIXL chunk limit travels as one WRITE + header per
+    layer: every byte arrives, and a flipped byte in the first chunk still fails the handoff."""
+    rx, tx = pair
+    if tx.backend != "nixl":
+        pytest.skip("chunking is NIXL's")
+    src = [3, 4, 5, 6, 20, 11, 12]
+    dst = [10, 11, 12, 40, 41, 5, 63]
+    layer_bytes = len(src) * 2 * 1 * 16 * 64 * 2  # WIDE, bfloat16: one layer of the message
+    prev = tx.call("set_chunk_bytes", nbytes=layer_bytes)
+    try:
+        _setup(rx, tx, WIDE, "bfloat16")
+        sent, got = _transfer(rx, tx, ["c1"], [dst], [src], mode="whole")
+        assert sent == [("ok", 1)]
+        assert got == {"c1": ("completed", "")}
+        assert rx.call("read_blocks", block_ids=dst) == tx.call("read_src", block_ids=src)
+        assert rx.call("release", request_ids=["c1"]) == 0
+        sent, got = _transfer(rx, tx, ["c2"], [dst], [src], mode="whole", corrupt=True)
+        assert got["c2"][0] == "failed"
+        assert "digest mismatch on layer 0 blocks 0..6" in got["c2"][1]
+        assert sent[0][0] == "err"
+        assert rx.call("num_reserved") == 0
+        assert tx.call("num_in_flight") == 0
+    finally:
+        tx.call("set_chunk_bytes", nbytes=prev)
+
+
 def test_flipped_byte_is_detected(pair: tuple[Peer, Peer]) -> None:
     rx, tx = pair
     _setup(rx, tx, SMALL, "bfloat16")
