@@ -108,24 +108,10 @@ def connect(address: str | None, namespace: str) -> None:
 
 def worker_config(cfg: TandemConfig, pool: PoolConfig, worker_id: str) -> WorkerConfig:
     from engine.demo import demo_model_dir
+    from router.pools_backend import worker_config as from_tandem
 
     model = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-    e = cfg.engine
-    return WorkerConfig(
-        model=model,
-        worker_id=worker_id,
-        dtype=cfg.dtype,
-        device=pool.device,
-        block_size=e.block_size,
-        kv_cache_bytes=int(cfg.tiers.g1.capacity),
-        host_kv_bytes=int(cfg.tiers.g2.capacity) if cfg.tiers.g2 else 0,
-        disk_kv_dir=str(cfg.tiers.resolved_dir) if cfg.tiers.g3 else None,
-        disk_kv_bytes=int(cfg.tiers.g3.capacity) if cfg.tiers.g3 else 0,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        enable_prefix_caching=e.enable_prefix_caching,
-        kv_backend="nixl",
-    )
+    return from_tandem(cfg, model, worker_id=worker_id, device=pool.device)
 
 
 def _digest(*parts: Any) -> str:

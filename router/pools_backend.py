@@ -121,19 +121,7 @@ class PoolsBackend:
 
         try:
             e = cfg.engine
-            wcfg = WorkerConfig(
-                model=model_dir,
-                dtype=cfg.dtype,
-                block_size=e.block_size,
-                kv_cache_bytes=int(cfg.tiers.g1.capacity),
-                host_kv_bytes=int(cfg.tiers.g2.capacity) if cfg.tiers.g2 else 0,
-                disk_kv_dir=str(cfg.tiers.resolved_dir) if cfg.tiers.g3 else None,
-                disk_kv_bytes=int(cfg.tiers.g3.capacity) if cfg.tiers.g3 else 0,
-                max_num_seqs=e.max_num_seqs,
-                max_num_batched_tokens=e.max_num_batched_tokens,
-                enable_prefix_caching=e.enable_prefix_caching,
-                kv_backend="nixl",
-            )
+            wcfg = worker_config(cfg, model_dir)
 
             def spec(p: Any) -> PoolSpec:
                 return PoolSpec(p.replicas, p.num_cpus, p.num_gpus, dict(p.resources), dict(p.node_labels))
@@ -426,6 +414,28 @@ def _init_ray(address: str | None) -> str | None:
     # address="local" and a fresh temp dir: never attach to (or hang on) a stale cluster (MEASURED.md)
     ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
     return temp_dir
+
+
+def worker_config(
+    cfg: Any, model_dir: str | Path, worker_id: str = "worker-0", device: str = "cpu"
+) -> WorkerConfig:
+    """What every worker of a deployment runs, from its TandemConfig (engine knobs, G1/G2/G3)."""
+    e = cfg.engine
+    return WorkerConfig(
+        model=model_dir,
+        worker_id=worker_id,
+        dtype=cfg.dtype,
+        device=device,
+        block_size=e.block_size,
+        kv_cache_bytes=int(cfg.tiers.g1.capacity),
+        host_kv_bytes=int(cfg.tiers.g2.capacity) if cfg.tiers.g2 else 0,
+        disk_kv_dir=str(cfg.tiers.resolved_dir) if cfg.tiers.g3 else None,
+        disk_kv_bytes=int(cfg.tiers.g3.capacity) if cfg.tiers.g3 else 0,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        enable_prefix_caching=e.enable_prefix_caching,
+        kv_backend="nixl",
+    )
 
 
 def _with_device(cfg: WorkerConfig, device: str) -> WorkerConfig:
