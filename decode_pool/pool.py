@@ -7,33 +7,22 @@ and returns one :class:`RayDecodeHandle` per replica for ``decode_pool.coordinat
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import ray
 
 from decode_pool.handoff import FirstToken, KVGrant, TokenChunk, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.ray_util import PoolSpec, actor_class, call
+from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
 from decode_pool.worker import DecodeWorker
 
 
-class DecodeActor(DecodeWorker):
+class DecodeActor(ActorIdentity, DecodeWorker):
     """A DecodeWorker whose loop thread runs from construction."""
 
     def __init__(self, config: WorkerConfig) -> None:
         super().__init__(config)
         self.start_loop()
-
-    def ready(self) -> str:
-        return self.worker_id
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node_ip(self) -> str:
-        """The IP of the Ray node this worker runs on (the router's topology keys nodes by it)."""
-        return str(ray.util.get_node_ip_address())
 
 
 class RayDecodeHandle:

@@ -8,6 +8,7 @@ blindly — the coordinator decides).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,3 +57,20 @@ async def call(ref: Any, worker_id: str) -> Any:
         return await ref
     except RayActorError as e:
         raise WorkerDied(f"worker {worker_id} died: {type(e).__name__}") from e
+
+
+class ActorIdentity:
+    """What every worker actor answers about itself: readiness, pid, node. Mixed into the actor
+    classes of both pools (the workers themselves stay Ray-free)."""
+
+    worker_id: str
+
+    def ready(self) -> str:
+        return self.worker_id
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_ip(self) -> str:
+        """The IP of the Ray node this worker runs on (the router's topology keys nodes by it)."""
+        return str(ray.util.get_node_ip_address())

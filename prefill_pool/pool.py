@@ -8,34 +8,23 @@ takes. ``shutdown(handles)`` kills them.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import ray
 
 from decode_pool.handoff import FirstToken, KVGrant, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.ray_util import PoolSpec, actor_class, call
+from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
 from prefill_pool.worker import PrefillWorker
 
 CANCEL_WAIT_S = 30.0
 
 
-class PrefillActor(PrefillWorker):
+class PrefillActor(ActorIdentity, PrefillWorker):
     """A PrefillWorker whose loop thread runs from construction (Ray calls its methods on threads)."""
 
     def __init__(self, config: WorkerConfig) -> None:
         super().__init__(config)
         self.start_loop()
-
-    def ready(self) -> str:
-        return self.worker_id
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node_ip(self) -> str:
-        """The IP of the Ray node this worker runs on (the router's topology keys nodes by it)."""
-        return str(ray.util.get_node_ip_address())
 
     def cancel_and_wait(self, request_id: str) -> None:
         """``cancel``, returning once the loop has released the request (so the caller may free
