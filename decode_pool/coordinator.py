@@ -20,6 +20,10 @@ decide (the router sets ``always`` / ``never`` per request from its cost model),
 least ``auto_min_prompt_tokens`` tokens go to the prefill pool. Every way out — finish, caller
 cancel, failure — leaves no block held on any live worker. Pure asyncio over the handle protocols:
 no torch and no Ray here (decode_pool/pool.py and prefill_pool/pool.py adapt Ray actors).
+
+Tracing: the handles pass the caller's current trace context with each call (router/telemetry.py),
+so the workers' spans join the request's trace; a retried prefill or a resumed decode adds an event
+to that current span. ``PoolRequest.on_handoff`` sees every committed handoff (transfer metrics).
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
+
+from opentelemetry import trace
 
 from decode_pool.handoff import (
     DISAGGREGATION_MODES,
@@ -47,6 +54,8 @@ from decode_pool.handoff import (
 )
 from engine.sampling_params import SamplingParams
 from kv_transfer.protocol import KVTransferError, NoRoomError
+
+log = logging.getLogger(__name__)
 
 
 class PrefillHandle(Protocol):
@@ -84,6 +93,9 @@ class PoolRequest:
     prefill_worker: str | None = None  # placement chosen by the router (None: round robin)
     decode_worker: str | None = None
     deadline_s: float | None = None  # from submit; past it the request is cancelled ("deadline exceeded")
+    # called with each committed handoff's FirstToken (KV bytes, transfer timing) and its decode
+    # worker's id, e.g. for metrics
+    on_handoff: Callable[[FirstToken, str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -233,12 +245,13 @@ class Pools:
             except _CallerCancelled:
                 yield self._error(live, live.cancel_reason)
                 return
-            except WorkerDied:
+            except WorkerDied as e:
                 live.decode = None
                 if live.cancelled:
                     yield self._error(live, live.cancel_reason)
                     return
                 dead_decode.add(d.worker_id)  # resume on another one
+                _event("tandem.decode_resume", d.worker_id, e, streamed=len(live.streamed))
             except (PoolError, KVTransferError) as e:
                 if live.cancelled:
                     yield self._error(live, live.cancel_reason)
@@ -273,10 +286,16 @@ class Pools:
                     raise
                 last_error = f"prefill on {p.worker_id} failed: {e}"
                 dead_prefill.add(p.worker_id)
+                _event("tandem.prefill_retry", p.worker_id, e)
                 await d.cancel(rid)  # frees the reservation; raises WorkerDied if d is the dead one
                 continue
             live.prefill = None
             live.firsts.append(first)
+            if live.req.on_handoff is not None:
+                try:
+                    live.req.on_handoff(first, d.worker_id)
+                except Exception:  # an observer must never fail the request
+                    log.warning("on_handoff of %s failed", rid, exc_info=True)
             if live.cancelled:
                 raise _CallerCancelled
             await d.start(rid, first)
@@ -321,6 +340,13 @@ class Pools:
             if h.worker_id == preferred:
                 return h
         return alive[next(rr) % len(alive)]
+
+
+def _event(name: str, worker_id: str, e: BaseException, **attrs: int) -> None:
+    """A failover on the request's current span (a no-op when it is not recorded)."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(name, {"tandem.worker": worker_id, "tandem.error": str(e), **attrs})
 
 
 def _error_kind(e: BaseException) -> str:

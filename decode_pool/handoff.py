@@ -64,6 +64,9 @@ class WorkerConfig:
     torch_threads: int = 0  # > 0: torch.set_num_threads (one core per worker in the benchmark)
     # Lower KV tiers (memory_tiers/): G2 host bytes (0: none) and G3 under <disk_kv_dir>/<worker_id>
     host_kv_bytes: int = 0
+    # Decode: host inbox blocks for KV landing in G2 when G1 is full (0: one longest prompt, at most
+    # the G2 size). Transfers to G2 in flight are bounded by it (decode_pool/g2_landing.py).
+    host_landing_blocks: int = 0
     disk_kv_dir: str | None = None
     disk_kv_bytes: int = 0
 
@@ -109,6 +112,9 @@ class FirstToken:
     top_logprobs: list[tuple[int, float]] | None = None
     num_cached_tokens: int = 0  # prompt tokens the prefill worker served from its prefix cache
     kv_bytes: int = 0  # bytes sent to the decode worker
+    kv_transfer_start_ns: int = 0  # time.time_ns() when the first layer was posted; 0: nothing sent
+    kv_transfer_s: float = 0.0  # first layer posted -> the decode worker's commit ack
+    kv_layers: int = 0  # distinct layers sent
 
 
 @dataclass(slots=True)
@@ -150,5 +156,9 @@ class WorkerLoad:
     used_blocks: int = 0  # G1 blocks in use (ref_count > 0)
     free_blocks: int = 0  # G1 blocks allocatable now (free plus cached-free)
     total_blocks: int = 0
-    reserved_blocks: int = 0  # decode: blocks under a KV lease
+    reserved_blocks: int = 0  # decode: blocks under a KV lease (G1, or the G2 landing inbox)
     cached_blocks: int = 0  # blocks holding a reusable prefix
+    # G2 (decode workers with a host tier; all 0 without one)
+    g2_used_blocks: int = 0  # G2 slots held for requests (reserved for incoming KV, or pinned)
+    g2_free_blocks: int = 0  # G2 blocks a reservation could get now
+    g2_total_blocks: int = 0

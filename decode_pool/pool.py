@@ -2,27 +2,131 @@
 
 ``build_decode_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``decode-0``, ...)
 and returns one :class:`RayDecodeHandle` per replica for ``decode_pool.coordinator.Pools``.
+
+Tracing (router/telemetry.py): each handle call that starts work passes the caller's trace context;
+the actor opens ``tandem.kv_reserve`` around ``reserve`` and one ``tandem.decode`` span per request
+from ``start`` / ``submit_local`` until ``take`` hands out its last chunk (or ``cancel``). With the
+tracer off nothing is opened and ``take`` does one dict check.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
+from opentelemetry import trace
 
+from decode_pool.actor_telemetry import ActorTelemetry
 from decode_pool.handoff import FirstToken, KVGrant, TokenChunk, WorkerConfig, WorkerLoad, WorkRequest
 from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
 from decode_pool.worker import DecodeWorker
+from router.telemetry import TelemetryConfig, extract_context, inject_context
 
 
-class DecodeActor(ActorIdentity, DecodeWorker):
-    """A DecodeWorker whose loop thread runs from construction."""
+@dataclass(slots=True)
+class _DecodeSpan:
+    span: Any
+    local: bool  # prefilled here (conditional disaggregation)
+    tokens: int = 0  # streamed by this worker (with a handoff, the prefill's first token too)
 
-    def __init__(self, config: WorkerConfig) -> None:
+
+class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
+    """A DecodeWorker whose loop thread runs from construction, traced when ``telemetry`` says so."""
+
+    def __init__(self, config: WorkerConfig, telemetry: TelemetryConfig | None = None) -> None:
         super().__init__(config)
+        self.setup_tracing(telemetry)
+        self._spans: dict[str, _DecodeSpan] = {}
+        self._spans_lock = threading.Lock()
         self.start_loop()
+
+    def reserve(self, req: WorkRequest, carrier: dict[str, str] | None = None) -> KVGrant:
+        if not self.tracing.enabled:
+            return super().reserve(req)
+        with self.tracing.tracer.start_as_current_span(
+            "tandem.kv_reserve", context=extract_context(carrier), attributes=self._attrs(req.request_id)
+        ) as span:
+            grant = super().reserve(req)
+            span.set_attribute("tandem.kv_reserve.blocks", len(grant.dest.block_ids))
+            span.set_attribute("tandem.kv_reserve.cached_blocks", grant.num_cached_blocks)
+        return grant
+
+    def start(self, request_id: str, first: FirstToken, carrier: dict[str, str] | None = None) -> None:
+        self._open(request_id, carrier, local=False)  # before: the first chunk may be taken at once
+        try:
+            super().start(request_id, first)
+        except BaseException as e:
+            self._close(request_id, error=repr(e))
+            raise
+
+    def submit_local(self, req: WorkRequest, carrier: dict[str, str] | None = None) -> None:
+        self._open(req.request_id, carrier, local=True, prompt_tokens=len(req.prompt_token_ids))
+        try:
+            super().submit_local(req)
+        except BaseException as e:
+            self._close(req.request_id, error=repr(e))
+            raise
+
+    def take(self, request_id: str, timeout_s: float = 0.0) -> list[TokenChunk]:
+        out = super().take(request_id, timeout_s)
+        if self._spans:
+            ds = self._spans.get(request_id)
+            if ds is not None:
+                ds.tokens += sum(len(c.token_ids) for c in out)
+                if out and out[-1].finished:
+                    self._close(request_id, last=out[-1])
+        return out
+
+    def cancel(self, request_id: str) -> bool:
+        found = super().cancel(request_id)
+        if self._spans:
+            self._close(request_id, cancelled=True)
+        return found
+
+    # -- the tandem.decode span ----------------------------------------------------------------------
+    def _attrs(self, request_id: str) -> dict[str, Any]:
+        return {"tandem.request_id": request_id, "tandem.worker_id": self.worker_id}
+
+    def _open(
+        self, request_id: str, carrier: dict[str, str] | None, local: bool, prompt_tokens: int = 0
+    ) -> None:
+        if not self.tracing.enabled:
+            return
+        attrs = {**self._attrs(request_id), "tandem.decode.local_prefill": local}
+        if local:
+            attrs["tandem.prompt_tokens"] = prompt_tokens
+        span = self.tracing.tracer.start_span(
+            "tandem.decode", context=extract_context(carrier), attributes=attrs
+        )
+        with self._spans_lock:
+            old = self._spans.pop(request_id, None)
+            self._spans[request_id] = _DecodeSpan(span, local)
+        if old is not None:  # a resumed request: the earlier attempt's span ends here
+            old.span.end()
+
+    def _close(
+        self, request_id: str, last: TokenChunk | None = None, error: str = "", cancelled: bool = False
+    ) -> None:
+        with self._spans_lock:
+            ds = self._spans.pop(request_id, None)
+        if ds is None:
+            return
+        span = ds.span
+        span.set_attribute("tandem.decode.tokens", ds.tokens)
+        if cancelled:  # by the caller: not an error of this worker
+            span.set_attribute("tandem.decode.cancelled", True)
+        if last is not None:
+            span.set_attribute("tandem.finish_reason", last.finish_reason or "")
+            if ds.local:
+                span.set_attribute("tandem.decode.cached_tokens", last.num_cached_tokens)
+            error = last.error
+        if error:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+        span.end()
 
 
 class RayDecodeHandle:
@@ -31,13 +135,13 @@ class RayDecodeHandle:
         self.worker_id = worker_id
 
     async def reserve(self, req: WorkRequest) -> KVGrant:
-        return await call(self.actor.reserve.remote(req), self.worker_id)
+        return await call(self.actor.reserve.remote(req, inject_context()), self.worker_id)
 
     async def start(self, request_id: str, first: FirstToken) -> None:
-        await call(self.actor.start.remote(request_id, first), self.worker_id)
+        await call(self.actor.start.remote(request_id, first, inject_context()), self.worker_id)
 
     async def submit_local(self, req: WorkRequest) -> None:
-        await call(self.actor.submit_local.remote(req), self.worker_id)
+        await call(self.actor.submit_local.remote(req, inject_context()), self.worker_id)
 
     async def take(self, request_id: str, timeout_s: float) -> list[TokenChunk]:
         return await call(self.actor.take.remote(request_id, timeout_s), self.worker_id)
@@ -51,14 +155,22 @@ class RayDecodeHandle:
     async def take_evictions(self) -> list[bytes]:
         return await call(self.actor.take_evictions.remote(), self.worker_id)
 
+    async def tier_usage(self) -> list[Any]:
+        return await call(self.actor.tier_usage.remote(), self.worker_id)
 
-def build_decode_pool(config: WorkerConfig, spec: PoolSpec, prefix: str = "decode") -> list[RayDecodeHandle]:
-    """Start the replicas and wait until each has loaded its model and registered its KV pool."""
+
+def build_decode_pool(
+    config: WorkerConfig, spec: PoolSpec, prefix: str = "decode", telemetry: TelemetryConfig | None = None
+) -> list[RayDecodeHandle]:
+    """Start the replicas and wait until each has loaded its model and registered its KV pool;
+    ``telemetry`` chooses the workers' span exporter (None: untraced)."""
     cls = actor_class(DecodeActor, spec)
     handles = []
     for i in range(spec.replicas):
         wid = f"{prefix}-{i}"
-        handles.append(RayDecodeHandle(cls.remote(dataclasses.replace(config, worker_id=wid)), wid))
+        handles.append(
+            RayDecodeHandle(cls.remote(dataclasses.replace(config, worker_id=wid), telemetry), wid)
+        )
     ray.get([h.actor.ready.remote() for h in handles])
     return handles
 

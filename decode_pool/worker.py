@@ -1,17 +1,24 @@
 """DecodeWorker: reserves KV for incoming handoffs, adopts committed requests into its running batch
 and streams their tokens (continuous batching); it can also prefill a request itself.
 
-A request here is in one of three places::
+A request here is in one of four places::
 
     reserve()  ──▶ _reserved (blocks held under a KV lease; the receiver checks every layer's digest)
+                     │ in G1 when it has room, else in G2 (g2_landing.py: host memory the sender
+                     │ WRITEs into; committed blocks are cached G2 blocks under their hashes)
                      │ Completed (all layers verified): committed, waiting for start()
                      │ Failed (digest, lease expiry, dead sender) / cancel: blocks freed at once
     start()    ──▶ the engine's running batch (joins at the next step, leaves the step it finishes)
+                ╰─▶ G2 ones: _parked until G1 has room (FIFO), then onboarded G2 → G1 and joined
     submit_local() ─▶ the engine's waiting queue (conditional disaggregation: prefilled here)
+
+Requests waiting in G2 have the first claim on G1: a new reservation goes to G1 only if it fits
+beside the G1 blocks they will need, so a stream of small requests cannot starve them.
 
 Tokens go to a per-request stream that callers long-poll with ``take`` (a Ray call per batch of
 tokens: the "equal" of a streaming generator, and cancel-safe). Every exit — finish, cancel, failed
-handoff, close — frees the request's blocks, so ``load().used_blocks`` returns to 0.
+handoff, close — frees the request's blocks, so ``load().used_blocks`` and
+``load().g2_used_blocks`` return to 0.
 
 Thread model: every public method is thread-safe (one lock around engine and receiver); the loop
 thread (``start_loop``) polls the receiver and steps the engine; tests may call ``step`` by hand
@@ -24,8 +31,10 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from decode_pool.g2_landing import HostLanding
 from decode_pool.handoff import (
     UNKNOWN_REQUEST,
     FirstToken,
@@ -43,12 +52,13 @@ from engine.sequence import Sequence
 from kv_transfer.base import idle
 from kv_transfer.protocol import NoRoomError
 from kv_transfer.transport import Completed
+from memory_tiers.metrics import TierMetrics
 
 
 @dataclass(slots=True)
 class _Reserved:
     req: WorkRequest
-    seq: Sequence
+    seq: Sequence | None  # its G1 blocks; None: the KV lands in G2 (self.landing)
     committed: bool = False
 
 
@@ -68,9 +78,19 @@ class DecodeWorker:
         self.evictions = EvictionLog(self.engine)
         self.block_size = config.block_size
         self.num_layers = self.engine.kv_layout.num_layers
-        self.receiver = make_kv_transport(config).receiver(self.engine.kv_cache)
+        transport = make_kv_transport(config)
+        self.receiver = transport.receiver(self.engine.kv_cache)
+        self.landing: HostLanding | None = None
+        if self.engine.tier_store is not None:
+            n = config.host_landing_blocks or min(
+                self.engine.tier_store.config.host_blocks,
+                self.engine.kv_layout.blocks_for(self.engine.max_seq_len),
+            )
+            self.landing = HostLanding(self.engine, transport, n)
         self._cv = threading.Condition()
         self._reserved: dict[str, _Reserved] = {}
+        # committed in G2, started, waiting for G1 room; FIFO
+        self._parked: OrderedDict[str, tuple[WorkRequest, FirstToken]] = OrderedDict()
         self._streams: dict[str, _Stream] = {}
         self._crash_after_tokens: dict[str, int] = {}
         self._thread: threading.Thread | None = None
@@ -87,15 +107,14 @@ class DecodeWorker:
             if rid in self._streams:
                 raise PoolError(f"request {rid!r} is already on decode worker {self.worker_id}")
             try:
-                seq = self.engine.reserve_prompt(rid, req.prompt_token_ids, req.params)
+                self.engine.check_prompt(rid, req.prompt_token_ids)
+                seq = None
+                if self._fits_g1(len(req.prompt_token_ids)):
+                    seq = self.engine.reserve_prompt(rid, req.prompt_token_ids, req.params)
             except ValueError as e:
                 raise InvalidWorkRequest(f"{rid}: {e}") from e
             if seq is None:
-                bm = self.engine.block_manager
-                raise NoRoomError(
-                    f"decode worker {self.worker_id}: {len(req.prompt_token_ids)} prompt tokens do not fit "
-                    f"in {bm.num_free_blocks} free blocks"
-                )
+                return self._reserve_g2(req)
             skip = seq.num_cached_tokens // self.block_size
             try:
                 dest = self.receiver.reserve(
@@ -108,9 +127,40 @@ class DecodeWorker:
             self._streams[rid] = _Stream()
             return KVGrant(rid, self.worker_id, dest, skip)
 
+    def _fits_g1(self, num_prompt_tokens: int) -> bool:
+        """Whether a new prompt may take G1 now: always when nothing waits in G2 (the engine
+        decides), else only beside the blocks the G2 requests will need (they came first)."""
+        if self.landing is None:
+            return True
+        blocks_for = self.engine.kv_layout.blocks_for
+        in_g2 = [r.req for r in self._reserved.values() if r.seq is None]
+        in_g2 += [w for w, _ in self._parked.values()]
+        if not in_g2:
+            return True
+        claimed = sum(blocks_for(len(w.prompt_token_ids)) for w in in_g2)
+        return self.engine.block_manager.num_free_blocks - claimed >= blocks_for(num_prompt_tokens)
+
+    def _reserve_g2(self, req: WorkRequest) -> KVGrant:
+        """G1 is short: land the prompt's KV in G2 (lock held)."""
+        rid = req.request_id
+        dest = None
+        if self.landing is not None:
+            dest = self.landing.reserve(rid, req.prompt_token_ids, self.config.lease_s)
+        if dest is None:
+            bm = self.engine.block_manager
+            g2 = f" or {self.landing.room} G2 blocks" if self.landing is not None else ""
+            raise NoRoomError(
+                f"decode worker {self.worker_id}: {len(req.prompt_token_ids)} prompt tokens do not fit "
+                f"in {bm.num_free_blocks} free G1 blocks{g2}"
+            )
+        self._reserved[rid] = _Reserved(req, None)
+        self._streams[rid] = _Stream()
+        return KVGrant(rid, self.worker_id, dest, 0)
+
     def start(self, request_id: str, first: FirstToken) -> None:
         """The prefill worker reported the commit: the request joins the running batch with its
-        first token (streamed like any other)."""
+        first token (streamed like any other). A request whose KV is in G2 joins once G1 has
+        room (at once if it has)."""
         with self._cv:
             r = self._reserved.get(request_id)
             if r is None:
@@ -122,6 +172,11 @@ class DecodeWorker:
             if not r.committed:
                 raise PoolError(f"{request_id}: KV not committed on {self.worker_id}")
             del self._reserved[request_id]
+            if r.seq is None:
+                self._parked[request_id] = (r.req, first)
+                self._admit()
+                self._cv.notify_all()
+                return
             self.receiver.release(request_id)
             out = self.engine.add_prefilled(
                 r.seq, first.token_id, r.req.seed, first.logprob, first.top_logprobs
@@ -174,13 +229,18 @@ class DecodeWorker:
         """Hashes of the prefix blocks evicted since the last call (for the router's block index)."""
         return self.evictions.take()
 
+    def tier_metrics(self) -> TierMetrics | None:
+        """The host/disk tiers' counters and occupancy (None without tiers)."""
+        store = self.engine.tier_store
+        return store.metrics() if store is not None else None
+
     def load(self) -> WorkerLoad:
         with self._cv:
             bm, sch = self.engine.block_manager, self.engine.scheduler
-            return WorkerLoad(
+            load = WorkerLoad(
                 self.worker_id,
                 self.role,
-                waiting=sch.num_waiting + len(self._reserved),
+                waiting=sch.num_waiting + len(self._reserved) + len(self._parked),
                 queue_tokens=sum(len(r.req.prompt_token_ids) for r in self._reserved.values()),
                 running=sch.num_running,
                 used_blocks=bm.num_used_blocks,
@@ -189,6 +249,13 @@ class DecodeWorker:
                 reserved_blocks=self.receiver.num_reserved_blocks,
                 cached_blocks=bm.num_cached_blocks,
             )
+            store = self.engine.tier_store
+            if self.landing is not None and store is not None:
+                load.reserved_blocks += self.landing.receiver.num_reserved_blocks
+                load.g2_used_blocks = store.num_host_in_use
+                load.g2_free_blocks = self.landing.room
+                load.g2_total_blocks = store.config.host_blocks
+            return load
 
     # -- the loop ------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -224,6 +291,7 @@ class DecodeWorker:
         if self._closed:
             return False
         did = self._poll()
+        did = self._admit() or did
         outs = self.engine.step() if self.engine.has_unfinished() else []
         for o in outs:
             self._push(o)
@@ -233,19 +301,39 @@ class DecodeWorker:
 
     def _poll(self) -> bool:
         results = self.receiver.poll()
+        if self.landing is not None:
+            results += self.landing.poll()
         for res in results:
             r = self._reserved.get(res.request_id)
             if r is None:
                 continue
             if isinstance(res, Completed):
+                if r.seq is None and self.landing is not None:
+                    self.landing.commit(res.request_id)
                 r.committed = True
             else:  # the receiver already dropped its lease; free the blocks and end the request
-                del self._reserved[res.request_id]
-                self.engine.release_prompt(r.seq)
-                st = self._streams.get(res.request_id)
-                if st is not None:
-                    st.chunks.append(self._ended(res.request_id, f"KV handoff failed: {res.reason}"))
+                self._release(res.request_id)
+                self._end(res.request_id, f"KV handoff failed: {res.reason}")
         return bool(results)
+
+    def _admit(self) -> bool:
+        """Requests parked in G2 join the running batch, oldest first, while G1 has room for them:
+        G1 blocks from the engine, then G2 -> G1. True when one joined."""
+        joined = False
+        while self._parked and self.landing is not None:
+            rid, (req, first) = next(iter(self._parked.items()))
+            seq = self.engine.reserve_prompt(rid, req.prompt_token_ids, req.params)
+            if seq is None:
+                break
+            del self._parked[rid]
+            if not self.landing.onboard(rid, seq):
+                self.engine.release_prompt(seq)
+                self._end(rid, "KV handoff failed: a block could not be onboarded from G2")
+                continue
+            out = self.engine.add_prefilled(seq, first.token_id, req.seed, first.logprob, first.top_logprobs)
+            self._push(out)
+            joined = True
+        return joined
 
     def _fail_all(self, error: str) -> None:
         for rid in list(self._streams):
@@ -255,12 +343,22 @@ class DecodeWorker:
         self._cv.notify_all()
 
     def _release(self, request_id: str) -> bool:
+        """Free what the request holds before it joins the batch (G1 reservation, G2 landing)."""
         r = self._reserved.pop(request_id, None)
-        if r is None:
+        parked = self._parked.pop(request_id, None)
+        if r is None and parked is None:
             return False
-        self.receiver.release(request_id)
-        self.engine.release_prompt(r.seq)
+        if r is not None and r.seq is not None:
+            self.receiver.release(request_id)
+            self.engine.release_prompt(r.seq)
+        elif self.landing is not None:
+            self.landing.release(request_id)
         return True
+
+    def _end(self, request_id: str, error: str) -> None:
+        st = self._streams.get(request_id)
+        if st is not None:
+            st.chunks.append(self._ended(request_id, error))
 
     def _push(self, o: RequestOutput) -> None:
         st = self._streams.get(o.request_id)
@@ -309,8 +407,10 @@ class DecodeWorker:
         if self._thread is not None:
             self._thread.join(10)
         with self._cv:
-            for rid in list(self._reserved):
+            for rid in [*self._reserved, *self._parked]:
                 self._release(rid)
             self._streams.clear()
+            if self.landing is not None:
+                self.landing.close()
             self.engine.close()
             self.receiver.close()

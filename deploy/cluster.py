@@ -35,6 +35,8 @@ from decode_pool.ray_util import MAX_CONCURRENCY
 from deploy.config import PoolConfig, TandemConfig
 from deploy.router_actor import RouterActor
 from prefill_pool.pool import PrefillActor
+from router.pools_backend import worker_telemetry
+from router.telemetry import TelemetryConfig
 
 ROUTER = "router"
 WORKER_NAME = re.compile(r"^(prefill|decode)-(\d+)$")
@@ -77,16 +79,16 @@ class _Reporting:
 class TandemPrefillActor(_Reporting, PrefillActor):
     """A prefill worker that reports where it runs, its tiers and what it was built from."""
 
-    def __init__(self, config: WorkerConfig, digest: str) -> None:
-        super().__init__(config)
+    def __init__(self, config: WorkerConfig, digest: str, telemetry: TelemetryConfig | None = None) -> None:
+        super().__init__(config, telemetry)
         self._digest = digest
 
 
 class TandemDecodeActor(_Reporting, DecodeActor):
     """A decode worker that reports where it runs, its tiers and what it was built from."""
 
-    def __init__(self, config: WorkerConfig, digest: str) -> None:
-        super().__init__(config)
+    def __init__(self, config: WorkerConfig, digest: str, telemetry: TelemetryConfig | None = None) -> None:
+        super().__init__(config, telemetry)
         self._digest = digest
 
 
@@ -186,7 +188,9 @@ def launch(
         names = wanted[role] = [f"{role}-{i}" for i in range(pool.replicas)]
         for name in names:
             wcfg = worker_config(cfg, pool, name)
-            digest = _digest(dataclasses.asdict(wcfg), pool.model_dump(mode="json"))
+            tcfg = worker_telemetry(cfg)
+            # the tracing exporter is part of what a worker was built from: changing it replaces it
+            digest = _digest(dataclasses.asdict(wcfg), pool.model_dump(mode="json"), dataclasses.asdict(tcfg))
             actor = _get(name, ns)
             if actor is not None:
                 try:
@@ -198,7 +202,7 @@ def launch(
                     continue
                 _kill(name, ns)
             actor_cls: Any = ray.remote(cls)
-            actor = actor_cls.options(**_worker_options(pool, name, ns)).remote(wcfg, digest)
+            actor = actor_cls.options(**_worker_options(pool, name, ns)).remote(wcfg, digest, tcfg)
             starting.append(actor.ready.remote())
             result.created.append(name)
     for name in named_actors(ns):

@@ -49,7 +49,7 @@ class EngineSection(_Strict):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)  # None: the checkpoint's max_position_embeddings
-    attn_backend: Literal["torch", "triton"] = "torch"
+    attn_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
     enable_prefix_caching: bool = True
 
 
@@ -183,6 +183,9 @@ class MetadataConfig(_Strict):
 
 
 class TracingConfig(_Strict):
+    """OpenTelemetry export of the router and of every prefill / decode worker (one trace per
+    request across them; router/telemetry.py). Tests use the in-memory exporter, not set here."""
+
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4317"
 

@@ -95,7 +95,7 @@ class RouterActor:
         self._stopping = asyncio.Event()
         rc = self.cfg.router
         telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint)
-        backend = await asyncio.to_thread(self._backend, telemetry.tracer)
+        backend = await asyncio.to_thread(self._backend, telemetry)
         await backend.start()
         server = TandemServer(
             backend,
@@ -120,7 +120,7 @@ class RouterActor:
         await self._stopping.wait()
         await server.stop(self._grace)
 
-    def _backend(self, tracer: Any) -> Any:
+    def _backend(self, telemetry: Any) -> Any:
         from decode_pool.coordinator import Pools
         from decode_pool.pool import RayDecodeHandle
         from engine.demo import demo_model_dir
@@ -164,5 +164,5 @@ class RouterActor:
             max_tokens_limit=cfg.router.max_tokens_limit,
             heartbeat_interval_s=cfg.metadata.heartbeat_interval_s,
             heartbeat_ttl_s=cfg.metadata.heartbeat_ttl_s,
-            tracer=tracer,
+            telemetry=telemetry,
         )

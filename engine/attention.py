@@ -223,12 +223,20 @@ def _gather(
     return one(0), one(1)
 
 
-def get_backend(name: str) -> AttentionBackend:
-    """``torch`` (reference, any device) or ``triton`` (GPU, or the interpreter on CPU)."""
+def get_backend(name: str, device: str | torch.device = "cpu") -> AttentionBackend:
+    """``auto`` (``cpu`` on a CPU, ``triton`` on a GPU), ``torch`` (the reference, any device),
+    ``cpu`` (the reference with fp32 decode in a compiled C kernel) or ``triton`` (GPU, or the
+    interpreter on CPU)."""
+    if name == "auto":
+        name = "cpu" if torch.device(device).type == "cpu" else "triton"
     if name == "torch":
         return TorchAttention()
+    if name == "cpu":
+        from engine.kernels.cpu_attention import CpuAttention
+
+        return CpuAttention()
     if name == "triton":
         from engine.kernels.triton_backend import TritonAttention
 
         return TritonAttention()
-    raise ValueError(f"attention backend must be 'torch' or 'triton', got {name!r}")
+    raise ValueError(f"attention backend must be 'auto', 'torch', 'cpu' or 'triton', got {name!r}")

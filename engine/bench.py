@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn-backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     p.add_argument("--skip-reference", action="store_true", help="time Tandem only")
     p.add_argument("--json", action="store_true")
 

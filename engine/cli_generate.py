@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn-backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--server", default=None, metavar="HOST:PORT", help="stream from a tandem serve endpoint")
 

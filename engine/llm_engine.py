@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 class EngineConfig:
     model: str | Path
     dtype: str = "float32"
-    attn_backend: str = "torch"
+    attn_backend: str = "auto"  # auto: the C decode kernel on CPU, Triton on GPU
+    linear_backend: str = "auto"  # auto: prepacked oneDNN for fp32 on CPU, else F.linear
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None  # None: from kv_cache_bytes, capped at what max_num_seqs can use
@@ -126,7 +127,9 @@ class ModelRunner:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model = load_model(config.model, config.dtype, config.attn_backend, config.device)
+        self.model = load_model(
+            config.model, config.dtype, config.attn_backend, config.device, config.linear_backend
+        )
         mc: ModelConfig = self.model.config
         self.model_config = mc
         tok_file = Path(config.model) / "tokenizer.json"
@@ -333,6 +336,16 @@ class LLMEngine:
         self._closed = True
 
     # -- disaggregated serving: a prompt whose KV another worker computes (decode_pool/) -----------
+    def check_prompt(self, request_id: str, prompt_ids: list[int]) -> None:
+        """Raise ValueError unless a prompt whose KV arrives from elsewhere can be served here (the
+        checks of ``reserve_prompt``, for a caller that holds the KV outside G1 for now)."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_seq_len}")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
     def reserve_prompt(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> Sequence | None:
@@ -341,12 +354,7 @@ class LLMEngine:
         ``seq.num_cached_tokens`` tokens need not be sent. Returns None (nothing changed) when the
         pool is short. The sequence is not scheduled: pass it to ``add_prefilled`` once its KV is
         committed, or to ``release_prompt`` to give the blocks back."""
-        if not prompt_ids:
-            raise ValueError("prompt is empty")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_seq_len}")
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_prompt(request_id, prompt_ids)
         seq = Sequence(request_id, list(prompt_ids), params, arrival=time.monotonic())
         bm = self.block_manager
         if not bm.can_allocate(seq, seq.num_tokens - bm.prefix_hit_tokens(seq)):

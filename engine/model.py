@@ -13,6 +13,7 @@ lm_head matmul in the run dtype and only then widened to fp32.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata, get_backend
 from engine.config import ModelConfig
 from engine.kv_layout import torch_dtype
+from engine.linear import Linear, make_linear, resolve
 from engine.rope import RotaryTables, apply_rotary
-from engine.weights import ModelWeights, load_weights
+from engine.weights import LayerWeights, ModelWeights, load_weights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,16 +42,20 @@ class Model:
         self,
         config: ModelConfig,
         weights: ModelWeights,
-        attn_backend: str = "torch",
+        attn_backend: str = "auto",
         device: str | torch.device = "cpu",
+        linear_backend: str = "auto",
     ) -> None:
         self.config = config
         self.weights = weights
         self.device = torch.device(device)
         self.dtype = torch_dtype(config.dtype)
-        self.attn: AttentionBackend = get_backend(attn_backend)
+        self.attn: AttentionBackend = get_backend(attn_backend, device)
         self.rope = RotaryTables.build(config, self.dtype, self.device)  # cached once per model
         self.scale = config.head_dim**-0.5
+        self.linear_backend = resolve(linear_backend, self.dtype, self.device)
+        self.layers = [_LayerLinears.build(w, self.linear_backend) for w in weights.layers]
+        self.lm_head = make_linear(weights.lm_head, None, self.linear_backend)
 
     @torch.inference_mode()
     def forward(
@@ -70,34 +76,64 @@ class Model:
         H, H_kv, D, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
         x = F.embedding(input_ids, self.weights.embed)  # (T, hidden)
         cos, sin = self.rope.lookup(positions)  # (T, 1, D) each
-        for i, w in enumerate(self.weights.layers):
+        for i, (w, lin) in enumerate(zip(self.weights.layers, self.layers, strict=True)):
             # attention block
             h = rms_norm(x, w.input_norm, eps)  # (T, hidden)
-            q = F.linear(h, w.q_proj, w.q_bias).view(T, H, D)  # (T, H, D)
-            k = F.linear(h, w.k_proj, w.k_bias).view(T, H_kv, D)  # (T, H_kv, D)
-            v = F.linear(h, w.v_proj, w.v_bias).view(T, H_kv, D)  # (T, H_kv, D)
+            q = lin.q(h).view(T, H, D)  # (T, H, D)
+            k = lin.k(h).view(T, H_kv, D)  # (T, H_kv, D)
+            v = lin.v(h).view(T, H_kv, D)  # (T, H_kv, D)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             self.attn.write_kv(k, v, kv_cache[i], meta.slot_mapping)
             if on_layer is not None:
                 on_layer(i)
             o = self.attn.forward(q, kv_cache[i], meta, self.scale)  # (T, H, D)
-            x = x + F.linear(o.reshape(T, H * D), w.o_proj, w.o_bias)  # (T, hidden)
+            x = x + lin.o(o.reshape(T, H * D))  # (T, hidden)
             # SwiGLU MLP block
             h = rms_norm(x, w.post_norm, eps)  # (T, hidden)
-            gated = F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj)  # (T, I)
-            x = x + F.linear(gated, w.down_proj)  # (T, hidden)
+            gated = F.silu(lin.gate(h)) * lin.up(h)  # (T, I)
+            x = x + lin.down(gated)  # (T, hidden)
         return rms_norm(x, self.weights.norm, eps)  # (T, hidden)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(S, hidden) -> (S, vocab) fp32."""
-        return F.linear(hidden, self.weights.lm_head).float()
+        return self.lm_head(hidden).float()
+
+
+@dataclass(slots=True)
+class _LayerLinears:
+    """One layer's projections as callables (engine.linear: F.linear or prepacked oneDNN)."""
+
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+
+    @classmethod
+    def build(cls, w: LayerWeights, backend: str) -> _LayerLinears:
+        return cls(
+            q=make_linear(w.q_proj, w.q_bias, backend),
+            k=make_linear(w.k_proj, w.k_bias, backend),
+            v=make_linear(w.v_proj, w.v_bias, backend),
+            o=make_linear(w.o_proj, w.o_bias, backend),
+            gate=make_linear(w.gate_proj, None, backend),
+            up=make_linear(w.up_proj, None, backend),
+            down=make_linear(w.down_proj, None, backend),
+        )
 
 
 def load_model(
-    path: str | Path, dtype: str = "float32", attn_backend: str = "torch", device: str = "cpu"
+    path: str | Path,
+    dtype: str = "float32",
+    attn_backend: str = "auto",
+    device: str = "cpu",
+    linear_backend: str = "auto",
 ) -> Model:
     """Parse the config, map the weights and build the model (no KV cache: the caller allocates it
     with ``model.config.kv_layout(block_size).allocate(num_blocks)``)."""
     config = ModelConfig.from_pretrained(path, dtype=dtype)
-    return Model(config, load_weights(path, config, device=device), attn_backend=attn_backend, device=device)
+    weights = load_weights(path, config, device=device)
+    return Model(config, weights, attn_backend=attn_backend, device=device, linear_backend=linear_backend)

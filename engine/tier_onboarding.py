@@ -11,10 +11,13 @@ G2 copies finish at once; G3 reads finish on the tier store's read threads, and 
 here, outside the scheduler, so running decodes never wait on the disk. A block that fails to
 onboard (evicted meanwhile, corrupt file) ends the run: the rest of the prompt is recomputed.
 The offload direction needs no code here: the BlockManager's ``on_evict`` hook is the store's.
+``onboard_into`` serves the other way in: a handed-off prompt whose KV landed in G2 is copied into
+G1 blocks the engine has already reserved for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
@@ -85,6 +88,18 @@ class TierOnboarder:
             if not pending.aborted:
                 done.append(pending.seq)
         return done
+
+    def onboard_into(self, block_ids: Seq[int], hashes: Seq[BlockHash]) -> bool:
+        """Copy ``hashes[i]`` into G1 block ``block_ids[i]``, blocks the caller already holds (a
+        handed-off prompt that waited in G2 for G1 room: decode_pool/g2_landing.py), and wait for
+        the copies: G2 ones end at once (the caller pinned them there); a G3 read would block the
+        caller. Nothing is registered here: the caller's ``mark_computed`` does it. True when every
+        block landed."""
+        futures = [self.store.onboard(h, b) for b, h in zip(block_ids, hashes, strict=True)]
+        ok = all([f.result() for f in futures])  # a list: every copy ends before we return
+        if ok:
+            self.blocks_onboarded += len(futures)
+        return ok
 
     def abort(self, request_id: str) -> bool:
         """Forget a waiting request; its blocks return once their copies end (never while a read

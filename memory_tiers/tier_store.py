@@ -15,7 +15,8 @@ G1 accounting stays with the engine's BlockManager; this store copies bytes and 
   stays where it was.
 - ``reserve_host`` hands out G2 slots to a request whose incoming KV does not fit in G1 (so a
   prefill is never blocked by decode's memory pressure); ``release_host`` frees them or keeps them
-  as cached blocks.
+  as cached blocks; ``commit_host`` makes the arrived full blocks cached and pinned while the
+  request waits for G1.
 - Pinned blocks are never evicted. ``check()`` asserts the exact accounting.
 
 Lifecycle: construct (G3 index rebuilt from its directory) → serve (thread-safe) → ``close()``
@@ -323,6 +324,43 @@ class TierStore:
                     self.slots.give_back(slot)
             self._cond.notify_all()
         self._flush_events()
+
+    def commit_host(self, request_id: str, hashes: Sequence[BlockHash]) -> None:
+        """A reservation's KV has arrived (decode_pool/g2_landing.py): its first ``len(hashes)``
+        slots become cached G2 blocks under ``hashes``, each pinned once (``unpin`` each when done
+        with it), so neither eviction nor a spill takes them while the request waits for G1. The
+        slots after them (a partial tail block, which has no hash) stay reserved until
+        ``release_host``. A hash G2 already holds keeps that copy and the new slot is freed."""
+        with self._cond:
+            slots = self.slots.release(request_id)
+            if len(hashes) > len(slots):
+                self.slots.reserve(request_id, slots)
+                raise ValueError(f"{request_id}: {len(hashes)} hashes for {len(slots)} reserved slots")
+            for h, slot in zip(hashes, slots, strict=False):
+                if h in self.slots:
+                    self.slots.give_back(slot)
+                else:
+                    self.slots.insert(h, slot)
+                    self._emit(EventKind.STORED, Tier.G2, h)
+                self.slots.pin(h)
+                self._pin_where.setdefault(h, []).append(Tier.G2)
+            if len(slots) > len(hashes):
+                self.slots.reserve(request_id, slots[len(hashes) :])
+            self._cond.notify_all()
+        self._flush_events()
+
+    def host_room(self) -> int:
+        """G2 slots a ``reserve_host`` could get now: free, being spilled, or cached and unpinned."""
+        with self._cond:
+            s = self.slots
+            pinned_cached = sum(1 for h in s.pins if h in s.cached)  # pins are few: no walk of the LRU
+            return s.num_free + len(s.spilling) + len(s.cached) - pinned_cached
+
+    @property
+    def num_host_in_use(self) -> int:
+        """G2 slots held for requests: reserved, or cached and pinned (0 when nothing is in flight)."""
+        with self._cond:
+            return sum(len(v) for v in self.slots.reserved.values()) + len(self.slots.pins)
 
     # -- lifecycle / introspection -------------------------------------------------------------------
     def spill_all(self) -> int:

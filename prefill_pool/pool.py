@@ -3,6 +3,11 @@
 ``build_prefill_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``prefill-0``, ...)
 and returns one :class:`RayPrefillHandle` per replica, which is what ``decode_pool.coordinator.Pools``
 takes. ``shutdown(handles)`` kills them.
+
+Tracing (router/telemetry.py): ``prefill`` carries the caller's trace context; the actor opens
+``tandem.prefill`` (queued + computed, until the decode worker's commit ack) and, from the worker's
+:class:`~decode_pool.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
+commit ack: bytes, layers, GB/s).
 """
 
 from __future__ import annotations
@@ -11,20 +16,47 @@ import dataclasses
 from typing import Any
 
 import ray
+from opentelemetry import trace
 
+from decode_pool.actor_telemetry import ActorTelemetry
 from decode_pool.handoff import FirstToken, KVGrant, WorkerConfig, WorkerLoad, WorkRequest
 from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
 from prefill_pool.worker import PrefillWorker
+from router.telemetry import TelemetryConfig, extract_context, inject_context
 
 CANCEL_WAIT_S = 30.0
 
 
-class PrefillActor(ActorIdentity, PrefillWorker):
-    """A PrefillWorker whose loop thread runs from construction (Ray calls its methods on threads)."""
+class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
+    """A PrefillWorker whose loop thread runs from construction (Ray calls its methods on threads),
+    traced when ``telemetry`` says so."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, telemetry: TelemetryConfig | None = None) -> None:
         super().__init__(config)
+        self.setup_tracing(telemetry)
         self.start_loop()
+
+    def prefill(self, req: WorkRequest, grant: KVGrant, carrier: dict[str, str] | None = None) -> FirstToken:
+        if not self.tracing.enabled:
+            return super().prefill(req, grant)
+        attrs: dict[str, Any] = {
+            "tandem.request_id": req.request_id,
+            "tandem.worker_id": self.worker_id,
+            "tandem.decode_worker": grant.worker_id,
+            "tandem.prompt_tokens": len(req.prompt_token_ids),
+        }
+        tracer = self.tracing.tracer
+        with tracer.start_as_current_span(
+            "tandem.prefill", extract_context(carrier), attributes=attrs
+        ) as span:
+            first = super().prefill(req, grant)
+            span.set_attribute("tandem.prefill.cached_tokens", first.num_cached_tokens)
+            span.set_attribute(
+                "tandem.prefill.computed_tokens", len(req.prompt_token_ids) - first.num_cached_tokens
+            )
+            if first.kv_transfer_start_ns:
+                _transfer_span(tracer, first, grant)
+        return first
 
     def cancel_and_wait(self, request_id: str) -> None:
         """``cancel``, returning once the loop has released the request (so the caller may free
@@ -38,7 +70,7 @@ class RayPrefillHandle:
         self.worker_id = worker_id
 
     async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken:
-        return await call(self.actor.prefill.remote(req, grant), self.worker_id)
+        return await call(self.actor.prefill.remote(req, grant, inject_context()), self.worker_id)
 
     async def cancel(self, request_id: str) -> None:
         await call(self.actor.cancel_and_wait.remote(request_id), self.worker_id)
@@ -49,15 +81,40 @@ class RayPrefillHandle:
     async def take_evictions(self) -> list[bytes]:
         return await call(self.actor.take_evictions.remote(), self.worker_id)
 
+    async def tier_usage(self) -> list[Any]:
+        return await call(self.actor.tier_usage.remote(), self.worker_id)
+
+
+def _transfer_span(tracer: trace.Tracer, r: FirstToken, grant: KVGrant) -> None:
+    """The handoff's transfer, a child of the current (prefill) span, from the worker's timings."""
+    gbps = r.kv_bytes / r.kv_transfer_s / 1e9 if r.kv_transfer_s > 0 else 0.0
+    span = tracer.start_span(
+        "tandem.kv_transfer",
+        start_time=r.kv_transfer_start_ns,
+        attributes={
+            "tandem.request_id": r.request_id,
+            "tandem.prefill_worker": r.worker_id,
+            "tandem.decode_worker": grant.worker_id,
+            "tandem.kv_transfer.bytes": r.kv_bytes,
+            "tandem.kv_transfer.layers": r.kv_layers,
+            "tandem.kv_transfer.duration_s": r.kv_transfer_s,
+            "tandem.kv_transfer.gbps": gbps,
+        },
+    )
+    span.end(end_time=r.kv_transfer_start_ns + round(r.kv_transfer_s * 1e9))
+
 
 def build_prefill_pool(
-    config: WorkerConfig, spec: PoolSpec, prefix: str = "prefill"
+    config: WorkerConfig, spec: PoolSpec, prefix: str = "prefill", telemetry: TelemetryConfig | None = None
 ) -> list[RayPrefillHandle]:
-    """Start the replicas and wait until each has loaded its model."""
+    """Start the replicas and wait until each has loaded its model; ``telemetry`` chooses the
+    workers' span exporter (None: untraced)."""
     cls = actor_class(PrefillActor, spec)
     handles = []
     for i in range(spec.replicas):
         wid = f"{prefix}-{i}"
-        handles.append(RayPrefillHandle(cls.remote(dataclasses.replace(config, worker_id=wid)), wid))
+        handles.append(
+            RayPrefillHandle(cls.remote(dataclasses.replace(config, worker_id=wid), telemetry), wid)
+        )
     ray.get([h.actor.ready.remote() for h in handles])
     return handles

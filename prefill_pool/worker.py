@@ -26,6 +26,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class _Job:
     sent_upto: int = 0  # blocks [0, sent_upto) of the prompt have been sent (all layers)
     error: str = ""
     kv_bytes: int = 0
+    kv_start_ns: int = 0  # time.time_ns() of the first send_layer
+    kv_layers: set[int] = field(default_factory=set)
 
 
 class _LayerHook:
@@ -228,6 +231,9 @@ class PrefillWorker:
             job = p.job
             if job.error:
                 continue
+            if not job.kv_start_ns:
+                job.kv_start_ns = time.time_ns()
+            job.kv_layers.add(layer)
             try:
                 self.sender.send_layer(
                     job.grant.dest,
@@ -255,8 +261,20 @@ class PrefillWorker:
                 KVTransferError(f"{rid}: handoff to {job.grant.worker_id} failed: {error}")
             )
         else:
+            t = (time.time_ns() - job.kv_start_ns) / 1e9 if job.kv_start_ns else 0.0
             job.future.set_result(
-                FirstToken(rid, token, self.worker_id, logprob, top, job.seq.num_cached_tokens, job.kv_bytes)
+                FirstToken(
+                    rid,
+                    token,
+                    self.worker_id,
+                    logprob,
+                    top,
+                    job.seq.num_cached_tokens,
+                    job.kv_bytes,
+                    kv_transfer_start_ns=job.kv_start_ns,
+                    kv_transfer_s=t,
+                    kv_layers=len(job.kv_layers),
+                )
             )
 
     def _drop(self, job: _Job, reason: FinishReason) -> None:

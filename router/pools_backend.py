@@ -10,6 +10,11 @@
     registers / heartbeats them, with their load reports, in the metadata store, and removes the
     prefix blocks the workers evicted from the block index (every ``eviction_interval_s``)
 
+Telemetry (router/telemetry.py): the request's span is current while the pools run it, so the
+workers' spans join its trace; each committed handoff records the transfer metrics (bytes, duration,
+GB/s); the tier gauges read G1 from the load reports and G2 / G3 from the workers' ``tier_usage``,
+fetched every ``tier_interval_s`` (only when metrics are on).
+
 Errors: no route because no live decode worker -> BackendUnavailable (UNAVAILABLE); no decode
 worker with KV room, or a reservation refused -> Overloaded (RESOURCE_EXHAUSTED); a worker refusing
 the input -> InvalidRequest (INVALID_ARGUMENT); a handoff that failed every retry -> UNAVAILABLE.
@@ -39,7 +44,7 @@ from typing import Any, cast
 from opentelemetry import trace
 
 from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import PoolError, TokenChunk, WorkerConfig
+from decode_pool.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
 from decode_pool.handoff import WorkerLoad as PoolLoad
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
 from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
@@ -47,6 +52,7 @@ from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
 from router.policies import NoRouteError
 from router.routing import Route, Router, span_attributes
+from router.telemetry import Telemetry, TelemetryConfig, TierUsage
 from router.topology import Placement, Topology
 from router.validation import ModelLimits
 
@@ -71,7 +77,9 @@ class PoolsBackend:
         eviction_interval_s: float = 0.5,
         heartbeat_interval_s: float = 2.0,
         heartbeat_ttl_s: float = 10.0,
+        tier_interval_s: float = 1.0,
         tracer: trace.Tracer | None = None,
+        telemetry: Telemetry | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self.pools = pools
@@ -83,9 +91,15 @@ class PoolsBackend:
         self._eviction_interval_s = eviction_interval_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._heartbeat_ttl_s = heartbeat_ttl_s
-        self._tracer = tracer or trace.NoOpTracer()
+        self._tier_interval_s = tier_interval_s
+        self._tracer = tracer or (telemetry.tracer if telemetry is not None else trace.NoOpTracer())
+        # metrics only when they go somewhere: no per-request callback, no tier polling otherwise
+        self._telemetry = telemetry if telemetry is not None and telemetry.enabled else None
+        if self._telemetry is not None:
+            self._telemetry.add_tier_source(self.tier_usage)
         self._on_close = on_close
         self._loads: list[PoolLoad] = []
+        self._lower_tiers: dict[str, list[TierUsage]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -95,9 +109,15 @@ class PoolsBackend:
     # -- building from the deployment configuration -------------------------------------------------
     @classmethod
     def from_config(
-        cls, cfg: Any, *, ray_address: str | None = None, tracer: trace.Tracer | None = None
+        cls,
+        cfg: Any,
+        *,
+        ray_address: str | None = None,
+        tracer: trace.Tracer | None = None,
+        telemetry: Telemetry | None = None,
     ) -> PoolsBackend:
-        """Join Ray at ``ray_address`` (else start a local one), start the pools ``cfg`` describes."""
+        """Join Ray at ``ray_address`` (else start a local one), start the pools ``cfg`` describes;
+        the workers trace with ``cfg.router.tracing``'s exporter, like the router."""
         import ray
 
         from decode_pool.pool import build_decode_pool, shutdown
@@ -132,9 +152,14 @@ class PoolsBackend:
                 cfg.pools.decode.replicas,
             )
             pc, dc = cfg.pools.prefill, cfg.pools.decode
-            prefill = build_prefill_pool(_with_device(wcfg, pc.device), spec(pc)) if pc.replicas else []
+            tcfg = worker_telemetry(cfg)
+            prefill = (
+                build_prefill_pool(_with_device(wcfg, pc.device), spec(pc), telemetry=tcfg)
+                if pc.replicas
+                else []
+            )
             handles += prefill
-            decode = build_decode_pool(_with_device(wcfg, dc.device), spec(dc))
+            decode = build_decode_pool(_with_device(wcfg, dc.device), spec(dc), telemetry=tcfg)
             handles += decode
             nodes = dict(
                 zip(
@@ -176,6 +201,7 @@ class PoolsBackend:
                 heartbeat_interval_s=cfg.metadata.heartbeat_interval_s,
                 heartbeat_ttl_s=cfg.metadata.heartbeat_ttl_s,
                 tracer=tracer,
+                telemetry=telemetry,
                 on_close=stop,
             )
         except BaseException:
@@ -264,6 +290,7 @@ class PoolsBackend:
             disaggregation=mode,
             prefill_worker=d.prefill_worker,
             decode_worker=d.decode_worker,
+            on_handoff=self._on_handoff if self._telemetry is not None else None,
         )
         if self._offload:
             await asyncio.to_thread(self.router.commit, route)
@@ -293,10 +320,35 @@ class PoolsBackend:
         finally:
             self.router.release(route)
 
+    async def refresh_tiers(self) -> dict[str, list[TierUsage]]:
+        """Ask every worker for its G2 / G3 occupancy now (the tier gauges read the last answers)."""
+        handles: list[Any] = [*self.pools.prefill, *self.pools.decode]
+        for h in handles:
+            if not hasattr(h, "tier_usage"):
+                continue
+            try:
+                self._lower_tiers[h.worker_id] = list(await h.tier_usage())
+            except Exception:  # a dead worker reports nothing
+                self._lower_tiers.pop(h.worker_id, None)
+        return self._lower_tiers
+
+    def tier_usage(self) -> list[TierUsage]:
+        """Every worker's tiers as last reported: G1 from its load, G2 / G3 from ``refresh_tiers``."""
+        out = [
+            TierUsage(w.worker_id, w.role, "G1", w.used_blocks, w.used_blocks / w.total_blocks)
+            for w in self._loads
+            if w.total_blocks
+        ]
+        for tiers in list(self._lower_tiers.values()):
+            out += tiers
+        return out
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._telemetry is not None:
+            self._telemetry.remove_tier_source(self.tier_usage)
         if self._refresher is not None and self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop stopped already
                 self._loop.call_soon_threadsafe(self._refresher.cancel)
@@ -320,6 +372,10 @@ class PoolsBackend:
         trace.get_current_span().set_attributes(attrs)  # the request's own span (the servicer's)
         return route
 
+    def _on_handoff(self, first: FirstToken, decode_worker: str) -> None:
+        assert self._telemetry is not None
+        self._telemetry.record_transfer(first.kv_bytes, first.kv_transfer_s, first.worker_id, decode_worker)
+
     def _stats(self, request: BackendRequest, last: TokenChunk, count: int, started: float) -> ChunkStats:
         disaggregated = bool(last.prefill_worker)
         return ChunkStats(
@@ -336,10 +392,13 @@ class PoolsBackend:
 
     async def _refresh_loop(self) -> None:
         registered: set[str] = set()
-        next_beat = next_evictions = 0.0
+        next_beat = next_evictions = next_tiers = 0.0
         while not self._closed:
             try:
                 loads = await self.refresh()
+                if self._telemetry is not None and time.monotonic() >= next_tiers:
+                    next_tiers = time.monotonic() + self._tier_interval_s
+                    await self.refresh_tiers()
                 if time.monotonic() >= next_evictions:
                     next_evictions = time.monotonic() + self._eviction_interval_s
                     await self.sync_evictions()
@@ -383,7 +442,7 @@ class PoolsBackend:
                 {
                     "queue_tokens": w.queue_tokens,
                     "running_seqs": w.running,
-                    "free_blocks": {"G1": w.free_blocks},
+                    "free_blocks": {"G1": w.free_blocks, "G2": w.g2_free_blocks},
                     "used_blocks": w.used_blocks,
                 },
             )
@@ -436,6 +495,12 @@ def worker_config(
         enable_prefix_caching=e.enable_prefix_caching,
         kv_backend="nixl",
     )
+
+
+def worker_telemetry(cfg: Any) -> TelemetryConfig:
+    """What the workers of a deployment trace with: the router's exporter (``router.tracing``)."""
+    t = cfg.router.tracing
+    return TelemetryConfig(t.exporter, t.otlp_endpoint)
 
 
 def _with_device(cfg: WorkerConfig, device: str) -> WorkerConfig:

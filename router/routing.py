@@ -46,7 +46,8 @@ class LoadReport(Protocol):
     waiting: int
     queue_tokens: int
     running: int
-    free_blocks: int
+    free_blocks: int  # G1
+    g2_free_blocks: int  # G2 room a decode reservation may land in (0 without a host tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,7 @@ class Router:
                     role=r.role,
                     queue_tokens=r.queue_tokens,
                     running_seqs=running,
-                    free_blocks={"G1": r.free_blocks},
+                    free_blocks={"G1": r.free_blocks, "G2": r.g2_free_blocks},
                     prefill_tokens_per_s=rate,
                 )
             )

@@ -77,10 +77,10 @@ def build_engine_backend(cfg: Any) -> Any:
     )
 
 
-def build_pools_backend(cfg: Any, ray_address: str | None, tracer: Any) -> Any:
+def build_pools_backend(cfg: Any, ray_address: str | None, telemetry: Any) -> Any:
     from router.pools_backend import PoolsBackend
 
-    return PoolsBackend.from_config(cfg, ray_address=ray_address, tracer=tracer)
+    return PoolsBackend.from_config(cfg, ray_address=ray_address, telemetry=telemetry)
 
 
 async def serve(
@@ -94,7 +94,7 @@ async def serve(
     if backend_name == "engine":
         backend = build_engine_backend(cfg)
     else:
-        backend = build_pools_backend(cfg, ray_address or os.environ.get("RAY_ADDRESS"), telemetry.tracer)
+        backend = build_pools_backend(cfg, ray_address or os.environ.get("RAY_ADDRESS"), telemetry)
         try:
             await backend.start()
         except BaseException:

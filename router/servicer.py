@@ -209,10 +209,12 @@ class TandemServicer(pb_grpc.TandemServicer):
                                 )
                             )
                             tel.queue_time.record(st.queue_time_s)
+                            tel.record_prefix(st.prompt_tokens, st.cached_tokens, st.prefill_worker)
                             span.set_attribute("tandem.completion_tokens", st.completion_tokens)
                             span.set_attribute("tandem.cached_tokens", st.cached_tokens)
                             span.set_attribute("tandem.decode_worker", st.decode_worker)
                             span.set_attribute("tandem.prefill_worker", st.prefill_worker)
+                            span.set_attribute("tandem.kv_bytes_moved", st.kv_bytes_moved)
                             span.set_attribute("tandem.finish_reason", chunk.finish_reason or "")
                         yield msg
 

@@ -1,2 +1,4 @@
-"""Triton kernels for paged attention and KV writes. On a machine with no GPU they run only through
-the Triton interpreter: `TRITON_INTERPRET=1` must be set before this package is imported."""
+"""Attention kernels. Triton kernels for paged attention and KV writes (``paged_attention``,
+``kv_write``, ``triton_backend``): on a machine with no GPU they run only through the Triton
+interpreter, and `TRITON_INTERPRET=1` must be set before those modules are imported. The CPU decode
+kernel (``cpu_paged_decode.c``, loaded by ``cpu_attention``) is C, compiled on first use."""

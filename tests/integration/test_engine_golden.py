@@ -86,6 +86,14 @@ def test_batch_matches_transformers(golden) -> None:
     assert got == expected
 
 
+def test_reference_paths_match_transformers(golden) -> None:
+    """The default CPU path runs decode attention in a C kernel and fp32 matmuls in prepacked
+    oneDNN; the torch reference paths (SDPA-style attention, F.linear) must match as well."""
+    path, dtype, prompts, expected = golden
+    got, _ = _run(path, dtype, prompts, attn_backend="torch", linear_backend="torch")
+    assert got == expected
+
+
 def _skip_unless_fp32(dtype: str) -> None:
     # A prompt computed in chunks rounds differently from the reference's one-shot prefill; in bf16
     # that difference (~3e-2 in logits, tests/integration/test_model_logits.py) flips near-tied argmaxes

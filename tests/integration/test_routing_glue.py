@@ -119,6 +119,18 @@ def test_no_route_says_whether_it_is_overload() -> None:
     assert (str(e.value), e.value.overloaded) == ("no decode worker has KV room for 3 blocks", True)
 
 
+def test_g2_room_counts_as_decode_room() -> None:
+    """A decode worker whose G1 is full but whose host tier has room takes the request: its KV
+    lands in G2 and is onboarded when G1 frees (decode_pool/g2_landing.py)."""
+    r = _router()
+    reports = _reports(free=2)
+    reports[2] = dataclasses.replace(reports[2], g2_free_blocks=3)
+    assert r.route([1] * 40, "auto", reports).decision.decode_worker == "decode-1"
+    reports[2] = dataclasses.replace(reports[2], g2_free_blocks=0)
+    with pytest.raises(NoRouteError):
+        r.route([1] * 40, "auto", reports)
+
+
 def test_round_robin_and_unknown_policies() -> None:
     r = _router(policy="round_robin")
     picks = [r.route([1] * 20, "never", _reports()).decision.decode_worker for _ in range(3)]

@@ -1,0 +1,210 @@
+"""The CPU attention backend: paged decode attention read in place by a small C kernel.
+
+On a CPU the torch reference path (engine/attention.py) has to gather every decoding sequence's K/V
+blocks into a new tensor, once per layer and step, before it can call a matmul: the decode step pays
+the KV bytes three times (read, write, read again). ``cpu_paged_decode.c`` reads each sequence's
+blocks where they lie, once for K and once for V, for all query heads of a GQA group at a time. It
+is compiled on first use with the machine's C compiler (``cc -O3 -march=native``, ~0.3 s) into
+``$TANDEM_HOME/kernels/`` under a name that hashes the source, the flags and the compiler, and
+loaded through ctypes. ctypes releases the GIL during the call, so the (sequence, KV head) work items
+are split across torch's intra-op thread count with a small thread pool.
+
+Prefill chunks, bf16/fp16 and non-CPU tensors take the torch reference path unchanged. Without a C
+compiler (or if the build fails) the backend logs why once and the reference path does everything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from engine.attention import AttentionMetadata, TorchAttention
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC")
+_MAX_GROUP = 64  # query heads per KV head; the kernel keeps one 1/sum per head on its stack
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cache_dir() -> Path:
+    from engine.demo import tandem_home
+
+    return tandem_home() / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile the kernel (once per source, flags and compiler) and return the shared object's path.
+    Safe under concurrency: each process compiles into a temporary file and renames it into place."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode()).hexdigest()
+    out_dir = cache_dir or _cache_dir()
+    target = out_dir / f"cpu_paged_decode-{key[:16]}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed to compile {_SOURCE.name}:\n{proc.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (with the reason logged once) where it cannot be built."""
+    global _lib, _load_error
+    with _lock:
+        if _lib is not None or _load_error is not None:
+            return _lib
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _load_error = str(e)
+            log.warning("CPU decode kernel unavailable, using the torch reference path: %s", e)
+            return None
+        fn = lib.tandem_paged_decode_f32
+        p, i = ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [p, p, p, ctypes.c_int64, p, p, p, i, i, i, i, ctypes.c_float, i, i]
+        fn.restype = None
+        _lib = lib
+        return _lib
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < workers:  # noqa: SLF001 - resize on demand
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tandem-attn")
+        return _pool
+
+
+def _split(seq_lens: list[int], heads: int, parts: int) -> list[tuple[int, int]]:
+    """Cut the work items (sequence i, KV head h) -> i*heads + h into ``parts`` contiguous ranges of
+    about equal context tokens (an item's cost is its sequence's context length)."""
+    n = len(seq_lens) * heads
+    parts = max(1, min(parts, n))
+    total = sum(seq_lens) * heads
+    bounds, acc, item = [0], 0, 0
+    for p in range(1, parts):
+        goal = total * p / parts
+        while item < n and acc + seq_lens[item // heads] / 2 <= goal:  # most of it before the cut
+            acc += seq_lens[item // heads]
+            item += 1
+        bounds.append(max(item, bounds[-1]))
+    bounds.append(n)
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def paged_decode(
+    q: torch.Tensor,  # (S, H_q, D) fp32, contiguous
+    kv_layer: torch.Tensor,  # (N, 2, H_kv, B, D) fp32, contiguous
+    block_tables: torch.Tensor,  # (S, W) int32, rows contiguous
+    seq_lens: torch.Tensor,  # (S,) int32
+    seq_lens_list: list[int],
+    scale: float,
+    out: torch.Tensor,  # (S, H_q, D) fp32, contiguous
+    threads: int | None = None,
+) -> None:
+    """Decode attention of S one-token queries into ``out``, with the C kernel (which must load)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"CPU decode kernel unavailable: {_load_error}")
+    s, hq, d = q.shape
+    _, _, h, b, _ = kv_layer.shape
+    if hq % h or hq // h > _MAX_GROUP:
+        raise ValueError(
+            f"query heads {hq} must be a multiple of KV heads {h}, at most {_MAX_GROUP} per KV head"
+        )
+    for name, t in (("q", q), ("kv_layer", kv_layer), ("out", out), ("seq_lens", seq_lens)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if block_tables.stride(1) != 1 or block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_tables and seq_lens must be int32 with contiguous rows")
+    g = hq // h
+    ranges = _split(
+        seq_lens_list, h, threads or int(os.environ.get("TANDEM_ATTN_THREADS", 0)) or torch.get_num_threads()
+    )
+    scratch = torch.empty(len(ranges), g * max(seq_lens_list), dtype=torch.float32)
+    args = (
+        q.data_ptr(),
+        kv_layer.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.stride(0),
+        seq_lens.data_ptr(),
+        out.data_ptr(),
+    )
+    fn = lib.tandem_paged_decode_f32
+
+    def run(k: int) -> None:
+        lo, hi = ranges[k]
+        fn(*args, scratch[k].data_ptr(), hq, h, b, d, scale, lo, hi)
+
+    if len(ranges) == 1:
+        run(0)
+        return
+    futures = [_executor(len(ranges) - 1).submit(run, k) for k in range(1, len(ranges))]
+    run(0)
+    for f in futures:
+        f.result()
+
+
+class CpuAttention(TorchAttention):
+    """The torch reference, with fp32 decode rows on CPU tensors sent to the C kernel."""
+
+    def __init__(self) -> None:
+        self.kernel = load() is not None
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        if not (
+            self.kernel and q.dtype == torch.float32 and q.device.type == "cpu" and kv_layer.dtype == q.dtype
+        ):
+            super()._decode(q, kv_layer, meta, scale, out)
+            return
+        first, t0 = meta.num_prefill_seqs, meta.num_prefill_tokens
+        rows = out[t0:]  # decode rows are the tail of the flat batch: contiguous
+        paged_decode(
+            q[t0:].contiguous(),
+            kv_layer,
+            meta.block_tables[first:],
+            meta.seq_lens[first:],
+            meta.seq_lens_list[first:],
+            scale,
+            rows,
+        )

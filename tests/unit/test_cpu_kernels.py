@@ -1,0 +1,164 @@
+"""The CPU fast paths against their references: the C paged-decode kernel (engine/kernels/
+cpu_attention.py) against the torch reference attention, and prepacked oneDNN matmuls
+(engine/linear.py) against F.linear, including the batch invariance the engine relies on."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, TorchAttention, get_backend
+from engine.kernels import cpu_attention
+from engine.linear import make_linear, onednn_available, resolve
+
+pytestmark = pytest.mark.unit
+
+needs_cc = pytest.mark.skipif(
+    cpu_attention._compiler() is None, reason="no C compiler: the kernel cannot be built here"
+)
+
+
+def _pool(n: int, h: int, b: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, h, b, d, generator=g)
+
+
+def _tables(lens: list[int], b: int, n: int, seed: int) -> list[list[int]]:
+    """Disjoint, shuffled block ids per sequence (block 0 left unused, as padding would point)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = (torch.randperm(n - 1, generator=g) + 1).tolist()
+    out, at = [], 0
+    for length in lens:
+        k = -(-length // b)
+        out.append(ids[at : at + k])
+        at += k
+    return out
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    ("hq", "hkv", "b", "d", "lens"),
+    [
+        (8, 4, 16, 64, [1, 15, 16, 17, 300]),  # GQA 2, block edges
+        (4, 4, 4, 32, [7, 8, 9, 40]),  # MHA
+        (8, 1, 8, 16, [33, 2]),  # MQA
+        (12, 3, 16, 128, [129]),  # one sequence, head_dim 128
+    ],
+)
+def test_decode_kernel_matches_the_torch_reference(
+    hq: int, hkv: int, b: int, d: int, lens: list[int]
+) -> None:
+    n = sum(-(-x // b) for x in lens) + 5
+    kv = _pool(n, hkv, b, d, seed=len(lens))
+    tables = _tables(lens, b, n, seed=d)
+    # a mixed batch: one prefill chunk first (takes the reference path in both), then the decodes
+    pre_len = 5
+    pre_table = _tables([pre_len], b, n, seed=99)[0]
+    meta = AttentionMetadata.build([pre_len] + [1] * len(lens), [pre_len, *lens], [pre_table, *tables], b)
+    q = torch.randn(pre_len + len(lens), hq, d, generator=torch.Generator().manual_seed(1))
+    want = TorchAttention().forward(q, kv, meta, d**-0.5)
+    backend = get_backend("cpu")
+    assert backend.kernel  # type: ignore[attr-defined]
+    got = backend.forward(q, kv, meta, d**-0.5)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    # one thread and two threads split the work differently and must agree exactly
+    out1, out2 = torch.empty(len(lens), hq, d), torch.empty(len(lens), hq, d)
+    args = (
+        q[pre_len:].contiguous(),
+        kv,
+        meta.block_tables[1:],
+        meta.seq_lens[1:],
+        meta.seq_lens_list[1:],
+        d**-0.5,
+    )
+    cpu_attention.paged_decode(*args, out1, threads=1)
+    cpu_attention.paged_decode(*args, out2, threads=2)
+    assert torch.equal(out1, out2)
+
+
+@needs_cc
+def test_decode_kernel_reads_only_its_own_blocks() -> None:
+    """Poisoning every block a sequence does not own (and the tail of its last block) changes nothing."""
+    b, d = 4, 8
+    kv = _pool(12, 2, b, d, seed=3)
+    lens = [6, 9]
+    tables = _tables(lens, b, 12, seed=4)
+    meta = AttentionMetadata.build([1, 1], lens, tables, b)
+    q = torch.randn(2, 4, d)
+    clean = get_backend("cpu").forward(q, kv, meta, 0.3)
+    poisoned = kv.clone()
+    owned = {blk for t in tables for blk in t}
+    for blk in range(12):
+        if blk not in owned:
+            poisoned[blk] = float("nan")
+    for t, length in zip(tables, lens, strict=True):
+        poisoned[t[-1], :, :, length - (len(t) - 1) * b :] = float("nan")
+    assert torch.equal(get_backend("cpu").forward(q, poisoned, meta, 0.3), clean)
+
+
+def test_split_balances_context_and_covers_every_item() -> None:
+    assert cpu_attention._split([100, 100, 100, 100], 2, 2) == [(0, 4), (4, 8)]
+    assert cpu_attention._split([700, 10, 10, 10], 1, 2) == [(0, 1), (1, 4)]
+    assert cpu_attention._split([5], 4, 8) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert cpu_attention._split([5, 5], 2, 1) == [(0, 4)]
+
+
+def test_without_a_compiler_the_backend_falls_back_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setattr(cpu_attention, "_lib", None)
+    monkeypatch.setattr(cpu_attention, "_load_error", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+    backend = get_backend("cpu")
+    assert not backend.kernel  # type: ignore[attr-defined]
+    assert cpu_attention._load_error is not None
+    meta = AttentionMetadata.build([1], [5], [[1, 2]], 4)
+    kv, q = _pool(3, 2, 4, 8, seed=0), torch.randn(1, 4, 8)
+    assert torch.equal(backend.forward(q, kv, meta, 0.5), TorchAttention().forward(q, kv, meta, 0.5))
+
+
+@needs_cc
+def test_build_is_cached_by_content(tmp_path) -> None:
+    first = cpu_attention.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert cpu_attention.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_auto_picks_cpu_on_cpu() -> None:
+    assert type(get_backend("auto")).__name__ == "CpuAttention"
+    with pytest.raises(ValueError, match="attention backend"):
+        get_backend("flash")
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_onednn_linear_matches_f_linear_and_is_batch_invariant() -> None:
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    x = torch.randn(40, 64, generator=g)
+    lin = make_linear(w, bias, "onednn")
+    full = lin(x)
+    torch.testing.assert_close(full, F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
+    # a row's result does not depend on how many rows share the call
+    for m in (1, 3, 16):
+        for start in (0, 7):
+            assert torch.equal(lin(x[start : start + m]), full[start : start + m])
+
+
+def test_linear_backend_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve("auto", torch.float32, cpu) == ("onednn" if onednn_available() else "torch")
+    assert resolve("auto", torch.bfloat16, cpu) == "torch"
+    assert resolve("torch", torch.float32, cpu) == "torch"
+    with pytest.raises(ValueError, match="linear backend"):
+        resolve("mkl", torch.float32, cpu)
+
+
+def test_compiler_lookup_is_real() -> None:
+    # the CI image has a C compiler; the kernel tests above must not be silently skipped there
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert cpu_attention._compiler() is not None
