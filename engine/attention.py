@@ -122,10 +122,13 @@ class TorchAttention:
             k, v = k[:, :, :ctx], v[:, :, :ctx]  # (1, H_kv, ctx, D)
             qi = q[s:e].transpose(0, 1).unsqueeze(0)  # (1, H_q, q_len, D)
             q_len = e - s
-            # query j sits at absolute position ctx - q_len + j and sees keys 0..that position
-            q_pos = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
-            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= q_pos  # (q_len, ctx)
-            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            if q_len == ctx:  # the whole context is this chunk: plain causal (same result, no mask)
+                o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                # query j sits at absolute position ctx - q_len + j and sees keys 0..that position
+                q_pos = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
+                mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= q_pos  # (q_len, ctx)
+                o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1)
         if meta.num_decode_seqs:
             self._decode(q, kv_layer, meta, scale, out)

@@ -6,9 +6,8 @@
  * Query heads h*g .. h*g+g-1 read KV head h (GQA, as transformers' repeat_kv).
  *
  * Compiled on first use by engine/kernels/cpu_attention.py with the machine's C compiler
- * (-O3 -march=native -fopenmp-simd); called through ctypes, which releases the GIL, so the caller
- * may split the (sequence, KV head) pairs across threads: work item i covers sequence i / H_kv,
- * KV head i % H_kv, and items [item_begin, item_end) are this call's.
+ * (-O3 -march=native -fopenmp); called through ctypes. Work item i covers sequence i / H_kv, KV
+ * head i % H_kv; the items are shared among OpenMP threads.
  *
  * Softmax: scores of one (sequence, query head) are kept in scratch (ctx floats), the max is
  * subtracted before exp, and the output is divided by the sum once at the end, as SDPA's math path
@@ -16,6 +15,7 @@
  * results agree to rounding (checked against the torch reference in tests).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 static inline float dot(const float *restrict a, const float *restrict b, int d) {
@@ -25,64 +25,74 @@ static inline float dot(const float *restrict a, const float *restrict b, int d)
     return acc;
 }
 
-/* scratch: at least g * max_ctx floats for this call (one row of scores per query head of a group) */
+/* One work item: sequence s, KV head h; scratch holds g * ctx floats. */
+static void decode_item(const float *restrict q, const float *restrict kv, const int32_t *restrict tables,
+                        int64_t table_stride, const int32_t *restrict seq_lens, float *restrict out,
+                        float *restrict scratch, int H_q, int H_kv, int B, int D, float scale, int item) {
+    const int g = H_q / H_kv;
+    const int64_t head_stride = (int64_t)B * D;
+    const int64_t block_stride = 2 * (int64_t)H_kv * head_stride;
+    const int s = item / H_kv, h = item % H_kv;
+    const int ctx = seq_lens[s];
+    const int32_t *table = tables + (int64_t)s * table_stride;
+    const float *qh = q + ((int64_t)s * H_q + (int64_t)h * g) * D; /* g query rows */
+    float *oh = out + ((int64_t)s * H_q + (int64_t)h * g) * D;
+    /* scores, block by block: each K row is read once for all g query heads */
+    for (int t0 = 0; t0 < ctx; t0 += B) {
+        const float *kb = kv + (int64_t)table[t0 / B] * block_stride + (int64_t)h * head_stride;
+        const int n = ctx - t0 < B ? ctx - t0 : B;
+        for (int t = 0; t < n; t++) {
+            const float *krow = kb + (int64_t)t * D;
+            for (int j = 0; j < g; j++) scratch[(int64_t)j * ctx + t0 + t] = dot(qh + j * D, krow, D) * scale;
+        }
+    }
+    float inv_sum[64];
+    for (int j = 0; j < g; j++) {
+        float *sc = scratch + (int64_t)j * ctx;
+        float m = sc[0]; /* ctx >= 1: the query token's own key */
+        for (int t = 1; t < ctx; t++) m = sc[t] > m ? sc[t] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int t = 0; t < ctx; t++) {
+            sc[t] = expf(sc[t] - m);
+            sum += sc[t];
+        }
+        inv_sum[j] = 1.0f / sum;
+        for (int i = 0; i < D; i++) oh[j * D + i] = 0.0f;
+    }
+    /* values, block by block: each V row is read once for all g query heads */
+    for (int t0 = 0; t0 < ctx; t0 += B) {
+        const float *vb = kv + (int64_t)table[t0 / B] * block_stride + (int64_t)(H_kv + h) * head_stride;
+        const int n = ctx - t0 < B ? ctx - t0 : B;
+        for (int t = 0; t < n; t++) {
+            const float *vrow = vb + (int64_t)t * D;
+            for (int j = 0; j < g; j++) {
+                const float p = scratch[(int64_t)j * ctx + t0 + t];
+                float *o = oh + j * D;
+#pragma omp simd
+                for (int i = 0; i < D; i++) o[i] += p * vrow[i];
+            }
+        }
+    }
+    for (int j = 0; j < g; j++) {
+        float *o = oh + j * D;
+#pragma omp simd
+        for (int i = 0; i < D; i++) o[i] *= inv_sum[j];
+    }
+}
+
+/* All S * H_kv items on ``threads`` OpenMP threads. The shared object links libgomp by its soname,
+ * so inside a process that imported torch it joins torch's own OpenMP runtime and thread pool (no
+ * second pool spinning against torch's on the same cores). scratch: threads * g * max_ctx floats. */
 void tandem_paged_decode_f32(const float *restrict q, /* (S, H_q, D) */
                              const float *restrict kv, /* (N, 2, H_kv, B, D) */
                              const int32_t *restrict tables, int64_t table_stride, /* (S, >= nb) */
                              const int32_t *restrict seq_lens, /* (S,) */
                              float *restrict out,              /* (S, H_q, D) */
-                             float *restrict scratch, int H_q, int H_kv, int B, int D, float scale,
-                             int item_begin, int item_end) {
-    const int g = H_q / H_kv;
-    const int64_t head_stride = (int64_t)B * D;
-    const int64_t block_stride = 2 * (int64_t)H_kv * head_stride;
-    for (int item = item_begin; item < item_end; item++) {
-        const int s = item / H_kv, h = item % H_kv;
-        const int ctx = seq_lens[s];
-        const int32_t *table = tables + (int64_t)s * table_stride;
-        const float *qh = q + ((int64_t)s * H_q + (int64_t)h * g) * D; /* g query rows */
-        float *oh = out + ((int64_t)s * H_q + (int64_t)h * g) * D;
-        /* scores, block by block: each K row is read once for all g query heads */
-        for (int t0 = 0; t0 < ctx; t0 += B) {
-            const float *kb = kv + (int64_t)table[t0 / B] * block_stride + (int64_t)h * head_stride;
-            const int n = ctx - t0 < B ? ctx - t0 : B;
-            for (int t = 0; t < n; t++) {
-                const float *krow = kb + (int64_t)t * D;
-                for (int j = 0; j < g; j++) scratch[(int64_t)j * ctx + t0 + t] = dot(qh + j * D, krow, D) * scale;
-            }
-        }
-        float inv_sum[64];
-        for (int j = 0; j < g; j++) {
-            float *sc = scratch + (int64_t)j * ctx;
-            float m = sc[0]; /* ctx >= 1: the query token's own key */
-            for (int t = 1; t < ctx; t++) m = sc[t] > m ? sc[t] : m;
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int t = 0; t < ctx; t++) {
-                sc[t] = expf(sc[t] - m);
-                sum += sc[t];
-            }
-            inv_sum[j] = 1.0f / sum;
-            for (int i = 0; i < D; i++) oh[j * D + i] = 0.0f;
-        }
-        /* values, block by block: each V row is read once for all g query heads */
-        for (int t0 = 0; t0 < ctx; t0 += B) {
-            const float *vb = kv + (int64_t)table[t0 / B] * block_stride + (int64_t)(H_kv + h) * head_stride;
-            const int n = ctx - t0 < B ? ctx - t0 : B;
-            for (int t = 0; t < n; t++) {
-                const float *vrow = vb + (int64_t)t * D;
-                for (int j = 0; j < g; j++) {
-                    const float p = scratch[(int64_t)j * ctx + t0 + t];
-                    float *o = oh + j * D;
-#pragma omp simd
-                    for (int i = 0; i < D; i++) o[i] += p * vrow[i];
-                }
-            }
-        }
-        for (int j = 0; j < g; j++) {
-            float *o = oh + j * D;
-#pragma omp simd
-            for (int i = 0; i < D; i++) o[i] *= inv_sum[j];
-        }
-    }
+                             float *restrict scratch, int64_t scratch_stride, int H_q, int H_kv, int B,
+                             int D, float scale, int num_items, int threads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int item = 0; item < num_items; item++)
+        decode_item(q, kv, tables, table_stride, seq_lens, out, scratch + omp_get_thread_num() * scratch_stride,
+                    H_q, H_kv, B, D, scale, item);
 }

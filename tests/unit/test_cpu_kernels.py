@@ -99,13 +99,6 @@ def test_decode_kernel_reads_only_its_own_blocks() -> None:
     assert torch.equal(get_backend("cpu").forward(q, poisoned, meta, 0.3), clean)
 
 
-def test_split_balances_context_and_covers_every_item() -> None:
-    assert cpu_attention._split([100, 100, 100, 100], 2, 2) == [(0, 4), (4, 8)]
-    assert cpu_attention._split([700, 10, 10, 10], 1, 2) == [(0, 1), (1, 4)]
-    assert cpu_attention._split([5], 4, 8) == [(0, 1), (1, 2), (2, 3), (3, 4)]
-    assert cpu_attention._split([5, 5], 2, 1) == [(0, 4)]
-
-
 def test_without_a_compiler_the_backend_falls_back_to_the_reference(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
@@ -162,3 +155,43 @@ def test_compiler_lookup_is_real() -> None:
     # the CI image has a C compiler; the kernel tests above must not be silently skipped there
     if shutil.which("cc") or shutil.which("gcc"):
         assert cpu_attention._compiler() is not None
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_and_gate_up_equal_separate_matmuls_bit_for_bit(bias: bool) -> None:
+    from engine.model import _LayerLinears
+    from engine.weights import LayerWeights
+
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    hidden, hq, hkv, inter = 64, 96, 32, 160
+    w = LayerWeights(
+        input_norm=r(hidden),
+        q_proj=r(hq, hidden),
+        k_proj=r(hkv, hidden),
+        v_proj=r(hkv, hidden),
+        q_bias=r(hq) if bias else None,
+        k_bias=r(hkv) if bias else None,
+        v_bias=r(hkv) if bias else None,
+        o_proj=r(hidden, hq),
+        o_bias=None,
+        post_norm=r(hidden),
+        gate_proj=r(inter, hidden),
+        up_proj=r(inter, hidden),
+        down_proj=r(hidden, inter),
+    )
+    fused = _LayerLinears.build(w, "onednn")
+    x = r(16, hidden)
+    q, k, v = fused.qkv(x)
+    assert torch.equal(q, make_linear(w.q_proj, w.q_bias, "onednn")(x))
+    assert torch.equal(k, make_linear(w.k_proj, w.k_bias, "onednn")(x))
+    assert torch.equal(v, make_linear(w.v_proj, w.v_bias, "onednn")(x))
+    gate, up = fused.gate_up(x)
+    assert torch.equal(gate, make_linear(w.gate_proj, None, "onednn")(x))
+    assert torch.equal(up, make_linear(w.up_proj, None, "onednn")(x))
+    ref = _LayerLinears.build(w, "torch")
+    torch.testing.assert_close(ref.qkv(x)[0], q, atol=1e-4, rtol=1e-5)
