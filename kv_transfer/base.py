@@ -36,13 +36,18 @@ from kv_transfer.transport import Completed, Failed, KVDestination
 
 
 def idle(spins: int) -> None:
-    """Back off in a polling loop after ``spins`` empty rounds: spin first (latency), then yield the
-    core, then sleep — on a shared, oversubscribed host a busy-polling peer starves the process
-    it is waiting for."""
-    if spins > 20_000:
-        time.sleep(0.0002)
-    elif spins > 200:
+    """Back off in a polling loop after ``spins`` empty rounds: a few quick polls (latency), then
+    short sleeps. Not ``sched_yield``: a yielding thread stays runnable, and on two cores a
+    busy-polling receiver (or a sender waiting for its ack) takes the core that the peer's copy and
+    the hashing thread need — measured, the sender's digest thread then ran only when the copy was
+    preempted. A sleep of tens of microseconds costs little against a multi-megabyte WRITE."""
+    if spins > 64:
+        time.sleep(_IDLE_SLEEP_S)
+    elif spins > 16:
         os.sched_yield()
+
+
+_IDLE_SLEEP_S = 20e-6  # ~70-100 us in practice (timer slack)
 
 
 def unique_name(role: str) -> str:

@@ -3,13 +3,18 @@
 The receiver registers its whole KV pool once; a reservation hands the sender the pool's base
 address and the reserved block ids. The sender prepares NIXL descriptor lists once — its own pool,
 and each receiver's pool at first contact, one descriptor per (layer, block) — and per message
-posts a WRITE by indices into them (NIXL merges consecutive ones into runs) — no packing. It hashes
-the same source bytes on a thread while the WRITE copies (over CMA the copy runs inside
-``transfer`` with the GIL released; CRC32C releases it too), and once the WRITE is complete and
-hashed sends the header (with the digest) as a NIXL notification. A message over CHUNK_BYTES goes
-as several WRITEs of whole layers, each with its own header, so the receiver verifies early layers
-while later ones are still being copied. The receiver hashes the destination regions when a header
-arrives and commits when every piece has been verified.
+posts a WRITE by indices into them (NIXL merges consecutive ones into runs) — no packing.
+
+Headers travel as NIXL notifications, and one notification may carry several (protocol.decode_all).
+A message over CHUNK_BYTES goes as several WRITEs of whole layers; a hashing thread digests chunk
+i + 1 while chunk i copies (over CMA the copy runs inside ``transfer`` with the GIL released, and
+xxh3 releases it too), so each WRITE is posted with the headers of every chunk whose bytes are in
+place and whose digest is known — its own included — and NIXL sends them once the WRITE is
+complete: one notification per WRITE, none of its own. A small one-WRITE message (a layer of a
+short prompt) is hashed inline just before its post and its header rides on its own WRITE; a
+larger one is hashed beside its copy and its header follows at once. The receiver checks each
+piece's digest when its header arrives, while later pieces are still being copied, and commits
+when every piece has been verified.
 
 No progress thread (it halved throughput on 2 cores, MEASURED.md): both sides poll, the receiver
 in ``poll`` and the sender in ``send_layer`` / ``finish``. The first message from a sender to a
@@ -36,6 +41,7 @@ import torch
 
 from kv_transfer import protocol
 from kv_transfer.base import BaseReceiver, BaseSender, Outgoing
+from kv_transfer.pool import PoolView
 from kv_transfer.protocol import KIND_ACK, KIND_DATA, KIND_HELLO, Header, KVTransferError
 from kv_transfer.transport import KVDestination
 
@@ -80,15 +86,19 @@ class NixlReceiver(BaseReceiver):
         for sender, msgs in self.agent.get_new_notifs().items():
             for msg in msgs:
                 try:
-                    h, n = Header.decode(msg)
+                    headers, n = protocol.decode_all(msg)
                 except KVTransferError:
                     continue  # not ours (another protocol sharing the agent): drop it
-                if h.kind == KIND_HELLO:
-                    if sender not in self._senders:
-                        self.agent.add_remote_agent(bytes(msg[n:]))
-                        self._senders.add(sender)
-                elif h.kind == KIND_DATA:
-                    self._on_data(h, sender, lambda regions, check: self.pool.digest(regions) if check else 0)
+                for h in headers:
+                    if h.kind == KIND_HELLO:
+                        if sender not in self._senders:
+                            self.agent.add_remote_agent(bytes(msg[n:]))
+                            self._senders.add(sender)
+                    elif h.kind == KIND_DATA:
+                        self._on_data(h, sender, self._verify)
+
+    def _verify(self, regions: list[tuple[int, int]], check: bool) -> int:
+        return self.pool.digest(regions) if check else 0
 
     def _send_ack(self, sender: str, request_id: str, status: int, text: str) -> None:
         if sender in self._senders:
@@ -103,18 +113,60 @@ class NixlReceiver(BaseReceiver):
         self.agent.deregister_memory(self._reg)
 
 
-# A message bigger than this is posted as several WRITEs of whole layers, each with its own header,
-# so the receiver verifies the first layers while later ones are still being copied (one 64 MiB
-# whole-request WRITE would otherwise leave the receiver's digest pass entirely after the copy).
+# A message bigger than this is posted as several WRITEs of whole layers, so the receiver verifies
+# the first layers while later ones are still being copied (one 64 MiB whole-request WRITE would
+# otherwise leave the receiver's digest pass entirely after the copy). Smaller pieces shorten that
+# tail but cost ~20-40 us each (post, handle, notification): 4 MiB was the best trade measured.
 CHUNK_BYTES = 4 << 20
+
+
+# A one-WRITE message smaller than this is hashed inline, just before its post (the copy then reads
+# cache-warm bytes, and the header rides on the WRITE's own notification). Handing a few hundred
+# kilobytes to the hashing thread cost more than hashing them (a thread wake-up is tens of
+# microseconds, more when both cores are busy); larger payloads gain from hashing beside the copy.
+INLINE_HASH_BYTES = 1 << 20
+
+
+class _Digests:
+    """The digests of one message's chunks: computed inline, or on the hashing thread one chunk
+    ahead of the copy. ``values[i]`` is None until chunk i is hashed (a list slot written by one
+    thread and read by another: atomic under the GIL)."""
+
+    __slots__ = ("jobs", "values")
+
+    def __init__(self, n: int) -> None:
+        self.values: list[int | None] = [None] * n
+        self.jobs: list[Future[None] | None] = [None] * n
+
+    def ready(self, i: int) -> bool:
+        return self.values[i] is not None
+
+    def get(self, i: int) -> int:
+        job = self.jobs[i]
+        if self.values[i] is None and job is not None:
+            job.result()  # the thread is finishing it (or raises what it raised)
+        v = self.values[i]
+        if v is None:
+            raise KVTransferError(f"no digest for chunk {i}")
+        return v
+
+    def compute(self, pool: PoolView, i: int, regions: list[tuple[int, int]]) -> None:
+        self.values[i] = pool.digest(regions)
 
 
 @dataclass(slots=True)
 class _Write:
+    """One posted WRITE and the header that vouches for its bytes."""
+
     handle: Any
-    header: Header  # sent, with the digest, as the notification once the WRITE is complete
-    digest: Future[int]  # computed on the hashing thread while the WRITE copies
-    receiver: str
+    header: Header  # digest still 0: filled in from ``digests`` when the header goes out
+    digests: _Digests
+    index: int  # this WRITE's chunk in ``digests``
+    done: bool = False  # the WRITE is complete (over CMA: as soon as transfer() returns)
+    header_sent: bool = False  # the header went out (alone, or riding on a later WRITE)
+
+    def encoded_header(self) -> bytes:
+        return self.header.with_digest(self.digests.get(self.index)).encode()
 
 
 @dataclass(slots=True)
@@ -130,18 +182,19 @@ def _block_descs(base: int, count: int, size: int, device_id: int) -> np.ndarray
     return np.stack([addr, np.full_like(addr, size), np.full_like(addr, device_id)], axis=1)
 
 
-def _done(value: int) -> Future[int]:
-    f: Future[int] = Future()
-    f.set_result(value)
-    return f
-
-
 class NixlSender(BaseSender):
     """Descriptor lists are prepared once (``prep_xfer_dlist``): the local pool at construction and
     each receiver's pool at first contact, one descriptor per (layer, block); a message is then a
-    ``make_prepped_xfer`` by indices (NIXL merges the consecutive ones back into runs). The source
-    digest runs on a thread: CMA copies inside ``transfer`` with the GIL released, and CRC32C
-    releases it too, so both proceed at once."""
+    ``make_prepped_xfer`` by indices (NIXL merges the consecutive ones back into runs).
+
+    Digests run on one hashing thread (CPU pools): CMA copies inside ``transfer`` with the GIL
+    released, and xxh3 releases it too, so hashing and copying proceed on both cores at once. A
+    message cut into several WRITEs is hashed one chunk ahead of the copy, so each WRITE is posted
+    with the headers of every complete chunk whose digest is known — its own included — and NIXL
+    sends them as the WRITE's notification once it completes: no separate notification per chunk.
+    A header still unsent when the message's last WRITE is posted goes out alone right after it, so
+    the receiver can verify every piece without waiting for the next message. Small one-WRITE
+    messages (< INLINE_HASH_BYTES) are hashed inline just before their post."""
 
     backend = "nixl"
 
@@ -157,7 +210,7 @@ class NixlSender(BaseSender):
             _block_descs(p.base_addr, p.num_layers * p.num_blocks, p.layer_block_bytes, p.device_id),
             p.mem_type,
         )
-        # CPU pools with a GIL-releasing digest hash on a thread; otherwise inline, after the post
+        # CPU pools with a GIL-releasing digest hash on a thread; otherwise inline, before the post
         self._hasher = (
             ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-digest")
             if p.np_flat is not None and protocol.DIGEST_RELEASES_GIL
@@ -187,71 +240,90 @@ class NixlSender(BaseSender):
     ) -> None:
         p = self.pool
         remote = self._remotes[out.dest.receiver]
-        step = max(1, CHUNK_BYTES // max(1, len(src) * p.layer_block_bytes))  # layers per WRITE
-        src_idx = np.asarray(src, dtype=np.int64)[None, :]  # (1, n)
-        dst_idx = np.asarray(dst, dtype=np.int64)[None, :]
-        for first in range(layers.start, layers.stop, step):
-            group = range(first, min(first + step, layers.stop))
+        n = len(src)
+        step = max(1, CHUNK_BYTES // max(1, n * p.layer_block_bytes))  # layers per WRITE
+        groups = [range(f, min(f + step, layers.stop)) for f in range(layers.start, layers.stop, step)]
+        runs = protocol.coalesce(src)
+        chunks = [protocol.regions(g, runs, p.num_blocks, p.layer_block_bytes) for g in groups]
+        lay = np.arange(layers.start, layers.stop, dtype=np.int64)[:, None]  # (l, 1)
+        # (l, n) descriptor indices, payload order (layer, then block)
+        local_idx = (lay * p.num_blocks + np.asarray(src, dtype=np.int64)[None, :]).astype(np.int32)
+        remote_idx = (lay * remote.pool_blocks + np.asarray(dst, dtype=np.int64)[None, :]).astype(np.int32)
+        digests = _Digests(len(groups))
+        first = 0
+        if not self.digests:
+            digests.values = [0] * len(groups)
+            first = len(groups)
+        elif self.corrupt_after_digest:
+            digests.values[0] = p.digest(chunks[0])
+            p.flat[chunks[0][0][0]] ^= 0xFF  # flipped in transit, as far as the receiver can tell
+            first = 1
+        hasher = self._hasher
+        if len(groups) == 1 and header.payload_bytes < INLINE_HASH_BYTES:
+            hasher = None
+        # With a hashing thread, chunk i + 1 is hashed while chunk i copies: one chunk ahead, not
+        # more. Running further ahead took the second core from the receiver (its digest checks
+        # waited for the thread to finish) and let the hashed bytes leave the cache before their
+        # copy read them; one chunk ahead, the copy and the receiver's check read cache-warm bytes.
+        if hasher is not None and first < len(groups):
+            digests.jobs[first] = hasher.submit(digests.compute, p, first, chunks[first])
+        for i, g in enumerate(groups):
+            if hasher is not None and first < i + 1 < len(groups):
+                digests.jobs[i + 1] = hasher.submit(digests.compute, p, i + 1, chunks[i + 1])
             h = header
-            if len(group) != len(layers):
+            if len(groups) > 1:
                 h = Header(
                     KIND_DATA,
                     header.request_id,
-                    layer=first,
-                    num_layers=len(group),
+                    layer=g.start,
+                    num_layers=len(g),
                     block_start=header.block_start,
                     num_blocks=header.num_blocks,
                     dtype=header.dtype,
                     block_shape=header.block_shape,
-                    payload_bytes=len(group) * len(src) * p.layer_block_bytes,
+                    payload_bytes=len(g) * n * p.layer_block_bytes,
                     status=header.status,
                 )
-            lay = np.arange(group.start, group.stop, dtype=np.int64)[:, None]  # (l, 1)
-            local_idx = (lay * p.num_blocks + src_idx).reshape(-1).astype(np.int32)  # (l * n,) payload order
-            remote_idx = (lay * remote.pool_blocks + dst_idx).reshape(-1).astype(np.int32)
-            if not self._post_one(out, h, group, src, remote, local_idx, remote_idx):
+            if hasher is None and not digests.ready(i):
+                digests.values[i] = p.digest(chunks[i])  # inline, just before the copy reads them
+            rows = slice(g.start - layers.start, g.stop - layers.start)
+            w = _Write(None, h, digests, i)
+            if not self._post_one(out, w, remote, local_idx[rows].reshape(-1), remote_idx[rows].reshape(-1)):
                 return
+        self._send_ready(out)  # what no WRITE carried (a one-WRITE message's own header) goes now
 
     def _post_one(
-        self,
-        out: Outgoing,
-        header: Header,
-        layers: range,
-        src: Sequence[int],
-        remote: _Remote,
-        local_idx: np.ndarray,
-        remote_idx: np.ndarray,
+        self, out: Outgoing, w: _Write, remote: _Remote, local_idx: np.ndarray, remote_idx: np.ndarray
     ) -> bool:
-        p = self.pool
-        src_regions = p.regions(layers, src)
-        dig: Future[int] | None = None
-        if self.corrupt_after_digest:
-            dig = _done(p.digest(src_regions))
-            p.flat[src_regions[0][0]] ^= 0xFF  # flipped in transit, as far as the receiver can tell
-        elif not self.digests:
-            dig = _done(0)
-        elif self._hasher is not None:
-            dig = self._hasher.submit(p.digest, src_regions)  # runs while transfer() below copies
+        """Post one WRITE carrying the headers of this request that are ready: complete WRITEs whose
+        digest is known and whose header is unsent, then this WRITE's own if its digest is known."""
         try:
-            handle = self.agent.make_prepped_xfer("WRITE", self._local, local_idx, remote.dlist, remote_idx)
+            w.handle = self.agent.make_prepped_xfer("WRITE", self._local, local_idx, remote.dlist, remote_idx)
         except Exception as e:  # nixlRemoteDisconnectError and friends
             self._lost(out, f"NIXL WRITE to {out.dest.receiver} could not be created: {e}")
             return False
+        carried = [x for x in out.pending if x.done and not x.header_sent and x.digests.ready(x.index)]
+        if w.digests.ready(w.index):
+            carried.append(w)
+        notif = b"".join(x.encoded_header() for x in carried)
         try:
-            state = self.agent.transfer(handle)
+            state = self.agent.transfer(w.handle, notif) if notif else self.agent.transfer(w.handle)
         except Exception as e:
             state, err = "ERR", str(e)
         else:
             err = "post failed"
         if state == "ERR":
-            self._release(handle)
+            self._release(w.handle)
             self._lost(out, f"NIXL WRITE to {out.dest.receiver}: {err}")
             return False
-        if dig is None:
-            dig = _done(p.digest(src_regions))
-        out.pending.append(_Write(handle, header, dig, remote.name))
-        self._send_ready(out)  # earlier chunks of this message: the receiver starts verifying them
-        return not out.error
+        for x in carried:
+            x.header_sent = True  # NIXL sends the notification once this WRITE is complete
+        w.done = state == "DONE"
+        out.pending.append(w)
+        # forget finished WRITEs (their handles go back to NIXL); keep the ones still owed a header
+        while out.pending and out.pending[0].done and out.pending[0].header_sent:
+            self._release(out.pending.pop(0).handle)
+        return True
 
     def _progress(self) -> None:
         for out in self._out.values():
@@ -266,24 +338,33 @@ class NixlSender(BaseSender):
                     self._on_ack(h)
 
     def _send_ready(self, out: Outgoing) -> None:
-        """Send, in order, the headers of the WRITEs that are complete and hashed."""
+        """Drive ``out``'s WRITEs in order: once one is complete, send its header if no later WRITE
+        carried it (waiting for its digest, which the hashing thread is finishing), then let it go."""
         while out.pending and not out.error:
             w: _Write = out.pending[0]
-            try:
-                state = self.agent.check_xfer_state(w.handle)
-            except Exception:
-                state = "ERR"
-            if state == "PROC" or (state == "DONE" and not w.digest.done()):
-                break
+            if not w.done:
+                try:
+                    state = self.agent.check_xfer_state(w.handle)
+                except Exception:
+                    state = "ERR"
+                if state == "PROC":
+                    break
+                if state == "ERR":
+                    self._lost(out, f"NIXL WRITE to {out.dest.receiver} failed (receiver gone?)")
+                    break
+                w.done = True
+            if not w.header_sent:
+                remote = self._remotes.get(out.dest.receiver)
+                try:
+                    if remote is None:
+                        raise KVTransferError("receiver forgotten")
+                    self.agent.send_notif(remote.name, w.encoded_header())
+                except Exception as e:
+                    self._lost(out, f"notification to {out.dest.receiver} failed: {e}")
+                    break
+                w.header_sent = True
             out.pending.pop(0)
             self._release(w.handle)
-            if state == "ERR":
-                self._lost(out, f"NIXL WRITE to {out.dest.receiver} failed (receiver gone?)")
-                break
-            try:
-                self.agent.send_notif(w.receiver, w.header.with_digest(w.digest.result()).encode())
-            except Exception as e:
-                self._lost(out, f"notification to {out.dest.receiver} failed: {e}")
 
     def _lost(self, out: Outgoing, error: str) -> None:
         """The receiver is unreachable: fail the request and forget the agent, so that a new

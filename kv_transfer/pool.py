@@ -2,7 +2,7 @@
 
 The pool is engine/kv_layout.py's one tensor per worker, ``(L, N, 2, H_kv, B, D)``, contiguous and
 layer-major. Everything here works on its flat byte view, so a region is ``(offset, length)``.
-On CPU the digest is protocol.digest (CRC32C, else xxh3-64) over the regions (streamed, no copy).
+On CPU the digest is protocol.digest (xxh3-64) over the regions (streamed, no copy).
 On a GPU it is a device-side checksum (sum and position-weighted sum of int32 words, finished with
 protocol.digest on the host) so the bytes never leave the device.
 """

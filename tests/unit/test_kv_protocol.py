@@ -10,12 +10,14 @@ from kv_transfer.protocol import (
     DIGEST_NAME,
     KIND_ACK,
     KIND_DATA,
+    KIND_HELLO,
     STATUS_FAILED,
     Header,
     KVTransferError,
     NoRoomError,
     ReservationBook,
     coalesce,
+    decode_all,
     digest,
     paired_runs,
     region,
@@ -58,6 +60,23 @@ def test_header_rejects_garbage() -> None:
         Header.decode(b"KVT")
 
 
+def test_one_notification_carries_several_headers() -> None:
+    """A NIXL WRITE's notification vouches for every chunk it completes: its headers are packed
+    back to back and all come out, in order; a HELLO ends the list and its payload follows."""
+    data = [
+        Header(KIND_DATA, "r1", layer=2 * i, num_layers=2, num_blocks=32, digest=i + 1, payload_bytes=4096)
+        for i in range(3)
+    ]
+    buf = b"".join(h.encode() for h in data)
+    assert decode_all(buf) == (data, len(buf))
+    hello = Header(KIND_HELLO, "", text="kv-send-1")
+    got, n = decode_all(hello.encode() + b"agent-metadata")
+    assert got == [hello]
+    assert (hello.encode() + b"agent-metadata")[n:] == b"agent-metadata"
+    with pytest.raises(KVTransferError, match="too short"):
+        decode_all(data[0].encode() + b"KV")  # a truncated second header is not silently dropped
+
+
 def test_coalesce_consecutive_ids() -> None:
     assert coalesce([4, 5, 6, 9, 2, 3]) == [(4, 3), (9, 1), (2, 2)]
     assert coalesce([7]) == [(7, 1)]
@@ -88,17 +107,15 @@ def test_regions_layer_major() -> None:
 
 def _reference_digest(data: bytes) -> int:
     """The digest computed by the reference implementation of the algorithm protocol.py uses."""
-    if DIGEST_NAME == "crc32c":
-        import crc32c
-
-        return crc32c.crc32c(data)
     assert DIGEST_NAME == "xxh3-64"
     return xxhash.xxh3_64(data).intdigest()
 
 
 def test_digest_is_a_known_algorithm_with_known_value() -> None:
-    data = b"123456789"  # the standard CRC check input: CRC-32C("123456789") = 0xE3069283
-    expected = 0xE3069283 if DIGEST_NAME == "crc32c" else xxhash.xxh3_64(data).intdigest()
+    data = b"123456789"
+    assert DIGEST_NAME == "xxh3-64"
+    expected = 0x72DCB18B67A17DFF  # XXH3_64bits("123456789"), seed 0 (the reference library's value)
+    assert xxhash.xxh3_64(data).intdigest() == expected
     assert digest([data]) == expected
     assert digest([b"1234", b"", b"56789"]) == expected
 
