@@ -29,9 +29,8 @@ from engine.weights import LayerWeights, ModelWeights, load_weights
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalize in fp32, cast back, *then* scale (matters in bf16).
-    In fp32 there is nothing to cast and torch's fused kernel computes the same expression."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    (torch's F.rms_norm computes the same in fp32 but measured slower here: 204 vs 137 us at 512
+    rows, on par at 16.)"""
     h = x.float()  # (T, hidden) fp32
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
