@@ -97,16 +97,7 @@ class RouterActor:
         telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint)
         backend = await asyncio.to_thread(self._backend, telemetry)
         await backend.start()
-        server = TandemServer(
-            backend,
-            host=rc.host,
-            port=rc.port,
-            max_concurrency=rc.max_concurrency,
-            max_queue=rc.max_queue,
-            telemetry=telemetry,
-            default_disaggregation=rc.disaggregation,
-            routing_policy=rc.policy,
-        )
+        server = TandemServer.from_config(backend, rc, telemetry)
         try:
             await server.start()
         except BaseException:

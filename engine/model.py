@@ -122,12 +122,12 @@ class _LayerLinears:
             q, k, v = (make_linear(wt, b, backend) for wt, b in _qkv(w))
             gate, up = make_linear(w.gate_proj, None, backend), make_linear(w.up_proj, None, backend)
             return cls(lambda x: (q(x), k(x), v(x)), o, lambda x: (gate(x), up(x)), down)
-        sizes = [wt.shape[0] for wt, _ in _qkv(w)]
-        biases = [b for _, b in _qkv(w)]
+        parts = _qkv(w)
+        sizes = [wt.shape[0] for wt, _ in parts]
         bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else wt.new_zeros(wt.shape[0]) for wt, b in _qkv(w)])
-        qkv = make_linear(torch.cat([wt for wt, _ in _qkv(w)]), bias, backend)
+        if any(b is not None for _, b in parts):
+            bias = torch.cat([b if b is not None else wt.new_zeros(wt.shape[0]) for wt, b in parts])
+        qkv = make_linear(torch.cat([wt for wt, _ in parts]), bias, backend)
         inter = w.gate_proj.shape[0]
         gate_up = make_linear(torch.cat([w.gate_proj, w.up_proj]), None, backend)
 

@@ -100,16 +100,7 @@ async def serve(
         except BaseException:
             backend.close()
             raise
-    server = TandemServer(
-        backend,
-        host=rc.host,
-        port=rc.port,
-        max_concurrency=rc.max_concurrency,
-        max_queue=rc.max_queue,
-        telemetry=telemetry,
-        default_disaggregation=rc.disaggregation,
-        routing_policy="local" if backend_name == "engine" else rc.policy,
-    )
+    server = TandemServer.from_config(backend, rc, telemetry, "local" if backend_name == "engine" else None)
     try:
         await server.start()
     except BaseException:

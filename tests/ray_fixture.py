@@ -9,10 +9,12 @@ idempotent, so several modules (or conftests) importing it share the one cluster
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -47,3 +49,30 @@ def _shutdown() -> None:
 def ray_cluster() -> Iterator[None]:
     ensure_ray()
     yield
+
+
+@contextlib.contextmanager
+def running_pools(
+    prefill_cfg: Any,
+    prefill_spec: Any,
+    decode_cfg: Any = None,
+    decode_spec: Any = None,
+    telemetry: Any = None,
+) -> Iterator[tuple[list[Any], list[Any]]]:
+    """Start a prefill and a decode pool (decode defaults to the prefill config and spec), yield
+    their handles, and shut both down after; a decode pool that fails to start stops the prefill
+    pool first."""
+    from decode_pool.pool import build_decode_pool, shutdown
+    from prefill_pool.pool import build_prefill_pool
+
+    prefill = build_prefill_pool(prefill_cfg, prefill_spec, telemetry=telemetry)
+    try:
+        decode_cfg, decode_spec = decode_cfg or prefill_cfg, decode_spec or prefill_spec
+        decode = build_decode_pool(decode_cfg, decode_spec, telemetry=telemetry)
+    except BaseException:
+        shutdown(prefill)
+        raise
+    try:
+        yield prefill, decode
+    finally:
+        shutdown(prefill + decode)

@@ -84,6 +84,8 @@ def build(cache_dir: Path | None = None) -> Path:
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with the reason logged once) where it cannot be built."""
     global _lib, _load_error
+    if _lib is not None:  # every decode layer asks: no lock once loaded
+        return _lib
     with _lock:
         if _lib is not None or _load_error is not None:
             return _lib

@@ -19,7 +19,7 @@ from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.helpers_checkpoints import load_reference, make_checkpoint
-from tests.ray_fixture import ray_cluster  # noqa: F401  (fixture)
+from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -50,22 +50,11 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[in
 
 @pytest.fixture(scope="module")
 def pools(golden, ray_cluster) -> Iterator[tuple[Pools, list, list]]:  # noqa: F811
-    from decode_pool.pool import build_decode_pool, shutdown
-    from prefill_pool.pool import build_prefill_pool
-
     path = golden[0]
     # 4-token blocks and an 8-token budget: every long prompt is prefilled (and streamed) in chunks
     cfg = WorkerConfig(model=path, block_size=4, num_blocks=256, max_num_batched_tokens=8, kv_backend="nixl")
-    prefill = build_prefill_pool(cfg, PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0))
-    try:
-        decode = build_decode_pool(cfg, PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0))
-    except BaseException:
-        shutdown(prefill)
-        raise
-    try:
+    with running_pools(cfg, PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)) as (prefill, decode):
         yield Pools(prefill, decode, disaggregation="always"), prefill, decode
-    finally:
-        shutdown(prefill + decode)
 
 
 async def _collect(pools: Pools, prompts: list[list[int]], mode: str) -> list[list[TokenChunk]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +31,7 @@ from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from router.client import build_request
 from tests.e2e.test_grpc_serve import ManagedServer, _health, _server_info
 from tests.integration.memory_tiers.conftest import redis_url  # noqa: F401  (fixture)
-from tests.ray_fixture import ray_cluster  # noqa: F401  (fixture)
+from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -196,21 +197,12 @@ def test_health_info_and_bad_input(served: ManagedServer) -> None:
 @pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
     from decode_pool.handoff import WorkerConfig
-    from decode_pool.pool import build_decode_pool, shutdown
     from decode_pool.ray_util import PoolSpec
-    from prefill_pool.pool import build_prefill_pool
 
     cfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
-    prefill = build_prefill_pool(cfg, PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0))
-    try:
-        decode = build_decode_pool(cfg, PoolSpec(replicas=2, num_cpus=0.5, max_restarts=0))
-    except BaseException:
-        shutdown(prefill)
-        raise
-    try:
-        yield prefill, decode
-    finally:
-        shutdown(prefill + decode)
+    spec = PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)
+    with running_pools(cfg, spec, decode_spec=dataclasses.replace(spec, replicas=2)) as pools:
+        yield pools
 
 
 @contextlib.asynccontextmanager

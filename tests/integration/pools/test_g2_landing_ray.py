@@ -18,7 +18,7 @@ from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.helpers_checkpoints import make_checkpoint
-from tests.ray_fixture import ray_cluster  # noqa: F401  (fixture)
+from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,24 +47,13 @@ def reference(ckpt: Path, prompts: list[list[int]]) -> tuple[list[list[int]], in
 
 @pytest.fixture(scope="module")
 def cluster(ckpt: Path, reference, ray_cluster) -> Iterator[tuple[list, list]]:  # noqa: F811
-    from decode_pool.pool import build_decode_pool, shutdown
-    from prefill_pool.pool import build_prefill_pool
-
     cfg = WorkerConfig(
         model=ckpt, block_size=4, num_blocks=64, max_num_batched_tokens=8, kv_backend="nixl", ack_timeout_s=20
     )
     # G1: 14 blocks, the 41-token prompt takes 11 and the 30-token one needs 8; G2: 16 blocks
     decode_cfg = dataclasses.replace(cfg, num_blocks=14, host_kv_bytes=16 * reference[1])
-    prefill = build_prefill_pool(cfg, PoolSpec(replicas=1, num_cpus=0.25))
-    try:
-        decode = build_decode_pool(decode_cfg, PoolSpec(replicas=1, num_cpus=0.25))
-    except BaseException:
-        shutdown(prefill)
-        raise
-    try:
-        yield prefill, decode
-    finally:
-        shutdown(prefill + decode)
+    with running_pools(cfg, PoolSpec(replicas=1, num_cpus=0.25), decode_cfg=decode_cfg) as pools:
+        yield pools
 
 
 async def _stream(pools: Pools, req: PoolRequest) -> list[TokenChunk]:

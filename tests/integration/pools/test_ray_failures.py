@@ -19,7 +19,7 @@ from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.helpers_checkpoints import make_checkpoint
-from tests.ray_fixture import ray_cluster  # noqa: F401  (fixture)
+from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,9 +47,6 @@ def expected(ckpt: Path, prompts: list[list[int]]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def cluster(ckpt: Path, ray_cluster) -> Iterator[tuple[list, list]]:  # noqa: F811
-    from decode_pool.pool import build_decode_pool, shutdown
-    from prefill_pool.pool import build_prefill_pool
-
     # an 8-token budget: a 41-token prompt takes 6 prefill steps, so "mid-transfer" is a real stage
     cfg = WorkerConfig(
         model=ckpt,
@@ -59,16 +56,8 @@ def cluster(ckpt: Path, ray_cluster) -> Iterator[tuple[list, list]]:  # noqa: F8
         kv_backend="nixl",
         ack_timeout_s=20,
     )
-    prefill = build_prefill_pool(cfg, PoolSpec(replicas=2, num_cpus=0.25))
-    try:
-        decode = build_decode_pool(cfg, PoolSpec(replicas=2, num_cpus=0.25))
-    except BaseException:
-        shutdown(prefill)
-        raise
-    try:
-        yield prefill, decode
-    finally:
-        shutdown(prefill + decode)
+    with running_pools(cfg, PoolSpec(replicas=2, num_cpus=0.25)) as pools:
+        yield pools
 
 
 def _pid_when_back(handle: object) -> int:

@@ -19,7 +19,7 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from router.client import build_request
 from router.telemetry import SpanRecord, TelemetryConfig, setup_telemetry
-from tests.ray_fixture import ray_cluster  # noqa: F401  (fixture)
+from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -42,9 +42,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
     from decode_pool.handoff import WorkerConfig
-    from decode_pool.pool import build_decode_pool, shutdown
     from decode_pool.ray_util import PoolSpec
-    from prefill_pool.pool import build_prefill_pool
 
     traced = TelemetryConfig("memory")
     spec = PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)
@@ -55,17 +53,9 @@ def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:
         host_kv_bytes=G2_BLOCKS * BLOCK_BYTES,
         kv_backend="nixl",
     )
-    prefill = build_prefill_pool(pcfg, spec, telemetry=traced)
-    try:
-        dcfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
-        decode = build_decode_pool(dcfg, spec, telemetry=traced)
-    except BaseException:
-        shutdown(prefill)
-        raise
-    try:
-        yield prefill, decode
-    finally:
-        shutdown(prefill + decode)
+    dcfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
+    with running_pools(pcfg, spec, decode_cfg=dcfg, telemetry=traced) as pools:
+        yield pools
 
 
 @contextlib.asynccontextmanager
