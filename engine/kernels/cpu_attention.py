@@ -19,89 +19,23 @@ compiler (or if the build fails) the backend logs why once and the reference pat
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 
 from engine.attention import AttentionMetadata, TorchAttention
+from engine.kernels.native import NativeLibrary
 
-log = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 _MAX_GROUP = 64  # query heads per KV head; the kernel keeps one 1/sum per head on its stack
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_load_error: str | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.tandem_paged_decode_f32
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [p, p, p, i64, p, p, p, i64, i, i, i, i, ctypes.c_float, i, i]
+    fn.restype = None
 
 
-def _cache_dir() -> Path:
-    from engine.demo import tandem_home
-
-    return tandem_home() / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def build(cache_dir: Path | None = None) -> Path:
-    """Compile the kernel (once per source, flags and compiler) and return the shared object's path.
-    Safe under concurrency: each process compiles into a temporary file and renames it into place."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode()).hexdigest()
-    out_dir = cache_dir or _cache_dir()
-    target = out_dir / f"cpu_paged_decode-{key[:16]}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed to compile {_SOURCE.name}:\n{proc.stderr.strip()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with the reason logged once) where it cannot be built."""
-    global _lib, _load_error
-    if _lib is not None:  # every decode layer asks: no lock once loaded
-        return _lib
-    with _lock:
-        if _lib is not None or _load_error is not None:
-            return _lib
-        try:
-            lib = ctypes.CDLL(str(build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _load_error = str(e)
-            log.warning("CPU decode kernel unavailable, using the torch reference path: %s", e)
-            return None
-        fn = lib.tandem_paged_decode_f32
-        p, i = ctypes.c_void_p, ctypes.c_int
-        i64 = ctypes.c_int64
-        fn.argtypes = [p, p, p, i64, p, p, p, i64, i, i, i, i, ctypes.c_float, i, i]
-        fn.restype = None
-        _lib = lib
-        return _lib
+KERNEL = NativeLibrary("cpu_paged_decode.c", ("-O3", "-march=native", "-ffast-math", "-fopenmp"), _declare)
 
 
 def paged_decode(
@@ -115,9 +49,9 @@ def paged_decode(
     threads: int | None = None,
 ) -> None:
     """Decode attention of S one-token queries into ``out``, with the C kernel (which must load)."""
-    lib = load()
+    lib = KERNEL.load()
     if lib is None:
-        raise RuntimeError(f"CPU decode kernel unavailable: {_load_error}")
+        raise RuntimeError(f"CPU decode kernel unavailable: {KERNEL.load_error}")
     s, hq, d = q.shape
     _, _, h, b, _ = kv_layer.shape
     if hq % h or hq // h > _MAX_GROUP:
@@ -156,7 +90,7 @@ class CpuAttention(TorchAttention):
     """The torch reference, with fp32 decode rows on CPU tensors sent to the C kernel."""
 
     def __init__(self) -> None:
-        self.kernel = load() is not None
+        self.kernel = KERNEL.load() is not None
 
     def _decode(
         self,

@@ -225,3 +225,33 @@ def test_checkpoint_that_disagrees_with_its_config_is_refused(tmp_path: Path) ->
     (path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(path)
+
+
+def test_fused_cpu_layer_ops_equal_the_torch_ops_bit_for_bit(case: tuple[Model, Any, str]) -> None:
+    """fp32 on a CPU runs the residual add + RMSNorm and rope + KV write in fused C: hidden states
+    and the KV cache must be the same floats as transformers' torch expressions give."""
+    from engine.kernels.cpu_fused import FusedCpuOps, TorchLayerOps
+
+    model, _, dtype = case
+    if dtype != "float32":
+        assert isinstance(model.ops, TorchLayerOps)
+        return
+    assert isinstance(model.ops, FusedCpuOps)
+    results = []
+    for ops in (model.ops, TorchLayerOps(model.rope, model.attn, model.config.head_dim)):
+        fused, model.ops = model.ops, ops
+        try:
+            kv = model.config.kv_layout(BLOCK).allocate(16)
+            ids = prompt(40, seed=7)
+            # a prefill of 30 tokens, then a batch mixing the last 8 prompt tokens with 2 decodes
+            meta = AttentionMetadata.build([30, 1, 1], [30, 5, 9], [[3, 12, 7, 0], [5], [9, 1]], BLOCK)
+            h1 = model.forward(torch.cat([ids[:30], ids[30:32]]), torch.tensor([*range(30), 4, 8]), kv, meta)
+            meta = AttentionMetadata.build([8, 1], [38, 6], [[3, 12, 7, 0, 2], [5]], BLOCK)
+            h2 = model.forward(
+                torch.cat([ids[30:38], ids[38:39]]), torch.tensor([*range(30, 38), 5]), kv, meta
+            )
+            results.append((h1, h2, kv))
+        finally:
+            model.ops = fused
+    for got, want in zip(results[0], results[1], strict=True):
+        assert torch.equal(got, want)

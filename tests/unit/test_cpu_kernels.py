@@ -10,13 +10,12 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, TorchAttention, get_backend
 from engine.kernels import cpu_attention
+from engine.kernels.native import compiler
 from engine.linear import make_linear, onednn_available, resolve
 
 pytestmark = pytest.mark.unit
 
-needs_cc = pytest.mark.skipif(
-    cpu_attention._compiler() is None, reason="no C compiler: the kernel cannot be built here"
-)
+needs_cc = pytest.mark.skipif(compiler() is None, reason="no C compiler: the kernel cannot be built here")
 
 
 def _pool(n: int, h: int, b: int, d: int, seed: int) -> torch.Tensor:
@@ -100,13 +99,15 @@ def test_decode_kernel_reads_only_its_own_blocks() -> None:
 def test_without_a_compiler_the_backend_falls_back_to_the_reference(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
-    monkeypatch.setattr(cpu_attention, "_lib", None)
-    monkeypatch.setattr(cpu_attention, "_load_error", None)
+    cpu_attention.KERNEL.reset()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
-    backend = get_backend("cpu")
-    assert not backend.kernel  # type: ignore[attr-defined]
-    assert cpu_attention._load_error is not None
+    try:
+        backend = get_backend("cpu")
+        assert not backend.kernel  # type: ignore[attr-defined]
+        assert cpu_attention.KERNEL.load_error is not None
+    finally:
+        cpu_attention.KERNEL.reset()  # later tests load the real kernel again
     meta = AttentionMetadata.build([1], [5], [[1, 2]], 4)
     kv, q = _pool(3, 2, 4, 8, seed=0), torch.randn(1, 4, 8)
     assert torch.equal(backend.forward(q, kv, meta, 0.5), TorchAttention().forward(q, kv, meta, 0.5))
@@ -114,9 +115,9 @@ def test_without_a_compiler_the_backend_falls_back_to_the_reference(
 
 @needs_cc
 def test_build_is_cached_by_content(tmp_path) -> None:
-    first = cpu_attention.build(tmp_path)
+    first = cpu_attention.KERNEL.build(tmp_path)
     mtime = first.stat().st_mtime_ns
-    assert cpu_attention.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert cpu_attention.KERNEL.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 

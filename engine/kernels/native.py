@@ -1,0 +1,99 @@
+"""C kernels compiled on first use with the machine's C compiler and loaded through ctypes.
+
+Each ``NativeLibrary`` is one C source file next to this module with its compile flags. ``build``
+compiles it (~0.3 s) into ``$TANDEM_HOME/kernels/`` under a name that hashes the source, the flags
+and the compiler's version, so a changed source or compiler never loads a stale object; concurrent
+processes each compile into a temporary file and rename it into place. ``load`` returns the loaded
+library or ``None`` with the reason logged once (no compiler, a failed build), so every caller can
+fall back to its torch path. Objects built with ``-fopenmp`` link libgomp by its soname: in a process
+that imported torch they join torch's own OpenMP runtime and threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cache_dir() -> Path:
+    from engine.demo import tandem_home
+
+    return tandem_home() / "kernels"
+
+
+class NativeLibrary:
+    """``source`` (a file in this package) compiled with ``flags``; ``declare`` sets the ctypes
+    signatures of its functions once it is loaded."""
+
+    def __init__(self, source: str, flags: Sequence[str], declare: Callable[[ctypes.CDLL], None]) -> None:
+        self.source = Path(__file__).with_name(source)
+        self.flags = (*flags, "-shared", "-fPIC")
+        self.declare = declare
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self.load_error: str | None = None
+
+    def build(self, cache_dir: Path | None = None) -> Path:
+        """Compile (once per source, flags and compiler) and return the shared object's path."""
+        cc = compiler()
+        if cc is None:
+            raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+        key = hashlib.sha256(self.source.read_bytes() + " ".join(self.flags).encode() + version.encode())
+        out_dir = cache_dir or _cache_dir()
+        target = out_dir / f"{self.source.stem}-{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [cc, *self.flags, "-o", tmp, str(self.source), "-lm"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed to compile {self.source.name}:\n{proc.stderr.strip()}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+
+    def load(self) -> ctypes.CDLL | None:
+        """The loaded library, or None (the reason logged once) where it cannot be built."""
+        if self._lib is not None:  # asked on every layer: no lock once loaded
+            return self._lib
+        with self._lock:
+            if self._lib is not None or self.load_error is not None:
+                return self._lib
+            try:
+                lib = ctypes.CDLL(str(self.build()))
+                self.declare(lib)
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+                self.load_error = str(e)
+                log.warning("C kernel %s unavailable, using the torch path: %s", self.source.name, e)
+                return None
+            self._lib = lib
+            return lib
+
+    def reset(self) -> None:
+        """Forget the loaded library and any load error (tests)."""
+        with self._lock:
+            self._lib, self.load_error = None, None
