@@ -45,7 +45,7 @@ class EngineConfig:
     model: str | Path
     dtype: str = "float32"
     attn_backend: str = "auto"  # auto: the C decode kernel on CPU, Triton on GPU
-    linear_backend: str = "auto"  # auto: prepacked oneDNN for fp32 on CPU, else F.linear
+    linear_backend: str = "auto"  # auto: the C kernel (else oneDNN) for fp32 on CPU, else F.linear
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None  # None: from kv_cache_bytes, capped at what max_num_seqs can use

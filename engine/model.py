@@ -97,11 +97,12 @@ class Model:
 
 @dataclass(slots=True)
 class _LayerLinears:
-    """One layer's projections as callables (engine.linear). With oneDNN, q/k/v are one matmul over
-    the concatenated weights and so are gate/up: a decode step then streams each layer's weights in
-    4 calls instead of 7 (12.1 ms against 15.8 ms for the bench model's 8 layers at 16 rows), and
-    every output element is the same dot product as before, bit for bit (checked in tests). The
-    torch reference keeps transformers' separate F.linear calls."""
+    """One layer's projections as callables (engine.linear). With a packed backend (the C kernel or
+    oneDNN), q/k/v are one matmul over the concatenated weights and so are gate/up: a decode step
+    then streams each layer's weights in 4 calls instead of 7 (with oneDNN: 12.1 ms against 15.8 ms
+    for the bench model's 8 layers at 16 rows), and every output element is the same dot product as
+    before, bit for bit (checked in tests). The torch reference keeps transformers' separate
+    F.linear calls."""
 
     qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     o: Linear

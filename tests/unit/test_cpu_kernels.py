@@ -1,6 +1,7 @@
 """The CPU fast paths against their references: the C paged-decode kernel (engine/kernels/
-cpu_attention.py) against the torch reference attention, and prepacked oneDNN matmuls
-(engine/linear.py) against F.linear, including the batch invariance the engine relies on."""
+cpu_attention.py) against the torch reference attention, and the packed matmuls of engine/linear.py
+(the C kernel cpu_gemm.c and oneDNN) against F.linear, including the batch invariance the engine
+relies on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, TorchAttention, get_backend
 from engine.kernels import cpu_attention
 from engine.kernels.native import compiler
-from engine.linear import make_linear, onednn_available, resolve
+from engine.linear import cpu_gemm_available, make_linear, onednn_available, resolve
 
 pytestmark = pytest.mark.unit
 
@@ -143,18 +144,65 @@ def test_onednn_linear_matches_f_linear_and_is_batch_invariant() -> None:
 
 def test_linear_backend_resolution() -> None:
     cpu = torch.device("cpu")
-    assert resolve("auto", torch.float32, cpu) == ("onednn" if onednn_available() else "torch")
+    best = "cpu" if cpu_gemm_available() else "onednn" if onednn_available() else "torch"
+    assert resolve("auto", torch.float32, cpu) == best
     assert resolve("auto", torch.bfloat16, cpu) == "torch"
     assert resolve("torch", torch.float32, cpu) == "torch"
     with pytest.raises(ValueError, match="linear backend"):
         resolve("mkl", torch.float32, cpu)
+    with pytest.raises(ValueError, match="linear backend 'cpu' needs fp32"):
+        resolve("cpu", torch.bfloat16, cpu)
 
 
-@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+needs_gemm = pytest.mark.skipif(not cpu_gemm_available(), reason="no C compiler or no AVX2/FMA here")
+
+
+@needs_gemm
+@pytest.mark.parametrize(("n", "k"), [(100, 77), (16, 512), (1024, 512), (33, 300), (512, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_qkv_and_gate_up_equal_separate_matmuls_bit_for_bit(bias: bool) -> None:
+def test_cpu_gemm_matches_f_linear_and_is_batch_and_thread_invariant(n: int, k: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    w, b = torch.randn(n, k, generator=g), (torch.randn(n, generator=g) if bias else None)
+    x = torch.randn(250, k, generator=g)  # 250 rows: several row chunks of 96, a tail of 58
+    lin = make_linear(w, b, "cpu")
+    full = lin(x)
+    torch.testing.assert_close(full, F.linear(x, w, b), atol=1e-4 * k**0.5, rtol=1e-5)
+    # a row's result depends neither on the rows sharing the call (any chunk, any row block of 6)
+    # nor on the thread count
+    for m in (1, 5, 6, 7, 16, 97):
+        for start in (0, 3, 150):
+            assert torch.equal(lin(x[start : start + m]), full[start : start + m])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(lin(x), full)
+    finally:
+        torch.set_num_threads(threads)
+    # strided rows (a view of a wider tensor, as the split gate/up output is)
+    wide = torch.cat([x, torch.randn(250, 3, generator=g)], dim=1)[:, :k]
+    assert wide.stride(0) == k + 3 and torch.equal(lin(wide), full)
+    assert lin(x[:0]).shape == (0, n)
+
+
+@needs_gemm
+def test_cpu_gemm_refuses_bad_input() -> None:
+    lin = make_linear(torch.randn(8, 4), None, "cpu")
+    with pytest.raises(ValueError, match="expected fp32"):
+        lin(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="expected fp32"):
+        lin(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected fp32"):
+        lin(torch.randn(4, 3).t())
+
+
+@pytest.mark.parametrize("backend", ["onednn", "cpu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_and_gate_up_equal_separate_matmuls_bit_for_bit(bias: bool, backend: str) -> None:
     from engine.model import _LayerLinears
     from engine.weights import LayerWeights
+
+    if not (onednn_available() if backend == "onednn" else cpu_gemm_available()):
+        pytest.skip(f"linear backend {backend} unavailable here")
 
     g = torch.Generator().manual_seed(5)
 
@@ -177,14 +225,14 @@ def test_fused_qkv_and_gate_up_equal_separate_matmuls_bit_for_bit(bias: bool) ->
         up_proj=r(inter, hidden),
         down_proj=r(hidden, inter),
     )
-    fused = _LayerLinears.build(w, "onednn")
+    fused = _LayerLinears.build(w, backend)
     x = r(16, hidden)
     q, k, v = fused.qkv(x)
-    assert torch.equal(q, make_linear(w.q_proj, w.q_bias, "onednn")(x))
-    assert torch.equal(k, make_linear(w.k_proj, w.k_bias, "onednn")(x))
-    assert torch.equal(v, make_linear(w.v_proj, w.v_bias, "onednn")(x))
+    assert torch.equal(q, make_linear(w.q_proj, w.q_bias, backend)(x))
+    assert torch.equal(k, make_linear(w.k_proj, w.k_bias, backend)(x))
+    assert torch.equal(v, make_linear(w.v_proj, w.v_bias, backend)(x))
     gate, up = fused.gate_up(x)
-    assert torch.equal(gate, make_linear(w.gate_proj, None, "onednn")(x))
-    assert torch.equal(up, make_linear(w.up_proj, None, "onednn")(x))
+    assert torch.equal(gate, make_linear(w.gate_proj, None, backend)(x))
+    assert torch.equal(up, make_linear(w.up_proj, None, backend)(x))
     ref = _LayerLinears.build(w, "torch")
     torch.testing.assert_close(ref.qkv(x)[0], q, atol=1e-4, rtol=1e-5)
