@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": ("engine.cli_generate", "generate text in-process (or from a server with --server)"),
     "bench engine": ("engine.bench", "output tokens/s of Tandem vs transformers generate"),
+    "bench kernels": (
+        "engine.bench_kernels",
+        "the model's projections per linear backend (C kernel, oneDNN, torch) at decode and prefill rows",
+    ),
     "bench prefix-cache": (
         "engine.bench_prefix",
         "time to first token with a 2,000-token prefix cached in G1 / G2 / G3 vs uncached",

@@ -38,12 +38,20 @@ def make_workload(
     return Workload(prompts, outs)
 
 
-def run_tandem(model_dir: Path, w: Workload, concurrency: int, dtype: str, backend: str) -> float:
+def run_tandem(
+    model_dir: Path, w: Workload, concurrency: int, dtype: str, backend: str, linear_backend: str = "auto"
+) -> float:
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.sampling_params import SamplingParams
 
     engine = LLMEngine(
-        EngineConfig(model=model_dir, dtype=dtype, attn_backend=backend, max_num_seqs=concurrency)
+        EngineConfig(
+            model=model_dir,
+            dtype=dtype,
+            attn_backend=backend,
+            linear_backend=linear_backend,
+            max_num_seqs=concurrency,
+        )
     )
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in w.output_lens]
     # warm-up: one short request, not timed
@@ -109,6 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    p.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn", "cpu"])
     p.add_argument("--skip-reference", action="store_true", help="time Tandem only")
     p.add_argument("--json", action="store_true")
 
@@ -127,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         f"{w.output_tokens} output tokens; model {model_dir}",
         file=sys.stderr,
     )
-    t_tandem = run_tandem(model_dir, w, args.concurrency, args.dtype, args.attn_backend)
+    t_tandem = run_tandem(model_dir, w, args.concurrency, args.dtype, args.attn_backend, args.linear_backend)
     t_ref = None if args.skip_reference else run_transformers(model_dir, w, args.concurrency, args.dtype)
     rows = [Result("tandem (continuous batching)", t_tandem, w.output_tokens / t_tandem)]
     if t_ref is not None:

@@ -4,9 +4,9 @@ On a CPU, torch's ``F.linear`` goes to MKL, which on this project's machines (AM
 a generic path that is slow for the small row counts of a decode step (8-32 rows). Two faster paths
 pack each weight once at load:
 
-- ``cpu``: ``engine/kernels/cpu_gemm.c``, an AVX2/FMA kernel compiled on first use. Against oneDNN
-  on the bench model's shapes with the weights streamed from DRAM: 1.25-1.4x at 16 rows (a decode
-  step), 1.04-1.23x at 512 (a prefill chunk).
+- ``cpu``: ``engine/kernels/cpu_gemm.c``, an AVX2/FMA kernel compiled on first use. On the bench
+  model's projections with the weights streamed from DRAM (``tandem bench kernels``): 1.43x
+  oneDNN's speed at 16 rows (a decode step), 1.08-1.12x at 512 (a prefill chunk).
 - ``onednn``: torch's bundled oneDNN with the weight reordered into its blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``, what inductor does when it freezes a CPU model).
 
@@ -34,7 +34,7 @@ from engine.kernels.native import NativeLibrary
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
-_MC, _NR = 96, 16  # cpu_gemm.c's row chunk (scratch rows per thread) and panel width
+_MC, _NR = 48, 16  # cpu_gemm.c's row chunk (scratch rows per thread) and panel width
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -1,11 +1,11 @@
 """C kernels compiled on first use with the machine's C compiler and loaded through ctypes.
 
 Each ``NativeLibrary`` is one C source file next to this module with its compile flags. ``build``
-compiles it (~0.3 s) into ``$TANDEM_HOME/kernels/`` under a name that hashes the source, the flags
-and the compiler's version, so a changed source or compiler never loads a stale object; concurrent
-processes each compile into a temporary file and rename it into place. ``load`` returns the loaded
-library or ``None`` with the reason logged once (no compiler, a failed build), so every caller can
-fall back to its torch path. Objects built with ``-fopenmp`` link libgomp by its soname: in a process
+compiles it (~0.3 s) into ``$TANDEM_HOME/kernels/`` under a name that hashes the source, the flags,
+the compiler's version and the CPU (``-march=native``), so a changed source, compiler or machine
+never loads a stale object; concurrent processes each compile into a temporary file and rename it
+into place. ``load`` returns the loaded library or ``None`` with the reason logged once (no
+compiler, a failed build), so every caller can fall back to its torch path. Objects built with ``-fopenmp`` link libgomp by its soname: in a process
 that imported torch they join torch's own OpenMP runtime and threads.
 """
 
@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 
 def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu_signature() -> bytes:
+    """What ``-march=native`` compiled for: the CPU's model and feature flags (a home directory
+    shared by different machines must not load an object built for another CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor().encode()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(keep)).encode()
 
 
 def _cache_dir() -> Path:
@@ -53,7 +66,9 @@ class NativeLibrary:
         if cc is None:
             raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-        key = hashlib.sha256(self.source.read_bytes() + " ".join(self.flags).encode() + version.encode())
+        key = hashlib.sha256(
+            self.source.read_bytes() + " ".join(self.flags).encode() + version.encode() + _cpu_signature()
+        )
         out_dir = cache_dir or _cache_dir()
         target = out_dir / f"{self.source.stem}-{key.hexdigest()[:16]}.so"
         if target.exists():
