@@ -5,8 +5,9 @@ compiles it (~0.3 s) into ``$TANDEM_HOME/kernels/`` under a name that hashes the
 the compiler's version and the CPU (``-march=native``), so a changed source, compiler or machine
 never loads a stale object; concurrent processes each compile into a temporary file and rename it
 into place. ``load`` returns the loaded library or ``None`` with the reason logged once (no
-compiler, a failed build), so every caller can fall back to its torch path. Objects built with ``-fopenmp`` link libgomp by its soname: in a process
-that imported torch they join torch's own OpenMP runtime and threads.
+compiler, a failed build), so every caller can fall back to its torch path. Objects built with
+``-fopenmp`` link libgomp by its soname: in a process that imported torch they join torch's own
+OpenMP runtime and threads.
 """
 
 from __future__ import annotations
