@@ -1,0 +1,101 @@
+"""kv_transfer.pool: a CPU pool seen by a transport is backed by transparent huge pages (CMA pins
+every page it copies; 4 KiB pages cost a third of the shared-memory bandwidth), and turning its
+pages into huge ones changes no byte."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kv_layout import KVLayout, huge_pages
+from kv_transfer.pool import PoolView
+
+pytestmark = pytest.mark.unit
+
+_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return got >= (major, minor)
+
+
+def _thp_mode() -> str:
+    """The bracketed THP mode ("always", "madvise", "never"), or "" without THP."""
+    try:
+        text = _THP.read_text()
+    except OSError:
+        return ""
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else ""
+
+
+# "always" would back torch's allocations with huge pages by itself: nothing left to show
+needs_madvise_thp = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _thp_mode() != "madvise" or not _kernel_at_least(6, 1),
+    reason="needs Linux >= 6.1 (MADV_COLLAPSE) with transparent huge pages in madvise mode",
+)
+
+
+def _anon_huge_bytes(addr: int, nbytes: int) -> int:
+    """AnonHugePages of this process's mappings that overlap [addr, addr + nbytes)."""
+    total = 0
+    overlaps = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            overlaps = lo < addr + nbytes and addr < hi
+        elif overlaps and head == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+LAYOUT = KVLayout(2, 2, 64, 16, "float32")  # 32 KiB per (layer, block)
+
+
+def _random_pool(num_blocks: int) -> torch.Tensor:
+    """A pool allocated by plain torch (no huge page advice), filled with random bytes."""
+    kv = torch.zeros(LAYOUT.pool_shape(num_blocks), dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    flat = kv.view(torch.uint8).reshape(-1)
+    flat.copy_(torch.randint(0, 256, flat.shape, generator=g, dtype=torch.uint8))
+    return kv
+
+
+@needs_madvise_thp
+def test_pool_view_backs_a_cpu_pool_with_huge_pages_and_keeps_its_bytes() -> None:
+    kv = _random_pool(512)  # 2 layers x 512 blocks x 32 KiB = 32 MiB
+    nbytes = kv.numel() * kv.element_size()
+    before = kv.clone()
+    # torch does not ask for huge pages: without PoolView this range has none
+    assert _anon_huge_bytes(kv.data_ptr(), nbytes) == 0
+    PoolView(kv)
+    # everything but the partial 2 MiB pages at either end of the allocation
+    assert _anon_huge_bytes(kv.data_ptr(), nbytes) >= nbytes - (4 << 20)
+    assert torch.equal(kv.view(torch.uint8), before.view(torch.uint8))
+
+
+@needs_madvise_thp
+def test_huge_pages_leaves_ranges_without_a_whole_huge_page_alone() -> None:
+    kv = _random_pool(32)  # 2 MiB: at most one aligned huge page, usually none
+    addr = kv.data_ptr()
+    assert huge_pages(addr, 1 << 20) is False  # 1 MiB never holds an aligned 2 MiB page
+    assert huge_pages(-(-addr // (2 << 20)) * (2 << 20), 0) is False
+
+
+@needs_madvise_thp
+def test_kv_layout_allocates_zeroed_pools_on_huge_pages() -> None:
+    kv = LAYOUT.allocate(512)  # 16 MiB
+    nbytes = kv.numel() * kv.element_size()
+    assert kv.data_ptr() % (2 << 20) == 0
+    assert not kv.any()
+    kv.fill_(1.0)  # pages are faulted in when first written: each as a whole huge page
+    assert _anon_huge_bytes(kv.data_ptr(), nbytes) == nbytes
+    assert bool((kv == 1.0).all())
