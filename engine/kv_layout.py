@@ -77,7 +77,11 @@ class KVLayout:
         nbytes = self.itemsize * int(torch.Size(shape).numel())
         if torch.device(device).type != "cpu" or not sys.platform.startswith("linux") or nbytes == 0:
             return torch.zeros(shape, dtype=self.torch_dtype, device=device)
-        return _fresh_huge_page_bytes(nbytes).view(self.torch_dtype).view(shape)
+        buf = _fresh_huge_page_bytes(nbytes)  # zero already: fresh anonymous memory
+        # write one byte per 4 KiB page: every page is faulted in now (huge ones where granted), so
+        # the memory is committed at start-up and no serving step pays a first-touch fault
+        buf[::4096].zero_()
+        return buf.view(self.torch_dtype).view(shape)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

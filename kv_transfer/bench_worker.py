@@ -34,8 +34,7 @@ def _quiet() -> None:
 
 def receiver_main(conn: Connection, backend: str, transport: str, layout: KVLayout, num_blocks: int) -> None:
     _quiet()
-    kv = layout.allocate(num_blocks)  # (L, N, 2, H_kv, B, D), on huge pages faulted in when touched
-    kv.zero_()  # touch every page now, not inside a timed transfer
+    kv = layout.allocate(num_blocks)  # (L, N, 2, H_kv, B, D), zeroed: pages touched before timing
     rx: Any = make_transport(backend, transport).receiver(kv)
     flat = rx.pool.flat
     done: dict[str, str] = {}
