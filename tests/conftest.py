@@ -18,7 +18,19 @@ if "TANDEM_HOME" not in os.environ:
 
     os.environ["TANDEM_HOME"] = tempfile.mkdtemp(prefix="tandem-test-home-")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The "tiny" preset checkpoint (``tandem make-model``), read-only for the tests."""
+    from engine.make_model import make_model
+
+    path = tmp_path_factory.mktemp("tiny-ckpt")
+    make_model(path, "tiny")
+    return path
 
 
 def _has_gpu() -> bool:

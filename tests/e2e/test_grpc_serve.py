@@ -117,15 +117,6 @@ def _wait_idle(address: str) -> pb.WorkerInfo:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.make_model import make_model
-
-    path = tmp_path_factory.mktemp("tiny-ckpt")
-    make_model(path, "tiny")
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> dict[tuple[str, int, bool], list[int]]:
     """Greedy token ids of the in-process engine, each prompt alone, by (prompt, max_tokens, ignore_eos)."""
     from engine.llm_engine import EngineConfig, LLMEngine

@@ -43,15 +43,6 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.make_model import make_model
-
-    path = tmp_path_factory.mktemp("tiny-ckpt")
-    make_model(path, "tiny")
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> dict[str, list[int]]:
     """Greedy ids of the in-process engine, each prompt alone."""
     from engine.llm_engine import EngineConfig, LLMEngine

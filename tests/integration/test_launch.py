@@ -66,15 +66,6 @@ ray: {{namespace: {namespace}}}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.make_model import make_model
-
-    path = tmp_path_factory.mktemp("tiny-ckpt")
-    make_model(path, "tiny")
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> dict[str, list[int]]:
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.sampling_params import SamplingParams

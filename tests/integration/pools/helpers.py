@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from pathlib import Path
 
-from decode_pool.handoff import FirstToken, TokenChunk, WorkRequest
+from decode_pool.handoff import FirstToken, TokenChunk, WorkerConfig, WorkRequest
 from decode_pool.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
 from prefill_pool.worker import PrefillWorker
+
+
+def worker_config(ckpt: Path, wid: str, **kw: object) -> WorkerConfig:
+    """An in-process worker's config: blocks of 4 tokens, 64 of them, 8-token steps; ``kw`` overrides."""
+    base: dict[str, object] = dict(
+        model=ckpt,
+        worker_id=wid,
+        block_size=4,
+        num_blocks=64,
+        max_num_batched_tokens=8,
+        kv_backend="inprocess",
+    )
+    base.update(kw)
+    return WorkerConfig(**base)  # type: ignore[arg-type]
 
 
 def work(rid: str, prompt: list[int], max_tokens: int = 12, seed: int = 1) -> WorkRequest:

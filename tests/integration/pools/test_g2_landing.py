@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from decode_pool.handoff import KVGrant, WorkerConfig
+from decode_pool.handoff import KVGrant
 from decode_pool.worker import DecodeWorker
 from engine.block_hash import hash_blocks
 from engine.llm_engine import EngineConfig, LLMEngine
@@ -22,8 +22,7 @@ from kv_transfer.protocol import KVTransferError, NoRoomError
 from memory_tiers.metadata import Tier
 from memory_tiers.tier_store import TierStore
 from prefill_pool.worker import Cancelled, PrefillWorker
-from tests.helpers_checkpoints import make_checkpoint
-from tests.integration.pools.helpers import decode_all, prefill_all, work
+from tests.integration.pools.helpers import decode_all, prefill_all, work, worker_config
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +31,6 @@ BLOCK = 4
 G1_BLOCKS = 14  # the 41-token prompt takes 11: the 30-token one (8 blocks) must land in G2
 G2_BLOCKS = 16
 INBOX_BLOCKS = 14  # auto: blocks for the longest sequence, min(256, 14 * 4) = 56 tokens
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("g2-ckpt"), "llama", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -62,25 +56,12 @@ def expected(reference: tuple[list[list[int]], int, str]) -> list[list[int]]:
     return reference[0]
 
 
-def _cfg(ckpt: Path, wid: str, **kw: object) -> WorkerConfig:
-    base: dict[str, object] = dict(
-        model=ckpt,
-        worker_id=wid,
-        block_size=BLOCK,
-        num_blocks=64,
-        max_num_batched_tokens=8,
-        kv_backend="inprocess",
-    )
-    base.update(kw)
-    return WorkerConfig(**base)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def pair(
     ckpt: Path, reference: tuple[list[list[int]], int, str]
 ) -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
-    p = PrefillWorker(_cfg(ckpt, "p0"))
-    d = DecodeWorker(_cfg(ckpt, "d0", num_blocks=G1_BLOCKS, host_kv_bytes=G2_BLOCKS * reference[1]))
+    p = PrefillWorker(worker_config(ckpt, "p0"))
+    d = DecodeWorker(worker_config(ckpt, "d0", num_blocks=G1_BLOCKS, host_kv_bytes=G2_BLOCKS * reference[1]))
     try:
         yield p, d
     finally:
@@ -277,7 +258,9 @@ def test_digest_mismatch_into_g2_frees_it(pair, prompts) -> None:
 
 def test_g2_lease_expiry_frees_it(ckpt: Path, prompts, reference) -> None:
     d = DecodeWorker(
-        _cfg(ckpt, "d-lease", num_blocks=G1_BLOCKS, host_kv_bytes=G2_BLOCKS * reference[1], lease_s=0.05)
+        worker_config(
+            ckpt, "d-lease", num_blocks=G1_BLOCKS, host_kv_bytes=G2_BLOCKS * reference[1], lease_s=0.05
+        )
     )
     try:
         d.reserve(work("a", prompts[0]))
@@ -295,7 +278,9 @@ def test_g2_lease_expiry_frees_it(ckpt: Path, prompts, reference) -> None:
 
 
 def test_no_room_in_g1_or_g2_is_backpressure(ckpt: Path, prompts, reference) -> None:
-    d = DecodeWorker(_cfg(ckpt, "d-full", num_blocks=G1_BLOCKS, host_kv_bytes=G2_BLOCKS * reference[1]))
+    d = DecodeWorker(
+        worker_config(ckpt, "d-full", num_blocks=G1_BLOCKS, host_kv_bytes=G2_BLOCKS * reference[1])
+    )
     try:
         d.reserve(work("a", prompts[0]))  # 11 G1 blocks
         d.reserve(work("b", prompts[1]))  # 8 G2 blocks; 6 inbox blocks left

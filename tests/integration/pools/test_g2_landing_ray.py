@@ -17,17 +17,11 @@ from decode_pool.handoff import TokenChunk, WorkerConfig
 from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.helpers_checkpoints import make_checkpoint
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("g2-ray"), "llama", seed=3)
 
 
 @pytest.fixture(scope="module")

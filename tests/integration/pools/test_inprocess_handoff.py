@@ -10,23 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from decode_pool.handoff import FirstToken, PoolError, WorkerConfig
+from decode_pool.handoff import FirstToken, PoolError
 from decode_pool.worker import DecodeWorker
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_transfer.protocol import KVTransferError
 from prefill_pool.worker import Cancelled, PrefillWorker
-from tests.helpers_checkpoints import make_checkpoint
-from tests.integration.pools.helpers import decode_all, handoff, prefill_all, work
+from tests.integration.pools.helpers import decode_all, handoff, prefill_all, work, worker_config
 
 pytestmark = pytest.mark.integration
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("pools-ckpt"), "llama", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +43,10 @@ def expected(ckpt: Path, prompts: list[list[int]]) -> list[list[int]]:
     return [o.new_token_ids for o in outs]
 
 
-def _cfg(ckpt: Path, wid: str, **kw: object) -> WorkerConfig:
-    base: dict[str, object] = dict(
-        model=ckpt,
-        worker_id=wid,
-        block_size=4,
-        num_blocks=64,
-        max_num_batched_tokens=8,
-        kv_backend="inprocess",
-    )
-    base.update(kw)
-    return WorkerConfig(**base)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def pair(ckpt: Path) -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
-    p = PrefillWorker(_cfg(ckpt, "p0"))
-    d = DecodeWorker(_cfg(ckpt, "d0"))
+    p = PrefillWorker(worker_config(ckpt, "p0"))
+    d = DecodeWorker(worker_config(ckpt, "d0"))
     try:
         yield p, d
     finally:
@@ -190,7 +171,7 @@ def test_digest_mismatch_fails_both_sides(pair, prompts) -> None:
 
 
 def test_lease_expiry_frees_blocks(ckpt: Path, prompts) -> None:
-    d = DecodeWorker(_cfg(ckpt, "d-lease", lease_s=0.05))
+    d = DecodeWorker(worker_config(ckpt, "d-lease", lease_s=0.05))
     try:
         d.reserve(work("late", prompts[2]))
         assert d.load().used_blocks == 11
@@ -206,7 +187,7 @@ def test_lease_expiry_frees_blocks(ckpt: Path, prompts) -> None:
 def test_no_room_is_backpressure(ckpt: Path, prompts) -> None:
     from kv_transfer.protocol import NoRoomError
 
-    d = DecodeWorker(_cfg(ckpt, "d-small", num_blocks=12))
+    d = DecodeWorker(worker_config(ckpt, "d-small", num_blocks=12))
     try:
         d.reserve(work("big", prompts[2]))  # 11 of 12 blocks
         with pytest.raises(NoRoomError):

@@ -31,15 +31,6 @@ G2_BLOCKS = 32
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.make_model import make_model
-
-    path = tmp_path_factory.mktemp("tiny-traced")
-    make_model(path, "tiny")
-    return path
-
-
-@pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
     from decode_pool.handoff import WorkerConfig
     from decode_pool.ray_util import PoolSpec
