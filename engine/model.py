@@ -73,13 +73,13 @@ class Model:
         c = self.config
         T, H, D, eps, ops = input_ids.shape[0], c.num_heads, c.head_dim, c.rms_norm_eps, self.ops
         x = F.embedding(input_ids, self.weights.embed)  # (T, hidden), a fresh tensor
-        rope = ops.prepare(positions)
+        state = ops.prepare(positions, meta.slot_mapping, kv_cache.shape[1] * kv_cache.shape[4])  # N * B
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to x
         for i, (w, lin) in enumerate(zip(self.weights.layers, self.layers, strict=True)):
             # attention block
             x, h = ops.add_rms_norm(x, delta, w.input_norm, eps)  # (T, hidden) each
             q, k, v = lin.qkv(h)  # (T, H*D), (T, H_kv*D), (T, H_kv*D)
-            q = ops.rope_write_kv(q, k, v, rope, kv_cache[i], meta.slot_mapping)  # (T, H, D)
+            q = ops.rope_write_kv(q, k, v, state, kv_cache[i])  # (T, H, D)
             if on_layer is not None:
                 on_layer(i)
             o = self.attn.forward(q, kv_cache[i], meta, self.scale)  # (T, H, D)

@@ -5,7 +5,7 @@
  *   tandem_rope_write_kv_f32  q -> rotated copy; k rotated and v copied into the layer's paged pool
  *
  * In a decode step these are ~25 torch calls per layer of 5-80 us each, mostly dispatch and
- * allocation; here they are 2-3 calls of a few us.
+ * allocation; here they are 3 calls of a few us.
  *
  * Exactness. This file is compiled WITHOUT -ffast-math and with -ffp-contract=off: every product and
  * sum is rounded where torch rounds it (no fused multiply-add, no reassociation). The one reduction,

@@ -2,7 +2,7 @@
 
 ``LayerOps`` is the seam ``engine.model`` runs every layer through: the residual add + RMSNorm, and
 rotary embedding + the KV write. ``TorchLayerOps`` is the reference (transformers' expressions, and
-the attention backend's ``write_kv``); ``FusedCpuOps`` does the same in ``cpu_fused.c`` (2-3 calls per
+the attention backend's ``write_kv``); ``FusedCpuOps`` does the same in ``cpu_fused.c`` (3 calls per
 layer instead of ~25 torch calls of 5-80 us each, which were ~15% of a decode step of the bench
 model). The C file is compiled without fast-math and without FMA contraction, and its sum of squares
 follows torch's own summation order for the CPU capability torch runs with (``torch_vector_width``),
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class LayerOps(Protocol):
-    def prepare(self, positions: torch.Tensor) -> Any:
-        """Per-forward state for ``rope_write_kv`` (the rotary angles of these positions)."""
+    def prepare(self, positions: torch.Tensor, slot_mapping: torch.Tensor, num_slots: int) -> Any:
+        """Per-forward state for every layer's ``rope_write_kv``: the tokens' rotary angles and
+        their slots (T,) int64 in a pool of ``num_slots`` slots, checked once here."""
         ...
 
     def add_rms_norm(
@@ -41,9 +42,8 @@ class LayerOps(Protocol):
         q: torch.Tensor,  # (T, H*D), rows possibly strided (a view of the fused q/k/v output)
         k: torch.Tensor,  # (T, H_kv*D)
         v: torch.Tensor,  # (T, H_kv*D)
-        rope: Any,  # from prepare()
+        state: Any,  # from prepare()
         kv_layer: torch.Tensor,  # (N, 2, H_kv, B, D)
-        slot_mapping: torch.Tensor,  # (T,) int64
     ) -> torch.Tensor:
         """Rotate q and k, store k and v at their slots; returns the rotated q, (T, H, D)."""
         ...
@@ -64,8 +64,10 @@ class TorchLayerOps:
     def __init__(self, rope: RotaryTables, attn: AttentionBackend, head_dim: int) -> None:
         self.rope, self.attn, self.head_dim = rope, attn, head_dim
 
-    def prepare(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope.lookup(positions)
+    def prepare(
+        self, positions: torch.Tensor, slot_mapping: torch.Tensor, num_slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (*self.rope.lookup(positions), slot_mapping)  # write_kv's indexing checks the slots
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -79,11 +81,10 @@ class TorchLayerOps:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        state: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         kv_layer: torch.Tensor,
-        slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
-        cos, sin = rope
+        cos, sin, slot_mapping = state
         t, d = q.shape[0], self.head_dim
         q, k = apply_rotary(q.view(t, -1, d), cos, sin), apply_rotary(k.view(t, -1, d), cos, sin)
         self.attn.write_kv(k, v.view(t, -1, d), kv_layer, slot_mapping)
@@ -140,10 +141,14 @@ class FusedCpuOps:
         got_x, got = self.add_rms_norm(x.clone(), delta, w, 1e-6)
         return torch.equal(got_x, want_x) and torch.equal(got, rms_norm(want_x, w, 1e-6))
 
-    def prepare(self, positions: torch.Tensor) -> torch.Tensor:
+    def prepare(
+        self, positions: torch.Tensor, slot_mapping: torch.Tensor, num_slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.numel() and int(positions.max()) >= self.rope.cos.shape[0]:
             raise IndexError(f"position {int(positions.max())} is beyond the rotary table")
-        return positions.to(torch.int64).contiguous()
+        if slot_mapping.numel() and int(slot_mapping.max()) >= num_slots:
+            raise IndexError(f"slot {int(slot_mapping.max())} is beyond the KV pool ({num_slots} slots)")
+        return positions.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous()
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -171,10 +176,10 @@ class FusedCpuOps:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        rope: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
         kv_layer: torch.Tensor,
-        slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
+        positions, slot_mapping = state
         t, d = q.shape[0], self.head_dim
         n_blocks, _, h_kv, b, d_pool = kv_layer.shape
         if d_pool != d or k.shape[1] != h_kv * d or v.shape[1] != h_kv * d:
@@ -184,12 +189,6 @@ class FusedCpuOps:
                 raise ValueError(f"{name} must be fp32 with contiguous rows")
         if not (kv_layer.is_contiguous() and kv_layer.dtype == torch.float32):
             raise ValueError("kv_layer must be a contiguous fp32 tensor")
-        if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
-            raise ValueError("slot_mapping must be contiguous int64")
-        if t and int(slot_mapping.max()) >= n_blocks * b:
-            raise IndexError(
-                f"slot {int(slot_mapping.max())} is beyond the KV pool ({n_blocks} blocks of {b})"
-            )
         out = torch.empty(t, q.shape[1] // d, d, dtype=torch.float32)
         self.lib.tandem_rope_write_kv_f32(
             q.data_ptr(),
@@ -198,7 +197,7 @@ class FusedCpuOps:
             k.stride(0),
             v.data_ptr(),
             v.stride(0),
-            rope.data_ptr(),
+            positions.data_ptr(),
             self.rope.cos.data_ptr(),
             self.rope.sin.data_ptr(),
             out.data_ptr(),

@@ -13,6 +13,7 @@ OpenMP runtime and threads.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +31,12 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+@functools.cache
+def _compiler_version(cc: str) -> bytes:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.encode()
+
+
+@functools.cache
 def _cpu_signature() -> bytes:
     """What ``-march=native`` compiled for: the CPU's model and feature flags (a home directory
     shared by different machines must not load an object built for another CPU)."""
@@ -66,9 +73,11 @@ class NativeLibrary:
         cc = compiler()
         if cc is None:
             raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
         key = hashlib.sha256(
-            self.source.read_bytes() + " ".join(self.flags).encode() + version.encode() + _cpu_signature()
+            self.source.read_bytes()
+            + " ".join(self.flags).encode()
+            + _compiler_version(cc)
+            + _cpu_signature()
         )
         out_dir = cache_dir or _cache_dir()
         target = out_dir / f"{self.source.stem}-{key.hexdigest()[:16]}.so"

@@ -80,8 +80,8 @@ def test_rope_write_kv_equals_torch_bit_for_bit(h: int, h_kv: int, d: int, b: in
     fused, ref = _ops(d)
     pool = torch.randn(n, 2, h_kv, b, d, generator=g)
     want_pool, got_pool = pool.clone(), pool.clone()
-    want = ref.rope_write_kv(q, k, v, ref.prepare(positions), want_pool, slots)
-    got = fused.rope_write_kv(q, k, v, fused.prepare(positions), got_pool, slots)
+    want = ref.rope_write_kv(q, k, v, ref.prepare(positions, slots, n * b), want_pool)
+    got = fused.rope_write_kv(q, k, v, fused.prepare(positions, slots, n * b), got_pool)
     assert got.shape == (t, h, d) and got.is_contiguous()
     assert torch.equal(got, want)
     assert torch.equal(got_pool, want_pool)
@@ -96,12 +96,12 @@ def test_rope_write_kv_refuses_out_of_range_slots_and_positions() -> None:
     q, k, v = torch.randn(2, 16), torch.randn(2, 8), torch.randn(2, 8)
     pool = torch.zeros(3, 2, 1, 4, 8)
     with pytest.raises(IndexError, match="beyond the KV pool"):
-        fused.rope_write_kv(q, k, v, fused.prepare(torch.tensor([0, 1])), pool, torch.tensor([0, 12]))
+        fused.rope_write_kv(q, k, v, fused.prepare(torch.tensor([0, 1]), torch.tensor([0, 12]), 12), pool)
     with pytest.raises(IndexError, match="rotary table"):
-        fused.prepare(torch.tensor([3, 512]))
+        fused.prepare(torch.tensor([3, 512]), torch.tensor([0, 1]), 12)
     with pytest.raises(ValueError, match="heads"):
         fused.rope_write_kv(
-            q, k, v, fused.prepare(torch.tensor([0, 1])), torch.zeros(3, 2, 2, 4, 8), torch.tensor([0, 1])
+            q, k, v, fused.prepare(torch.tensor([0, 1]), torch.tensor([0, 1]), 12), torch.zeros(3, 2, 2, 4, 8)
         )
     assert torch.equal(pool, torch.zeros_like(pool))
 
