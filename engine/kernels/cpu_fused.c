@@ -12,9 +12,11 @@
  * the sum of squares behind the mean, follows torch's own CPU summation order (ATen's SumKernel.cpp:
  * vectorized_inner_sum -> row_sum -> multi_row_sum: W-lane vector accumulators, 4-way ILP, a 4-level
  * cascade of 16-row steps, the scalar tail first and then the lanes in order), so the mean is the
- * same float torch computes. W is torch's Vectorized<float> width for the CPU capability it runs
- * with (8 for AVX2, 16 for AVX-512), passed in by the caller; the unit tests compare every output
- * bit with torch's.
+ * same float torch computes. W is the lane count of the sum kernel torch dispatches to, passed in by
+ * the caller, which finds it by comparing with torch (8 on x86 under every capability: ATen's sum is
+ * not registered for AVX-512, so an AVX-512 torch runs its AVX2 kernel); a row shorter than W takes
+ * ATen's scalar path, the same cascade one lane wide. The unit tests compare every output bit with
+ * torch's.
  */
 #include <math.h>
 #include <omp.h>
@@ -33,6 +35,9 @@ static int64_t ceil_log2(int64_t x) { /* c10's CeilLog2 */
 
 /* torch's sum of the squares x[0]^2 .. x[n-1]^2 (each square rounded, as x.pow(2) materialises). */
 static float torch_sum_squares(const float *restrict x, int64_t n, int W) {
+    /* a row shorter than one vector takes ATen's scalar_inner_sum: the same cascade, one lane wide
+     * (its scalar row_sum is this function with W = 1: no vectors left over, no lane sum) */
+    if (n < W) W = 1;
     const int64_t vec_size = n / W;      /* whole W-wide vectors */
     const int64_t size_ilp = vec_size / ILP; /* rows of ILP vectors, cascaded */
     float acc[LEVELS][ILP][MAX_W];

@@ -5,9 +5,11 @@ rotary embedding + the KV write. ``TorchLayerOps`` is the reference (transformer
 the attention backend's ``write_kv``); ``FusedCpuOps`` does the same in ``cpu_fused.c`` (3 calls per
 layer instead of ~25 torch calls of 5-80 us each, which were ~15% of a decode step of the bench
 model). The C file is compiled without fast-math and without FMA contraction, and its sum of squares
-follows torch's own summation order for the CPU capability torch runs with (``torch_vector_width``),
-so the outputs are the same floats: checked once when the library loads (a mismatch logs why and
-keeps the torch path) and bit for bit in the unit tests.
+follows torch's own summation order, whose lane count depends on the kernel torch dispatches to
+(``torch_sum_width`` finds it once per process by comparing with torch, rather than guessing it from
+the CPU capability: an AVX-512 torch sums with its 8-lane AVX2 kernel). So the outputs are the same
+floats; where no known order matches, ``create`` logs why and the model keeps the torch ops. The unit
+tests compare every bit, under each capability CI runs (native, ``ATEN_CPU_CAPABILITY=avx2``).
 """
 
 from __future__ import annotations
@@ -102,13 +104,55 @@ def _declare(lib: ctypes.CDLL) -> None:
 # no -ffast-math and no FMA contraction: every operation rounds where torch's does
 LIBRARY = NativeLibrary("cpu_fused.c", ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp"), _declare)
 
-_VECTOR_WIDTH = {"AVX2": 8, "AVX512": 16}  # torch's Vectorized<float>::size() per CPU capability
-_checked: dict[int, bool] = {}
+# Widths the C sum can follow: torch's Vectorized<float> lanes. On x86 torch's sum kernel runs 8 lanes
+# whatever its CPU capability: ATen registers it with REGISTER_DISPATCH, which leaves the AVX-512
+# slot empty, so an AVX-512 torch sums with its AVX2 kernel (and DEFAULT's generic vectors are 8
+# lanes too). 16 and 4 cover a torch that registers an AVX-512 sum, and ARM's NEON.
+CANDIDATE_WIDTHS: tuple[int, ...] = (8, 16, 4)
+# Row lengths the probe compares: every length below two cascade steps of 8 lanes, the scalar path
+# of rows shorter than a vector, and model-sized rows with tails.
+_PROBE_LENGTHS = (*range(1, 40), 64, 100, 576, 896, 1000, 4096, 5000)
 
 
-def torch_vector_width() -> int | None:
-    """The float lanes of torch's CPU kernels here (its summation order depends on it), or None."""
-    return _VECTOR_WIDTH.get(torch.backends.cpu.get_cpu_capability())
+_widths: dict[tuple[str, tuple[int, ...]], int | None] = {}
+
+
+def torch_sum_width(capability: str, candidates: tuple[int, ...] = CANDIDATE_WIDTHS) -> int | None:
+    """The lane count whose summation order reproduces torch's RMSNorm bit for bit under
+    ``capability`` (``torch.backends.cpu.get_cpu_capability()``, fixed per process), found once by
+    comparing the C kernel with torch's own expression; None where no candidate does, or where the
+    library does not build: the caller keeps the torch ops."""
+    lib = LIBRARY.load()
+    if lib is None:
+        return None
+    key = (capability, candidates)
+    if key not in _widths:
+        _widths[key] = next(
+            (w for w in candidates if all(_matches_torch(lib, w, n) for n in _PROBE_LENGTHS)), None
+        )
+        if _widths[key] is None:
+            log.warning(
+                "fused RMSNorm reproduces none of torch's summation orders %s here (capability %s): "
+                "using torch ops",
+                candidates,
+                capability,
+            )
+    return _widths[key]
+
+
+def _matches_torch(lib: ctypes.CDLL, width: int, n: int) -> bool:
+    g = torch.Generator().manual_seed(n)
+    x, delta, w = (
+        torch.randn(3, n, generator=g) * 3,
+        torch.randn(3, n, generator=g),
+        torch.randn(n, generator=g),
+    )
+    want_x = x + delta
+    got_x, got = x.clone(), torch.empty_like(x)
+    lib.tandem_add_rms_norm_f32(
+        got_x.data_ptr(), delta.data_ptr(), w.data_ptr(), got.data_ptr(), 3, n, 1e-6, width, 1
+    )
+    return torch.equal(got_x, want_x) and torch.equal(got, rms_norm(want_x, w, 1e-6))
 
 
 class FusedCpuOps:
@@ -121,25 +165,14 @@ class FusedCpuOps:
 
     @classmethod
     def create(cls, rope: RotaryTables, head_dim: int) -> FusedCpuOps | None:
-        """The fused ops, or None where the library does not build or does not reproduce torch's
-        RMSNorm bit for bit here (an unknown CPU capability): the caller keeps ``TorchLayerOps``."""
-        width = torch_vector_width()
+        """The fused ops, or None where the library does not build or reproduces none of the
+        ``CANDIDATE_WIDTHS`` summation orders of torch's RMSNorm here: the caller keeps
+        ``TorchLayerOps``."""
         lib = LIBRARY.load()
-        if width is None or lib is None or head_dim % 2:
+        if lib is None or head_dim % 2:
             return None
-        ops = cls(lib, rope, head_dim, width)
-        if width not in _checked:
-            _checked[width] = ops.matches_torch_rms_norm()
-            if not _checked[width]:
-                log.warning("fused RMSNorm differs from torch's here (capability %s): using torch ops", width)
-        return ops if _checked[width] else None
-
-    def matches_torch_rms_norm(self) -> bool:
-        g = torch.Generator().manual_seed(0)
-        x, delta, w = torch.randn(5, 1000, generator=g), torch.randn(5, 1000, generator=g), torch.randn(1000)
-        want_x = x + delta
-        got_x, got = self.add_rms_norm(x.clone(), delta, w, 1e-6)
-        return torch.equal(got_x, want_x) and torch.equal(got, rms_norm(want_x, w, 1e-6))
+        width = torch_sum_width(torch.backends.cpu.get_cpu_capability(), CANDIDATE_WIDTHS)
+        return None if width is None else cls(lib, rope, head_dim, width)
 
     def prepare(
         self, positions: torch.Tensor, slot_mapping: torch.Tensor, num_slots: int

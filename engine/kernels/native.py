@@ -8,6 +8,13 @@ into place. ``load`` returns the loaded library or ``None`` with the reason logg
 compiler, a failed build), so every caller can fall back to its torch path. Objects built with
 ``-fopenmp`` link libgomp by its soname: in a process that imported torch they join torch's own
 OpenMP runtime and threads.
+
+``TANDEM_CPU_CAPABILITY`` caps the instruction set the kernels are built for, as
+``ATEN_CPU_CAPABILITY`` caps torch's: ``native`` (everything ``-march=native`` has), ``avx512``,
+``avx2`` (no AVX-512) or ``default`` (no AVX at all: the kernels that need AVX2 report themselves
+unsupported and their callers take another path). Unset, it follows ``ATEN_CPU_CAPABILITY``, so one
+variable runs the whole process on one machine's "lesser" paths; a cap above what the CPU has
+changes nothing. The cap is part of the build key.
 """
 
 from __future__ import annotations
@@ -25,6 +32,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+CAPABILITY_ENV = "TANDEM_CPU_CAPABILITY"
+# appended after -march=native; GCC and clang drop every feature that implies a disabled one
+# (-mno-avx also drops AVX2, FMA and AVX-512)
+_CAPABILITY_FLAGS: dict[str, tuple[str, ...]] = {
+    "native": (),
+    "avx512": (),
+    "avx2": ("-mno-avx512f",),
+    "default": ("-mno-avx",),
+}
+
+
+def capability() -> str:
+    """The C kernels' instruction-set cap: $TANDEM_CPU_CAPABILITY, else $ATEN_CPU_CAPABILITY, else
+    ``native``."""
+    value = os.environ.get(CAPABILITY_ENV, "").lower()
+    if not value:  # torch's own values for other architectures (vsx, sve256, ...) cap nothing here
+        aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+        return aten if aten in _CAPABILITY_FLAGS else "native"
+    if value not in _CAPABILITY_FLAGS:
+        raise ValueError(f"{CAPABILITY_ENV} must be one of {', '.join(_CAPABILITY_FLAGS)}, got {value!r}")
+    return value
 
 
 def compiler() -> str | None:
@@ -73,11 +103,9 @@ class NativeLibrary:
         cc = compiler()
         if cc is None:
             raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+        flags = (*self.flags, *_CAPABILITY_FLAGS[capability()])
         key = hashlib.sha256(
-            self.source.read_bytes()
-            + " ".join(self.flags).encode()
-            + _compiler_version(cc)
-            + _cpu_signature()
+            self.source.read_bytes() + " ".join(flags).encode() + _compiler_version(cc) + _cpu_signature()
         )
         out_dir = cache_dir or _cache_dir()
         target = out_dir / f"{self.source.stem}-{key.hexdigest()[:16]}.so"
@@ -88,7 +116,7 @@ class NativeLibrary:
         os.close(fd)
         try:
             proc = subprocess.run(
-                [cc, *self.flags, "-o", tmp, str(self.source), "-lm"],
+                [cc, *flags, "-o", tmp, str(self.source), "-lm"],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -111,7 +139,7 @@ class NativeLibrary:
             try:
                 lib = ctypes.CDLL(str(self.build()))
                 self.declare(lib)
-            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+            except (OSError, RuntimeError, ValueError, AttributeError, subprocess.SubprocessError) as e:
                 self.load_error = str(e)
                 log.warning("C kernel %s unavailable, using the torch path: %s", self.source.name, e)
                 return None

@@ -98,11 +98,15 @@ def _status(address: str, namespace: str = NAMESPACE) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     """A head and two worker nodes; torn down with every process in it."""
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)  # the raylets, and so the workers, inherit them
+    temp_dir = tempfile.mkdtemp(prefix="ray-l-")  # short: Unix socket paths live under it
+    # Cluster records its address in <RAY_TMPDIR>/ray/ray_current_cluster, which it neither creates
+    # nor may share with another Ray on the machine: point that at this cluster's own directory.
+    env = ENV | {"RAY_TMPDIR": temp_dir}
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the raylets, and so the workers, inherit them
     from ray.cluster_utils import Cluster
 
-    temp_dir = tempfile.mkdtemp(prefix="ray-l-")  # short: Unix socket paths live under it
     head = {"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir, "_system_config": SYSTEM_CONFIG}
     c = Cluster(initialize_head=True, connect=False, head_node_args=head)
     try:
