@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROMPT  ?= The quick brown fox
 
-.PHONY: install serve generate bench-serve test test-fast lint format proto bench bench-engine clean
+.PHONY: install serve generate bench-serve test test-fast test-isa test-gpu lint format proto bench bench-engine clean
 
 # Create .venv and install Tandem with its test tools (torch==2.13.0 resolves to the CPU build on disk).
 $(STAMP): pyproject.toml
@@ -36,6 +36,20 @@ test: $(STAMP)
 # Only the fast unit tests.
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m unit
+
+# The CPU kernel and golden tests again on this machine's lesser instruction set: torch's AVX2
+# kernels (ATEN_CPU_CAPABILITY) and our C kernels built without AVX-512 (TANDEM_CPU_CAPABILITY
+# follows it), so an AVX-512 machine also checks what an AVX2-only one runs. CI runs it after test.
+ISA_TESTS := tests/unit/test_cpu_fused.py tests/unit/test_cpu_kernels.py tests/unit/test_cpu_capability.py \
+	tests/integration/test_model_logits.py tests/integration/test_engine_golden.py
+test-isa: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/pytest -q $(ISA_TESTS)
+
+# Every GPU test in one call (on a machine with a CUDA GPU and torch's CUDA build): the gpu-marked
+# tests, and the Triton kernel tests compiled for the GPU instead of interpreted.
+test-gpu: $(STAMP)
+	TANDEM_GPU=1 $(BIN)/pytest -q -m gpu --durations=10
+	TANDEM_GPU=1 $(BIN)/pytest -q tests/unit/test_triton_kernels.py
 
 # Lint, format check and type check, as CI runs them.
 lint: $(STAMP)

@@ -39,9 +39,12 @@
 #define KB 512
 #endif
 
+/* 0: not compiled in (no AVX2/FMA); else the vector width in bits of the micro-kernel built */
 int tandem_gemm_supported(void) {
-#if defined(__AVX2__) && defined(__FMA__)
-    return 1;
+#if defined(__AVX512F__) && !defined(TANDEM_GEMM_AVX2)
+    return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 256;
 #else
     return 0;
 #endif
@@ -58,7 +61,29 @@ void tandem_gemm_pack_f32(const float *restrict w, int64_t n, int64_t k, float *
             }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && !defined(TANDEM_GEMM_AVX2)
+/* AVX-512: one 16-wide zmm holds a panel's row of weights, so a row block is MR512 rows of one
+ * accumulator each (12 of the 32 registers), and every broadcast of x folds into its FMA as an
+ * embedded-broadcast memory operand: per k, 1 load and 12 FMAs against 2 loads, 6 broadcasts and
+ * 12 FMAs of half the width on AVX2. Each output is still one FMA chain over k in order, so both
+ * kernels give the same floats (tested). */
+#define MR_BLOCK 12
+static inline __attribute__((always_inline)) void micro(const float *restrict x, int64_t x_stride,
+                                                        const float *restrict panel, int64_t kn,
+                                                        float *restrict acc, int first, const int mr,
+                                                        const float *restrict ahead) {
+    __m512 a[MR_BLOCK];
+    for (int i = 0; i < mr; i++) a[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + i * NR);
+    for (int64_t kk = 0; kk < kn; kk++) {
+        if (ahead) _mm_prefetch((const char *)(ahead + kk * NR), _MM_HINT_T0);
+        const __m512 w = _mm512_loadu_ps(panel + kk * NR);
+        for (int i = 0; i < mr; i++) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * x_stride + kk]), w, a[i]);
+    }
+    for (int i = 0; i < mr; i++) _mm512_storeu_ps(acc + i * NR, a[i]);
+}
+#define HAVE_MICRO 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MR_BLOCK MR
 /* rows 0 .. mr-1 (mr <= 6) of x against kn steps of a panel, accumulating into acc (mr rows of 16,
  * read first unless this is the first k block). Storing and reloading a float accumulator does not
  * change it: the chain over k is the same as one unbroken loop. */
@@ -86,6 +111,10 @@ static inline __attribute__((always_inline)) void micro(const float *restrict x,
         _mm256_storeu_ps(acc + i * NR + 8, a1[i]);
     }
 }
+#define HAVE_MICRO 1
+#endif
+
+#ifdef HAVE_MICRO
 
 /* all m rows of x against one panel, k in blocks of KB so the panel's block stays in L1 while the
  * row blocks reuse it; acc is m x 16 floats of scratch. */
@@ -97,11 +126,19 @@ static void panel_rows(const float *restrict x, int64_t x_stride, int64_t m, con
         const float *ahead = next ? next + k0 * NR : NULL;
         const float *pk = panel + k0 * NR;
         int64_t m0 = 0;
-        for (; m0 + MR <= m; m0 += MR, ahead = NULL)
-            micro(x + m0 * x_stride + k0, x_stride, pk, kn, acc + m0 * NR, first, MR, ahead);
+        for (; m0 + MR_BLOCK <= m; m0 += MR_BLOCK, ahead = NULL)
+            micro(x + m0 * x_stride + k0, x_stride, pk, kn, acc + m0 * NR, first, MR_BLOCK, ahead);
         const float *xm = x + m0 * x_stride + k0;
         float *am = acc + m0 * NR;
-        switch (m - m0) {
+        switch (m - m0) { /* a constant row count per case, so each unrolls into registers */
+#if MR_BLOCK > 6
+        case 11: micro(xm, x_stride, pk, kn, am, first, 11, ahead); break;
+        case 10: micro(xm, x_stride, pk, kn, am, first, 10, ahead); break;
+        case 9: micro(xm, x_stride, pk, kn, am, first, 9, ahead); break;
+        case 8: micro(xm, x_stride, pk, kn, am, first, 8, ahead); break;
+        case 7: micro(xm, x_stride, pk, kn, am, first, 7, ahead); break;
+        case 6: micro(xm, x_stride, pk, kn, am, first, 6, ahead); break;
+#endif
         case 5: micro(xm, x_stride, pk, kn, am, first, 5, ahead); break;
         case 4: micro(xm, x_stride, pk, kn, am, first, 4, ahead); break;
         case 3: micro(xm, x_stride, pk, kn, am, first, 3, ahead); break;
@@ -119,7 +156,7 @@ static void panel_rows(const float *restrict x, int64_t x_stride, int64_t m, con
 int tandem_gemm_f32(const float *restrict x, int64_t x_stride, int64_t m, const float *restrict packed,
                     int64_t n, int64_t k, const float *restrict bias, float *restrict y, float *restrict scratch,
                     int threads) {
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef HAVE_MICRO
     const int64_t panels = (n + NR - 1) / NR, chunks = (m + MC - 1) / MC;
     /* work item: (row chunk, panel), row chunk outer, so a thread's rows stay in its L2 */
 #pragma omp parallel for schedule(static) num_threads(threads)
