@@ -125,6 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
     from engine.demo import bench_model_dir
+    from engine.kernels.native import describe_host
 
     model_dir = Path(args.model) if args.model else bench_model_dir()
     cfg = ModelConfig.from_pretrained(model_dir, args.dtype)
@@ -144,9 +145,12 @@ def run(args: argparse.Namespace) -> int:
             Result(f"transformers (static batches of {args.concurrency})", t_ref, w.output_tokens / t_ref)
         )
     ratio = (rows[0].tokens_per_s / rows[1].tokens_per_s) if t_ref is not None else None
+    host = describe_host()
     if args.json:
-        print(json.dumps({"results": [asdict(r) for r in rows], "ratio": ratio, "model": str(model_dir)}))
+        results = [asdict(r) for r in rows]
+        print(json.dumps({"results": results, "ratio": ratio, "model": str(model_dir), "host": host}))
     else:
+        print(f"host: {host}")
         print(f"{'engine':<40} {'seconds':>9} {'output tok/s':>13}")
         for r in rows:
             print(f"{r.name:<40} {r.seconds:>9.1f} {r.tokens_per_s:>13.1f}")

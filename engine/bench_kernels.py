@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.config import ModelConfig
     from engine.demo import bench_model_dir
+    from engine.kernels.native import describe_host
     from engine.linear import cpu_gemm_available, onednn_available
     from engine.model import _LayerLinears
     from engine.weights import load_weights
@@ -74,12 +75,15 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         r["vs_torch"] = by_key[("torch", r["rows"])] / r["ms"]
         r["vs_onednn"] = by_key[("onednn", r["rows"])] / r["ms"] if ("onednn", r["rows"]) in by_key else None
+    host = describe_host()
     if args.json:
-        print(json.dumps({"model": str(model_dir), "threads": torch.get_num_threads(), "results": results}))
+        threads = torch.get_num_threads()
+        print(json.dumps({"model": str(model_dir), "threads": threads, "host": host, "results": results}))
         return 0
     print(
         f"projections of {model_dir.name}: {len(weights.layers)} layers, {flops_per_row / 2e6:.1f}M weights"
     )
+    print(f"host: {host}")
     print(f"{'backend':<8} {'rows':>5} {'ms/pass':>9} {'GFLOPS':>8} {'vs torch':>9} {'vs onednn':>10}")
     for r in results:
         vs_onednn = f"{r['vs_onednn']:.2f}x" if r["vs_onednn"] is not None else "-"

@@ -1,4 +1,4 @@
-/* fp32 matrix multiply for the model's projections on an AVX2/FMA CPU: y = x @ W^T (+ bias).
+/* fp32 matrix multiply for the model's projections on an AVX2/FMA or AVX-512 CPU: y = x @ W^T (+ bias).
  *
  * Every output element y[m, n] is one chain of fused multiply-adds over k = 0 .. K-1, in that order,
  * in one vector lane, whatever M, the blocking or the thread count: a row's result never depends on
@@ -7,18 +7,21 @@
  * worker.
  *
  * W (N, K) is packed once into panels of NR = 16 outputs: panel p holds W[16p + j][k] at
- * (p*K + k)*16 + j, zero-padded past N, so a panel is one contiguous stream. The micro-kernel keeps a
- * 6 x 16 block of y in 12 AVX registers; per k it loads the panel's 16 weights (two vectors) and
- * broadcasts 6 x values: 12 FMAs. Blocking (none of it changes any element's chain over k):
- *  - rows in chunks of MC (a chunk of x stays in the core's L2), panels within a chunk shared among
- *    OpenMP threads (torch's own runtime: the object links libgomp by soname);
- *  - k in blocks of KB: a panel's block stays in L1 while the chunk's row blocks of 6 reuse it; the
+ * (p*K + k)*16 + j, zero-padded past N, so a panel is one contiguous stream. The AVX2 micro-kernel
+ * keeps a 6 x 16 block of y in 12 AVX registers; per k it loads the panel's 16 weights (two vectors)
+ * and broadcasts 6 x values: 12 FMAs. Built with AVX-512 (unless TANDEM_CPU_CAPABILITY caps it), a
+ * 12 x 16 block in 12 zmm registers instead (below). Blocking (none of it changes any element's
+ * chain over k):
+ *  - rows in chunks of MC, panels shared among OpenMP threads (torch's own runtime: the object links
+ *    libgomp by soname), each thread running every row chunk against one panel before the next;
+ *  - k in blocks of KB: a panel's block stays in L1 while the chunk's row blocks reuse it; the
  *    accumulators go to a scratch tile between k blocks;
  *  - the panel DIST ahead is prefetched during the first row block, so a decode step's few rows do
  *    not wait on DRAM for each panel.
  * MC = 48 and KB = 512 measured best of the sizes tried (`tandem bench kernels`, bench model, all
- * 8 layers' projections, weights streamed from DRAM, 2 AVX2 cores): against torch's prepacked
- * oneDNN 1.43x at 16 rows and 1.08-1.13x at 512; against MKL's F.linear 2.1x and 1.1x.
+ * 8 layers' projections, weights streamed from DRAM): on 2 AVX2 cores (AMD EPYC, an earlier
+ * machine), against torch's prepacked oneDNN 1.43x at 16 rows and 1.08-1.13x at 512; on 2 AVX-512
+ * cores (AMD EPYC, Zen 4) see docs/benchmarks.md.
  *
  * Built without -ffast-math: the arithmetic is exactly the intrinsics below.
  */
@@ -158,13 +161,16 @@ int tandem_gemm_f32(const float *restrict x, int64_t x_stride, int64_t m, const 
                     int threads) {
 #ifdef HAVE_MICRO
     const int64_t panels = (n + NR - 1) / NR, chunks = (m + MC - 1) / MC;
-    /* work item: (row chunk, panel), row chunk outer, so a thread's rows stay in its L2 */
+    /* work item: (panel, row chunk), panel outer: each panel streams from DRAM once and serves every
+     * row chunk while it sits in L2, and the rows (a few MB at most) come from L3. Row chunks outer
+     * read all the weights once per chunk: 64 rows took 25-30 ms against 18-20 (bench model, 2
+     * AVX-512 cores); 16 and 512 rows unchanged. */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < chunks * panels; item++) {
-        const int64_t c = item / panels, p = item % panels;
+        const int64_t p = item / chunks, c = item % chunks;
+        const float *next = c == 0 && p + DIST < panels ? packed + (p + DIST) * k * NR : NULL;
         const int64_t r0 = c * MC, rows = m - r0 < MC ? m - r0 : MC;
         float *acc = scratch + (int64_t)omp_get_thread_num() * MC * NR;
-        const float *next = p + DIST < panels ? packed + (p + DIST) * k * NR : NULL;
         panel_rows(x + r0 * x_stride, x_stride, rows, packed + p * k * NR, k, next, acc);
         const int64_t c0 = p * NR, cols = n - c0 < NR ? n - c0 : NR;
         for (int64_t i = 0; i < rows; i++)

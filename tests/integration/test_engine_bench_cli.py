@@ -7,9 +7,11 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from engine import bench, bench_kernels
 from engine.demo import demo_model_dir
+from engine.kernels.native import capability
 from engine.linear import cpu_gemm_available, onednn_available
 
 pytestmark = pytest.mark.integration
@@ -35,6 +37,7 @@ def test_bench_kernels_json_covers_every_backend_and_row_count(capsys: pytest.Ca
         assert r["ms"] > 0 and r["gflops"] > 0
         if r["backend"] == "torch":
             assert r["vs_torch"] == 1.0
+    assert f"C kernels {capability()}" in out["host"]
 
 
 @pytest.mark.parametrize("linear", ["torch", "auto"])
@@ -47,3 +50,4 @@ def test_bench_engine_runs_tandem_with_a_chosen_linear_backend(
     assert bench.run(args) == 0  # run() itself asserts every requested output token was produced
     out = json.loads(capsys.readouterr().out)
     assert out["ratio"] is None and len(out["results"]) == 1 and out["results"][0]["tokens_per_s"] > 0
+    assert torch.backends.cpu.get_cpu_capability() in out["host"]  # figures carry the CPU they ran on
