@@ -38,12 +38,12 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m unit
 
 # The CPU kernel and golden tests again on this machine's lesser instruction set: torch's AVX2
-# kernels (ATEN_CPU_CAPABILITY) and our C kernels built without AVX-512 (TANDEM_CPU_CAPABILITY
+# kernels (ATEN_CPU_CAPABILITY), oneDNN and MKL capped at AVX2, and our C kernels built without AVX-512 (TANDEM_CPU_CAPABILITY
 # follows it), so an AVX-512 machine also checks what an AVX2-only one runs. CI runs it after test.
 ISA_TESTS := tests/unit/test_cpu_fused.py tests/unit/test_cpu_kernels.py tests/unit/test_cpu_capability.py \
 	tests/integration/test_model_logits.py tests/integration/test_engine_golden.py
 test-isa: $(STAMP)
-	ATEN_CPU_CAPABILITY=avx2 $(BIN)/pytest -q $(ISA_TESTS)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/pytest -q $(ISA_TESTS)
 
 # Every GPU test in one call (on a machine with a CUDA GPU and torch's CUDA build): the gpu-marked
 # tests, and the Triton kernel tests compiled for the GPU instead of interpreted.
