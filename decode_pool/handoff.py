@@ -57,7 +57,7 @@ class WorkerConfig:
     max_num_batched_tokens: int = 512
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    kv_backend: str = "nixl"  # nixl | ucxx | inprocess (kv_transfer.transport.BACKENDS)
+    kv_backend: str = "nixl"  # nixl | ucxx | inprocess (kv_transfer.factory.BACKENDS)
     kv_transport: str = "auto"  # auto | shm | tcp | cuda_ipc | rc
     lease_s: float = 60.0  # how long a decode reservation waits for its KV
     ack_timeout_s: float = 30.0  # how long a prefill worker waits for the decode worker's commit

@@ -10,7 +10,8 @@ import torch
 
 from decode_pool.handoff import WorkerConfig
 from engine.llm_engine import EngineConfig, LLMEngine
-from kv_transfer.transport import KVTransport, make_transport
+from kv_transfer.factory import make_transport
+from kv_transfer.transport import KVTransport
 
 
 def make_engine(cfg: WorkerConfig) -> LLMEngine:
