@@ -12,11 +12,19 @@ from decode_pool.handoff import WorkerConfig
 from engine.llm_engine import EngineConfig, LLMEngine
 from kv_transfer.factory import make_transport
 from kv_transfer.transport import KVTransport
+from memory_tiers.engine_tiers import EngineTiers
+from memory_tiers.tier_store import TierConfig
 
 
 def make_engine(cfg: WorkerConfig) -> LLMEngine:
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
+    tiers = None
+    if cfg.host_kv_bytes > 0:
+        disk_dir = str(Path(cfg.disk_kv_dir) / cfg.worker_id) if cfg.disk_kv_dir else None
+        tiers = EngineTiers(
+            TierConfig(host_bytes=cfg.host_kv_bytes, disk_dir=disk_dir, disk_bytes=cfg.disk_kv_bytes)
+        )
     return LLMEngine(
         EngineConfig(
             model=cfg.model,
@@ -29,10 +37,8 @@ def make_engine(cfg: WorkerConfig) -> LLMEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             enable_chunked_prefill=cfg.enable_chunked_prefill,
             enable_prefix_caching=cfg.enable_prefix_caching,
-            host_kv_bytes=cfg.host_kv_bytes,
-            disk_kv_dir=str(Path(cfg.disk_kv_dir) / cfg.worker_id) if cfg.disk_kv_dir else None,
-            disk_kv_bytes=cfg.disk_kv_bytes,
-        )
+        ),
+        tiers=tiers,
     )
 
 

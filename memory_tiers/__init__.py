@@ -4,6 +4,7 @@ Modules (import the one you need; this package imports nothing, so the router ca
 ``memory_tiers.metadata`` without torch):
 
 - ``tier_store``     TierStore / TierConfig: offload, lookup, onboard, pin, host reservations
+- ``engine_tiers``   EngineTiers: the ``tiers`` an LLMEngine is given (engine/tiers.py's seam)
 - ``device_pool``    DevicePool seam over the engine's G1 KV tensor (G1 accounting is BlockManager's)
 - ``host_tier``      G2 memory (page-aligned or pinned host tensor)
 - ``slot_index``     exact G2 slot accounting, pure Python

@@ -32,12 +32,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import torch
-
 from decode_pool.handoff import FirstToken, KVGrant, PoolError, WorkerConfig, WorkerLoad, WorkRequest
 from decode_pool.runtime import EvictionLog, make_engine, make_kv_transport
-from engine.attention import AttentionMetadata
-from engine.model import Model
 from engine.scheduler import SchedulerOutput
 from engine.sequence import FinishReason, Sequence
 from kv_transfer.base import BaseSender
@@ -61,22 +57,6 @@ class _Job:
     kv_bytes: int = 0
     kv_start_ns: int = 0  # time.time_ns() of the first send_layer
     kv_layers: set[int] = field(default_factory=set)
-
-
-class _LayerHook:
-    """The engine's model, with ``on_layer`` passed to every forward (ModelRunner calls forward)."""
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self.on_layer: Any = None
-
-    def forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        return self.model.forward(ids, pos, kv, meta, on_layer=self.on_layer)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
 
 
 @dataclass(slots=True)
@@ -105,8 +85,6 @@ class PrefillWorker:
         self.num_layers = self.engine.kv_layout.num_layers
         # every backend's sender is a BaseSender, which also has flush() (not in the KVSender protocol)
         self.sender = cast(BaseSender, make_kv_transport(config).sender(self.engine.kv_cache))
-        self._hook = _LayerHook(self.engine.model)
-        self.engine.runner.model = self._hook  # type: ignore[assignment]
         self._jobs: dict[str, _Job] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancels, oldest first
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -191,11 +169,7 @@ class PrefillWorker:
         if not out.scheduled:
             return False
         plans = self._plan(out)
-        self._hook.on_layer = lambda layer: self._send_layer(plans, layer)
-        try:
-            logits = self.engine.runner.execute(out)  # (R, V)
-        finally:
-            self._hook.on_layer = None
+        logits = self.engine.runner.execute(out, lambda layer: self._send_layer(plans, layer))  # (R, V)
         sch.update(out)
         for p in plans:
             p.job.sent_upto = max(p.job.sent_upto, p.hi)
