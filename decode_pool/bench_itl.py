@@ -102,9 +102,9 @@ async def _workload(pools: Any, args: argparse.Namespace, vocab: int) -> tuple[l
 
 def _run_mode(mode: str, model: Path, args: argparse.Namespace, vocab: int) -> ModeResult:
     from decode_pool.coordinator import Pools
-    from decode_pool.handoff import WorkerConfig
     from decode_pool.pool import build_decode_pool, shutdown
-    from decode_pool.ray_util import PoolSpec
+    from pool_runtime.actors import PoolSpec
+    from pool_runtime.handoff import WorkerConfig
     from prefill_pool.pool import build_prefill_pool
 
     cfg = WorkerConfig(

@@ -40,7 +40,9 @@ from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 
-from decode_pool.handoff import (
+from engine.sampling_params import SamplingParams
+from kv_transfer.protocol import KVTransferError, NoRoomError
+from pool_runtime.handoff import (
     DISAGGREGATION_MODES,
     UNKNOWN_REQUEST,
     FirstToken,
@@ -52,8 +54,6 @@ from decode_pool.handoff import (
     WorkerLoad,
     WorkRequest,
 )
-from engine.sampling_params import SamplingParams
-from kv_transfer.protocol import KVTransferError, NoRoomError
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 import ray
 from opentelemetry import trace
 
-from decode_pool.actor_telemetry import ActorTelemetry
-from decode_pool.handoff import FirstToken, KVGrant, TokenChunk, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
 from decode_pool.worker import DecodeWorker
+from pool_runtime.actor_telemetry import ActorTelemetry
+from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.handoff import FirstToken, KVGrant, TokenChunk, WorkerConfig, WorkerLoad, WorkRequest
 from router.telemetry import TelemetryConfig, extract_context, inject_context
 
 

@@ -35,7 +35,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from decode_pool.g2_landing import HostLanding
-from decode_pool.handoff import (
+from engine.llm_engine import RequestOutput
+from engine.sequence import Sequence
+from kv_transfer.base import idle
+from kv_transfer.protocol import NoRoomError
+from kv_transfer.transport import Completed
+from memory_tiers.metrics import TierMetrics
+from pool_runtime.build import EvictionLog, make_engine, make_kv_transport
+from pool_runtime.handoff import (
     UNKNOWN_REQUEST,
     FirstToken,
     InvalidWorkRequest,
@@ -46,13 +53,6 @@ from decode_pool.handoff import (
     WorkerLoad,
     WorkRequest,
 )
-from decode_pool.runtime import EvictionLog, make_engine, make_kv_transport
-from engine.llm_engine import RequestOutput
-from engine.sequence import Sequence
-from kv_transfer.base import idle
-from kv_transfer.protocol import NoRoomError
-from kv_transfer.transport import Completed
-from memory_tiers.metrics import TierMetrics
 
 
 @dataclass(slots=True)

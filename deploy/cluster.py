@@ -29,11 +29,11 @@ from typing import Any
 
 import ray
 
-from decode_pool.handoff import WorkerConfig
 from decode_pool.pool import DecodeActor
-from decode_pool.ray_util import MAX_CONCURRENCY
 from deploy.config import PoolConfig, TandemConfig
 from deploy.router_actor import RouterActor
+from pool_runtime.actors import MAX_CONCURRENCY
+from pool_runtime.handoff import WorkerConfig
 from prefill_pool.pool import PrefillActor
 from router.pools_backend import worker_telemetry
 from router.telemetry import TelemetryConfig

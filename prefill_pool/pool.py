@@ -6,7 +6,7 @@ takes. ``shutdown(handles)`` kills them.
 
 Tracing (router/telemetry.py): ``prefill`` carries the caller's trace context; the actor opens
 ``tandem.prefill`` (queued + computed, until the decode worker's commit ack) and, from the worker's
-:class:`~decode_pool.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
+:class:`~pool_runtime.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
 commit ack: bytes, layers, GB/s).
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import ray
 from opentelemetry import trace
 
-from decode_pool.actor_telemetry import ActorTelemetry
-from decode_pool.handoff import FirstToken, KVGrant, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.actor_telemetry import ActorTelemetry
+from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.handoff import FirstToken, KVGrant, WorkerConfig, WorkerLoad, WorkRequest
 from prefill_pool.worker import PrefillWorker
 from router.telemetry import TelemetryConfig, extract_context, inject_context
 

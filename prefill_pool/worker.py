@@ -32,12 +32,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from decode_pool.handoff import FirstToken, KVGrant, PoolError, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.runtime import EvictionLog, make_engine, make_kv_transport
 from engine.scheduler import SchedulerOutput
 from engine.sequence import FinishReason, Sequence
 from kv_transfer.base import BaseSender
 from kv_transfer.protocol import KVTransferError
+from pool_runtime.build import EvictionLog, make_engine, make_kv_transport
+from pool_runtime.handoff import FirstToken, KVGrant, PoolError, WorkerConfig, WorkerLoad, WorkRequest
 
 _TOMBSTONES = 4096  # cancelled request ids remembered, to refuse a prefill that arrives after its cancel
 

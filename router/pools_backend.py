@@ -44,9 +44,9 @@ from typing import Any, cast
 from opentelemetry import trace
 
 from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
-from decode_pool.handoff import WorkerLoad as PoolLoad
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
+from pool_runtime.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
+from pool_runtime.handoff import WorkerLoad as PoolLoad
 from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
@@ -121,8 +121,8 @@ class PoolsBackend:
         import ray
 
         from decode_pool.pool import build_decode_pool, shutdown
-        from decode_pool.ray_util import PoolSpec
         from engine.demo import demo_model_dir
+        from pool_runtime.actors import PoolSpec
         from prefill_pool.pool import build_prefill_pool
 
         model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()

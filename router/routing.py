@@ -39,7 +39,7 @@ from router.topology import Topology
 
 
 class LoadReport(Protocol):
-    """What a worker reports (decode_pool.handoff.WorkerLoad has these fields)."""
+    """What a worker reports (pool_runtime.handoff.WorkerLoad has these fields)."""
 
     worker_id: str
     role: str

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import TokenChunk, WorkerConfig
-from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
+from pool_runtime.actors import PoolSpec
+from pool_runtime.handoff import TokenChunk, WorkerConfig
 from tests.helpers_checkpoints import load_reference, make_checkpoint
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 

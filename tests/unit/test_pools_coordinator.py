@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import (
+from engine.sampling_params import SamplingParams
+from kv_transfer.protocol import KVTransferError
+from pool_runtime.handoff import (
     UNKNOWN_REQUEST,
     FirstToken,
     KVGrant,
@@ -19,8 +21,6 @@ from decode_pool.handoff import (
     WorkerLoad,
     WorkRequest,
 )
-from engine.sampling_params import SamplingParams
-from kv_transfer.protocol import KVTransferError
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from decode_pool.coordinator import Pools
-from decode_pool.handoff import FirstToken, TokenChunk, WorkerDied
+from pool_runtime.handoff import FirstToken, TokenChunk, WorkerDied
 from router.telemetry import setup_telemetry
 from tests.unit.test_pools_coordinator import FakeDecode, FakePrefill, _req, _run, _tokens
 

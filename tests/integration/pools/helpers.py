@@ -5,9 +5,9 @@ from __future__ import annotations
 from concurrent.futures import Future
 from pathlib import Path
 
-from decode_pool.handoff import FirstToken, TokenChunk, WorkerConfig, WorkRequest
 from decode_pool.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
+from pool_runtime.handoff import FirstToken, TokenChunk, WorkerConfig, WorkRequest
 from prefill_pool.worker import PrefillWorker
 
 

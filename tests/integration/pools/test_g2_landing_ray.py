@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import TokenChunk, WorkerConfig
-from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
+from pool_runtime.actors import PoolSpec
+from pool_runtime.handoff import TokenChunk, WorkerConfig
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -32,8 +32,8 @@ G2_BLOCKS = 32
 
 @pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
-    from decode_pool.handoff import WorkerConfig
-    from decode_pool.ray_util import PoolSpec
+    from pool_runtime.actors import PoolSpec
+    from pool_runtime.handoff import WorkerConfig
 
     traced = TelemetryConfig("memory")
     spec = PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)
@@ -251,9 +251,9 @@ def test_untraced_workers_cost_no_spans(checkpoint: Path, ray_cluster: None) -> 
     """Workers built without a telemetry config trace nothing, even under a traced router."""
     import ray
 
-    from decode_pool.handoff import WorkerConfig
     from decode_pool.pool import build_decode_pool, shutdown
-    from decode_pool.ray_util import PoolSpec
+    from pool_runtime.actors import PoolSpec
+    from pool_runtime.handoff import WorkerConfig
 
     (d,) = build_decode_pool(
         WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=16, kv_backend="nixl"),

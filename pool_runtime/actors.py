@@ -15,7 +15,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from decode_pool.handoff import WorkerDied
+from pool_runtime.handoff import WorkerDied
 
 # Concurrent calls per actor: every in-flight request may hold one (a blocking prefill or a take
 # long-poll), so this bounds the requests a worker serves without queueing calls.

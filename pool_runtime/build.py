@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from decode_pool.handoff import WorkerConfig
 from engine.llm_engine import EngineConfig, LLMEngine
 from kv_transfer.factory import make_transport
 from kv_transfer.transport import KVTransport
 from memory_tiers.engine_tiers import EngineTiers
 from memory_tiers.tier_store import TierConfig
+from pool_runtime.handoff import WorkerConfig
 
 
 def make_engine(cfg: WorkerConfig) -> LLMEngine:
