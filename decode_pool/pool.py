@@ -3,7 +3,7 @@
 ``build_decode_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``decode-0``, ...)
 and returns one :class:`RayDecodeHandle` per replica for ``decode_pool.coordinator.Pools``.
 
-Tracing (router/telemetry.py): each handle call that starts work passes the caller's trace context;
+Tracing (pool_runtime/tracing.py): each handle call that starts work passes the caller's trace context;
 the actor opens ``tandem.kv_reserve`` around ``reserve`` and one ``tandem.decode`` span per request
 from ``start`` / ``submit_local`` until ``take`` hands out its last chunk (or ``cancel``). With the
 tracer off nothing is opened and ``take`` does one dict check.
@@ -24,7 +24,7 @@ from decode_pool.worker import DecodeWorker
 from pool_runtime.actor_telemetry import ActorTelemetry
 from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
 from pool_runtime.handoff import FirstToken, KVGrant, TokenChunk, WorkerConfig, WorkerLoad, WorkRequest
-from router.telemetry import TelemetryConfig, extract_context, inject_context
+from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 
 
 @dataclass(slots=True)

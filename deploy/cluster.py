@@ -34,9 +34,9 @@ from deploy.config import PoolConfig, TandemConfig
 from deploy.router_actor import RouterActor
 from pool_runtime.actors import MAX_CONCURRENCY
 from pool_runtime.handoff import WorkerConfig
+from pool_runtime.tracing import TelemetryConfig
 from prefill_pool.pool import PrefillActor
 from router.pools_backend import worker_telemetry
-from router.telemetry import TelemetryConfig
 
 ROUTER = "router"
 WORKER_NAME = re.compile(r"^(prefill|decode)-(\d+)$")

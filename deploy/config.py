@@ -184,7 +184,8 @@ class MetadataConfig(_Strict):
 
 class TracingConfig(_Strict):
     """OpenTelemetry export of the router and of every prefill / decode worker (one trace per
-    request across them; router/telemetry.py). Tests use the in-memory exporter, not set here."""
+    request across them; router/telemetry.py, pool_runtime/tracing.py). Tests use the in-memory
+    exporter, not set here."""
 
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4317"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from router.telemetry import SpanRecord, TelemetryConfig, TierUsage, WorkerTracing, setup_worker_tracing
+from pool_runtime.reports import TierUsage
+from pool_runtime.tracing import SpanRecord, TelemetryConfig, WorkerTracing, setup_worker_tracing
 
 
 class ActorTelemetry:

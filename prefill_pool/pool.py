@@ -4,7 +4,7 @@
 and returns one :class:`RayPrefillHandle` per replica, which is what ``decode_pool.coordinator.Pools``
 takes. ``shutdown(handles)`` kills them.
 
-Tracing (router/telemetry.py): ``prefill`` carries the caller's trace context; the actor opens
+Tracing (pool_runtime/tracing.py): ``prefill`` carries the caller's trace context; the actor opens
 ``tandem.prefill`` (queued + computed, until the decode worker's commit ack) and, from the worker's
 :class:`~pool_runtime.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
 commit ack: bytes, layers, GB/s).
@@ -21,8 +21,8 @@ from opentelemetry import trace
 from pool_runtime.actor_telemetry import ActorTelemetry
 from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
 from pool_runtime.handoff import FirstToken, KVGrant, WorkerConfig, WorkerLoad, WorkRequest
+from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 from prefill_pool.worker import PrefillWorker
-from router.telemetry import TelemetryConfig, extract_context, inject_context
 
 CANCEL_WAIT_S = 30.0
 

@@ -47,12 +47,14 @@ from decode_pool.coordinator import PoolRequest, Pools
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
 from pool_runtime.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
 from pool_runtime.handoff import WorkerLoad as PoolLoad
+from pool_runtime.reports import TierUsage
+from pool_runtime.tracing import TelemetryConfig
 from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
 from router.policies import NoRouteError
 from router.routing import Route, Router, span_attributes
-from router.telemetry import Telemetry, TelemetryConfig, TierUsage
+from router.telemetry import Telemetry
 from router.topology import Placement, Topology
 from router.validation import ModelLimits
 

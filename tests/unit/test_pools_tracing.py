@@ -82,7 +82,7 @@ def test_failovers_are_events_on_the_request_span() -> None:
 def test_handles_see_the_request_context_through_the_coordinator() -> None:
     """The handles inject the caller's current context (the coordinator runs inside the request's
     span): a traced request carries its trace id, an untraced one carries nothing."""
-    from router.telemetry import inject_context
+    from pool_runtime.tracing import inject_context
 
     tel = setup_telemetry("memory")
     seen: list[Any] = []

@@ -15,10 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
+from pool_runtime.tracing import SpanRecord, TelemetryConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from router.client import build_request
-from router.telemetry import SpanRecord, TelemetryConfig, setup_telemetry
+from router.telemetry import setup_telemetry
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
