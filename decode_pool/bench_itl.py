@@ -67,8 +67,8 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 async def _workload(pools: Any, args: argparse.Namespace, vocab: int) -> tuple[list[float], int, float, int]:
-    from decode_pool.coordinator import PoolRequest
     from engine.sampling_params import SamplingParams
+    from router.coordinator import PoolRequest
 
     rng = random.Random(args.seed)
     itl: list[float] = []
@@ -101,11 +101,11 @@ async def _workload(pools: Any, args: argparse.Namespace, vocab: int) -> tuple[l
 
 
 def _run_mode(mode: str, model: Path, args: argparse.Namespace, vocab: int) -> ModeResult:
-    from decode_pool.coordinator import Pools
     from decode_pool.pool import build_decode_pool, shutdown
     from pool_runtime.actors import PoolSpec
     from pool_runtime.handoff import WorkerConfig
     from prefill_pool.pool import build_prefill_pool
+    from router.coordinator import Pools
 
     cfg = WorkerConfig(
         model=model,

@@ -1,7 +1,7 @@
 """The decode pool as Ray actors: DecodeWorker replicas with their loop running, and async handles.
 
 ``build_decode_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``decode-0``, ...)
-and returns one :class:`RayDecodeHandle` per replica for ``decode_pool.coordinator.Pools``.
+and returns one :class:`RayDecodeHandle` per replica for ``router.coordinator.Pools``.
 
 Tracing (pool_runtime/tracing.py): each handle call that starts work passes the caller's trace context;
 the actor opens ``tandem.kv_reserve`` around ``reserve`` and one ``tandem.decode`` span per request

@@ -112,10 +112,10 @@ class RouterActor:
         await server.stop(self._grace)
 
     def _backend(self, telemetry: Any) -> Any:
-        from decode_pool.coordinator import Pools
         from decode_pool.pool import RayDecodeHandle
         from engine.demo import demo_model_dir
         from prefill_pool.pool import RayPrefillHandle
+        from router.coordinator import Pools
         from router.pools_backend import PoolsBackend, make_store
         from router.topology import Placement, Topology
 

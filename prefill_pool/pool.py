@@ -1,7 +1,7 @@
 """The prefill pool as Ray actors: PrefillWorker replicas with their loop running, and async handles.
 
 ``build_prefill_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``prefill-0``, ...)
-and returns one :class:`RayPrefillHandle` per replica, which is what ``decode_pool.coordinator.Pools``
+and returns one :class:`RayPrefillHandle` per replica, which is what ``router.coordinator.Pools``
 takes. ``shutdown(handles)`` kills them.
 
 Tracing (pool_runtime/tracing.py): ``prefill`` carries the caller's trace context; the actor opens

@@ -43,13 +43,13 @@ from typing import Any, cast
 
 from opentelemetry import trace
 
-from decode_pool.coordinator import PoolRequest, Pools
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
 from pool_runtime.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
 from pool_runtime.handoff import WorkerLoad as PoolLoad
 from pool_runtime.reports import TierUsage
 from pool_runtime.tracing import TelemetryConfig
 from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
+from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
 from router.policies import NoRouteError
@@ -65,7 +65,7 @@ HANDOFF_OVERHEAD_S = 0.005
 
 
 class PoolsBackend:
-    """A :class:`router.backend.Backend` over :class:`decode_pool.coordinator.Pools`."""
+    """A :class:`router.backend.Backend` over :class:`router.coordinator.Pools`."""
 
     def __init__(
         self,

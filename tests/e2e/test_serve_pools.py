@@ -201,7 +201,7 @@ async def router(
     workers: tuple[list, list], checkpoint: Path, store: Any, telemetry: Any
 ) -> AsyncIterator[Any]:
     """(a client of a TandemServer, its PoolsBackend): fresh routing state over the same workers."""
-    from decode_pool.coordinator import Pools
+    from router.coordinator import Pools
     from router.pools_backend import PoolsBackend
     from router.server import TandemServer
     from router.topology import Placement, Topology
@@ -337,10 +337,10 @@ def test_no_decode_room_is_resource_exhausted(workers, checkpoint: Path) -> None
 
 
 def test_the_index_follows_a_workers_evictions(workers, checkpoint: Path) -> None:
-    from decode_pool.coordinator import PoolRequest
     from engine.block_hash import hash_blocks
     from engine.sampling_params import SamplingParams
     from memory_tiers.metadata import InProcessMetadataStore, prefix_lengths
+    from router.coordinator import PoolRequest
     from router.telemetry import setup_telemetry
 
     shared = [(11 * i) % 500 + 3 for i in range(2 * BLOCK)]

@@ -12,11 +12,11 @@ import dataclasses
 import grpc
 import pytest
 
-from decode_pool.coordinator import PoolRequest, Pools
 from engine.block_hash import hash_blocks
 from engine.sampling_params import SamplingParams
 from memory_tiers.metadata import InProcessMetadataStore, Tier
 from pool_runtime.handoff import FirstToken, KVGrant, WorkerLoad, WorkRequest
+from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import status_for
 from router.policies import NoRouteError

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from decode_pool.coordinator import PoolRequest, Pools
 from engine.sampling_params import SamplingParams
 from kv_transfer.protocol import KVTransferError
 from pool_runtime.handoff import (
@@ -21,6 +20,7 @@ from pool_runtime.handoff import (
     WorkerLoad,
     WorkRequest,
 )
+from router.coordinator import PoolRequest, Pools
 
 pytestmark = pytest.mark.unit
 

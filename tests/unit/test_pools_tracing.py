@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from decode_pool.coordinator import Pools
 from pool_runtime.handoff import FirstToken, TokenChunk, WorkerDied
+from router.coordinator import Pools
 from router.telemetry import setup_telemetry
 from tests.unit.test_pools_coordinator import FakeDecode, FakePrefill, _req, _run, _tokens
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from decode_pool.coordinator import PoolRequest, Pools
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from pool_runtime.actors import PoolSpec
 from pool_runtime.handoff import TokenChunk, WorkerConfig
+from router.coordinator import PoolRequest, Pools
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

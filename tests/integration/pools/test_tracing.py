@@ -53,8 +53,8 @@ def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:
 @contextlib.asynccontextmanager
 async def serving(workers: tuple[list, list], checkpoint: Path, tel: Any) -> AsyncIterator[tuple[Any, Any]]:
     """(a stub of a TandemServer over the workers, its PoolsBackend), both on ``tel``."""
-    from decode_pool.coordinator import Pools
     from memory_tiers.metadata import InProcessMetadataStore
+    from router.coordinator import Pools
     from router.pools_backend import PoolsBackend
     from router.server import TandemServer
     from router.topology import Placement, Topology
@@ -265,8 +265,8 @@ def test_untraced_workers_cost_no_spans(checkpoint: Path, ray_cluster: None) -> 
         tel = setup_telemetry("memory")
 
         async def main() -> list[int]:
-            from decode_pool.coordinator import PoolRequest, Pools
             from engine.sampling_params import SamplingParams
+            from router.coordinator import PoolRequest, Pools
 
             pools = Pools([], [d], disaggregation="never")
             with tel.tracer.start_as_current_span("tandem.generate"):
