@@ -102,15 +102,14 @@ async def _workload(pools: Any, args: argparse.Namespace, vocab: int) -> tuple[l
 
 def _run_mode(mode: str, model: Path, args: argparse.Namespace, vocab: int) -> ModeResult:
     from decode_pool.pool import build_decode_pool, shutdown
+    from engine.llm_engine import EngineConfig
     from pool_runtime.actors import PoolSpec
-    from pool_runtime.handoff import WorkerConfig
+    from pool_runtime.config import WorkerConfig
     from prefill_pool.pool import build_prefill_pool
     from router.coordinator import Pools
 
     cfg = WorkerConfig(
-        model=model,
-        max_num_batched_tokens=args.chunk,
-        kv_cache_bytes=256 << 20,
+        EngineConfig(model=model, max_num_batched_tokens=args.chunk, kv_cache_bytes=256 << 20),
         kv_backend=args.kv_backend,
         torch_threads=1,
     )

@@ -23,7 +23,9 @@ from opentelemetry import trace
 from decode_pool.worker import DecodeWorker
 from pool_runtime.actor_telemetry import ActorTelemetry
 from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
-from pool_runtime.handoff import FirstToken, KVGrant, TokenChunk, WorkerConfig, WorkerLoad, WorkRequest
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import FirstToken, KVGrant, TokenChunk, WorkRequest
+from pool_runtime.reports import WorkerLoad
 from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 
 

@@ -24,19 +24,18 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 
 from decode_pool.pool import DecodeActor
 from deploy.config import PoolConfig, TandemConfig
+from deploy.derive import worker_config, worker_telemetry
 from deploy.router_actor import RouterActor
 from pool_runtime.actors import MAX_CONCURRENCY
-from pool_runtime.handoff import WorkerConfig
+from pool_runtime.config import WorkerConfig
 from pool_runtime.tracing import TelemetryConfig
 from prefill_pool.pool import PrefillActor
-from router.pools_backend import worker_telemetry
 
 ROUTER = "router"
 WORKER_NAME = re.compile(r"^(prefill|decode)-(\d+)$")
@@ -55,7 +54,7 @@ def _node_name() -> str:
 class _Reporting:
     """What ``tandem launch`` and ``tandem status`` ask a launched worker, beyond its pool methods."""
 
-    engine: Any
+    tier_store: Any
     _digest: str
 
     def digest(self) -> str:
@@ -69,7 +68,7 @@ class _Reporting:
 
     def tiers(self) -> list[int]:
         """[G2 used blocks, G2 capacity blocks, G3 used bytes, G3 capacity bytes]; zeros: no tiers."""
-        store = self.engine.tier_store
+        store = self.tier_store
         if store is None:
             return [0, 0, 0, 0]
         m = store.metrics()
@@ -106,14 +105,6 @@ def connect(address: str | None, namespace: str) -> None:
     if not ray.is_initialized():
         addr = address or os.environ.get("RAY_ADDRESS") or "auto"
         ray.init(address=addr, namespace=namespace, log_to_driver=False)
-
-
-def worker_config(cfg: TandemConfig, pool: PoolConfig, worker_id: str) -> WorkerConfig:
-    from engine.demo import demo_model_dir
-    from router.pools_backend import worker_config as from_tandem
-
-    model = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-    return from_tandem(cfg, model, worker_id=worker_id, device=pool.device)
 
 
 def _digest(*parts: Any) -> str:

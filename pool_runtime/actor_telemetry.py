@@ -17,7 +17,7 @@ from pool_runtime.tracing import SpanRecord, TelemetryConfig, WorkerTracing, set
 class ActorTelemetry:
     worker_id: str
     role: str
-    engine: Any
+    tier_store: Any  # memory_tiers.tier_store.TierStore | None
     tracing: WorkerTracing
 
     def setup_tracing(self, config: TelemetryConfig | None) -> None:
@@ -29,7 +29,7 @@ class ActorTelemetry:
 
     def tier_usage(self) -> list[TierUsage]:
         """G2 and G3 occupancy (empty without lower tiers)."""
-        store = self.engine.tier_store
+        store = self.tier_store
         if store is None:
             return []
         m = store.metrics()

@@ -20,7 +20,9 @@ from opentelemetry import trace
 
 from pool_runtime.actor_telemetry import ActorTelemetry
 from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
-from pool_runtime.handoff import FirstToken, KVGrant, WorkerConfig, WorkerLoad, WorkRequest
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import FirstToken, KVGrant, WorkRequest
+from pool_runtime.reports import WorkerLoad
 from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 from prefill_pool.worker import PrefillWorker
 

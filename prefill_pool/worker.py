@@ -36,8 +36,10 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import FinishReason, Sequence
 from kv_transfer.base import BaseSender
 from kv_transfer.protocol import KVTransferError
-from pool_runtime.build import EvictionLog, make_engine, make_kv_transport
-from pool_runtime.handoff import FirstToken, KVGrant, PoolError, WorkerConfig, WorkerLoad, WorkRequest
+from pool_runtime.build import EvictionLog, build_engine, build_transport
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import FirstToken, KVGrant, PoolError, WorkRequest
+from pool_runtime.reports import WorkerLoad
 
 _TOMBSTONES = 4096  # cancelled request ids remembered, to refuse a prefill that arrives after its cancel
 
@@ -79,12 +81,12 @@ class PrefillWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.worker_id
-        self.engine = make_engine(config)
+        self.engine, self.tier_store = build_engine(config)
         self.evictions = EvictionLog(self.engine)
-        self.block_size = config.block_size
+        self.block_size = config.engine.block_size
         self.num_layers = self.engine.kv_layout.num_layers
         # every backend's sender is a BaseSender, which also has flush() (not in the KVSender protocol)
-        self.sender = cast(BaseSender, make_kv_transport(config).sender(self.engine.kv_cache))
+        self.sender = cast(BaseSender, build_transport(config).sender(self.engine.kv_cache))
         self._jobs: dict[str, _Job] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancels, oldest first
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

@@ -51,9 +51,9 @@ from pool_runtime.handoff import (
     PoolError,
     TokenChunk,
     WorkerDied,
-    WorkerLoad,
     WorkRequest,
 )
+from pool_runtime.reports import WorkerLoad
 
 log = logging.getLogger(__name__)
 

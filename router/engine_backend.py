@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
@@ -253,19 +252,3 @@ class EngineBackend:
             used_blocks=bm.num_used_blocks,
             total_blocks=bm.num_blocks,
         )
-
-
-def engine_config_from(cfg: Any, model_dir: str | Path) -> EngineConfig:
-    """The EngineConfig a ``deploy.config.TandemConfig`` describes for a single in-process engine."""
-    e = cfg.engine
-    return EngineConfig(
-        model=model_dir,
-        dtype=cfg.dtype,
-        attn_backend=e.attn_backend,
-        block_size=e.block_size,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        max_model_len=e.max_model_len,
-        enable_prefix_caching=e.enable_prefix_caching,
-        kv_cache_bytes=int(cfg.tiers.g1.capacity),
-    )

@@ -44,10 +44,9 @@ from typing import Any, cast
 from opentelemetry import trace
 
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
-from pool_runtime.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
-from pool_runtime.handoff import WorkerLoad as PoolLoad
+from pool_runtime.handoff import FirstToken, PoolError, TokenChunk
 from pool_runtime.reports import TierUsage
-from pool_runtime.tracing import TelemetryConfig
+from pool_runtime.reports import WorkerLoad as PoolLoad
 from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
 from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
@@ -123,12 +122,12 @@ class PoolsBackend:
         import ray
 
         from decode_pool.pool import build_decode_pool, shutdown
-        from engine.demo import demo_model_dir
-        from pool_runtime.actors import PoolSpec
+        from deploy.derive import model_dir as model_dir_of
+        from deploy.derive import model_name, pool_spec, worker_config, worker_telemetry
         from prefill_pool.pool import build_prefill_pool
 
-        model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-        name = "demo" if cfg.is_demo else model_dir.name
+        model_dir = model_dir_of(cfg)
+        name = model_name(cfg)
         temp_dir = _init_ray(ray_address)
         handles: list[Any] = []
         stores: list[MetadataStore] = []
@@ -143,11 +142,6 @@ class PoolsBackend:
 
         try:
             e = cfg.engine
-            wcfg = worker_config(cfg, model_dir)
-
-            def spec(p: Any) -> PoolSpec:
-                return PoolSpec(p.replicas, p.num_cpus, p.num_gpus, dict(p.resources), dict(p.node_labels))
-
             log.info(
                 "starting %d prefill and %d decode workers",
                 cfg.pools.prefill.replicas,
@@ -155,13 +149,10 @@ class PoolsBackend:
             )
             pc, dc = cfg.pools.prefill, cfg.pools.decode
             tcfg = worker_telemetry(cfg)
-            prefill = (
-                build_prefill_pool(_with_device(wcfg, pc.device), spec(pc), telemetry=tcfg)
-                if pc.replicas
-                else []
-            )
+            pcfg, dcfg = worker_config(cfg, pc, "", model_dir), worker_config(cfg, dc, "", model_dir)
+            prefill = build_prefill_pool(pcfg, pool_spec(pc), telemetry=tcfg) if pc.replicas else []
             handles += prefill
-            decode = build_decode_pool(_with_device(wcfg, dc.device), spec(dc), telemetry=tcfg)
+            decode = build_decode_pool(dcfg, pool_spec(dc), telemetry=tcfg)
             handles += decode
             nodes = dict(
                 zip(
@@ -475,40 +466,6 @@ def _init_ray(address: str | None) -> str | None:
     # address="local" and a fresh temp dir: never attach to (or hang on) a stale cluster (MEASURED.md)
     ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
     return temp_dir
-
-
-def worker_config(
-    cfg: Any, model_dir: str | Path, worker_id: str = "worker-0", device: str = "cpu"
-) -> WorkerConfig:
-    """What every worker of a deployment runs, from its TandemConfig (engine knobs, G1/G2/G3)."""
-    e = cfg.engine
-    return WorkerConfig(
-        model=model_dir,
-        worker_id=worker_id,
-        dtype=cfg.dtype,
-        device=device,
-        block_size=e.block_size,
-        kv_cache_bytes=int(cfg.tiers.g1.capacity),
-        host_kv_bytes=int(cfg.tiers.g2.capacity) if cfg.tiers.g2 else 0,
-        disk_kv_dir=str(cfg.tiers.resolved_dir) if cfg.tiers.g3 else None,
-        disk_kv_bytes=int(cfg.tiers.g3.capacity) if cfg.tiers.g3 else 0,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        enable_prefix_caching=e.enable_prefix_caching,
-        kv_backend="nixl",
-    )
-
-
-def worker_telemetry(cfg: Any) -> TelemetryConfig:
-    """What the workers of a deployment trace with: the router's exporter (``router.tracing``)."""
-    t = cfg.router.tracing
-    return TelemetryConfig(t.exporter, t.otlp_endpoint)
-
-
-def _with_device(cfg: WorkerConfig, device: str) -> WorkerConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, device=device)
 
 
 def make_store(url: str) -> MetadataStore:

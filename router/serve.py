@@ -66,14 +66,13 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def build_engine_backend(cfg: Any) -> Any:
-    from engine.demo import demo_model_dir
-    from router.engine_backend import EngineBackend, engine_config_from
+    from deploy.derive import engine_config, model_dir, model_name
+    from router.engine_backend import EngineBackend
 
-    model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-    name = "demo" if cfg.is_demo else model_dir.name
-    log.info("loading model %s from %s", name, model_dir)
+    path, name = model_dir(cfg), model_name(cfg)
+    log.info("loading model %s from %s", name, path)
     return EngineBackend(
-        engine_config_from(cfg, model_dir), model_name=name, max_tokens_limit=cfg.router.max_tokens_limit
+        engine_config(cfg, model=path), model_name=name, max_tokens_limit=cfg.router.max_tokens_limit
     )
 
 

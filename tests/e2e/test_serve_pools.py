@@ -187,10 +187,11 @@ def test_health_info_and_bad_input(served: ManagedServer) -> None:
 # -- a router in this process over workers that outlive it ---------------------------------------------
 @pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
+    from engine.llm_engine import EngineConfig
     from pool_runtime.actors import PoolSpec
-    from pool_runtime.handoff import WorkerConfig
+    from pool_runtime.config import WorkerConfig
 
-    cfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
+    cfg = WorkerConfig(EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=64), kv_backend="nixl")
     spec = PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)
     with running_pools(cfg, spec, decode_spec=dataclasses.replace(spec, replicas=2)) as pools:
         yield pools

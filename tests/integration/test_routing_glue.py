@@ -15,7 +15,8 @@ import pytest
 from engine.block_hash import hash_blocks
 from engine.sampling_params import SamplingParams
 from memory_tiers.metadata import InProcessMetadataStore, Tier
-from pool_runtime.handoff import FirstToken, KVGrant, WorkerLoad, WorkRequest
+from pool_runtime.handoff import FirstToken, KVGrant, WorkRequest
+from pool_runtime.reports import WorkerLoad
 from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import status_for
@@ -202,12 +203,13 @@ def test_a_workers_evictions_leave_the_index(tmp_path) -> None:
     evicts; the router's ``forget`` drops exactly those from the index."""
     from decode_pool.worker import DecodeWorker
     from engine.config import ModelConfig
+    from engine.llm_engine import EngineConfig
     from engine.make_model import make_model
-    from pool_runtime.handoff import WorkerConfig
+    from pool_runtime.config import WorkerConfig
 
     make_model(tmp_path, "tiny")
     fp = ModelConfig.from_pretrained(tmp_path).fingerprint
-    worker = DecodeWorker(WorkerConfig(model=tmp_path, num_blocks=6, kv_backend="inprocess"))
+    worker = DecodeWorker(WorkerConfig(EngineConfig(model=tmp_path, num_blocks=6), kv_backend="inprocess"))
 
     def run(rid: str, prompt: list[int]) -> None:
         worker.submit_local(WorkRequest(rid, prompt, SamplingParams(max_tokens=2, seed=1)))

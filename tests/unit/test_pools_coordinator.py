@@ -17,9 +17,9 @@ from pool_runtime.handoff import (
     KVGrant,
     TokenChunk,
     WorkerDied,
-    WorkerLoad,
     WorkRequest,
 )
+from pool_runtime.reports import WorkerLoad
 from router.coordinator import PoolRequest, Pools
 
 pytestmark = pytest.mark.unit

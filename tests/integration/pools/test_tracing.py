@@ -33,19 +33,19 @@ G2_BLOCKS = 32
 
 @pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
+    from engine.llm_engine import EngineConfig
+    from memory_tiers.tier_store import TierConfig
     from pool_runtime.actors import PoolSpec
-    from pool_runtime.handoff import WorkerConfig
+    from pool_runtime.config import WorkerConfig
 
     traced = TelemetryConfig("memory")
     spec = PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)
     pcfg = WorkerConfig(
-        model=checkpoint,
-        block_size=BLOCK,
-        num_blocks=PREFILL_BLOCKS,
-        host_kv_bytes=G2_BLOCKS * BLOCK_BYTES,
+        EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=PREFILL_BLOCKS),
+        tiers=TierConfig(host_bytes=G2_BLOCKS * BLOCK_BYTES),
         kv_backend="nixl",
     )
-    dcfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
+    dcfg = WorkerConfig(EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=64), kv_backend="nixl")
     with running_pools(pcfg, spec, decode_cfg=dcfg, telemetry=traced) as pools:
         yield pools
 
@@ -253,11 +253,12 @@ def test_untraced_workers_cost_no_spans(checkpoint: Path, ray_cluster: None) -> 
     import ray
 
     from decode_pool.pool import build_decode_pool, shutdown
+    from engine.llm_engine import EngineConfig
     from pool_runtime.actors import PoolSpec
-    from pool_runtime.handoff import WorkerConfig
+    from pool_runtime.config import WorkerConfig
 
     (d,) = build_decode_pool(
-        WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=16, kv_backend="nixl"),
+        WorkerConfig(EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=16), kv_backend="nixl"),
         PoolSpec(replicas=1, num_cpus=0.25, max_restarts=0),
         prefix="untraced",
     )
