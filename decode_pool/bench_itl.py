@@ -101,9 +101,9 @@ async def _workload(pools: Any, args: argparse.Namespace, vocab: int) -> tuple[l
 
 
 def _run_mode(mode: str, model: Path, args: argparse.Namespace, vocab: int) -> ModeResult:
-    from decode_pool.pool import build_decode_pool, shutdown
+    from decode_pool.pool import build_decode_pool
     from engine.llm_engine import EngineConfig
-    from pool_runtime.actors import PoolSpec
+    from pool_runtime.actors import PoolSpec, shutdown
     from pool_runtime.config import WorkerConfig
     from prefill_pool.pool import build_prefill_pool
     from router.coordinator import Pools

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +38,11 @@ class _DecodeSpan:
 class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
     """A DecodeWorker whose loop thread runs from construction, traced when ``telemetry`` says so."""
 
-    def __init__(self, config: WorkerConfig, telemetry: TelemetryConfig | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, telemetry: TelemetryConfig | None = None, built_from: str = ""
+    ) -> None:
         super().__init__(config)
+        self.built_from = built_from
         self.setup_tracing(telemetry)
         self._spans: dict[str, _DecodeSpan] = {}
         self._spans_lock = threading.Lock()
@@ -175,9 +177,3 @@ def build_decode_pool(
         )
     ray.get([h.actor.ready.remote() for h in handles])
     return handles
-
-
-def shutdown(handles: Sequence[Any]) -> None:
-    """Kill the actors behind prefill or decode handles (no restart)."""
-    for h in handles:
-        ray.kill(h.actor, no_restart=True)

@@ -8,7 +8,8 @@
       ├─ tier_config(cfg)                    TierConfig: G2 = tiers.g2, G3 = tiers.g3 under tiers.dir
       ├─ worker_config(cfg, pool, id)        WorkerConfig: the two above + this worker's transport
       ├─ pool_spec(pool)                     PoolSpec: replicas, Ray resources, node labels
-      └─ worker_telemetry(cfg)               TelemetryConfig: the router's exporter, for the workers
+      ├─ worker_telemetry(cfg)               TelemetryConfig: the router's exporter, for the workers
+      └─ server_options(cfg.router)          router.server.TandemServer's keyword arguments
 
 ``tandem serve`` (both backends), ``tandem launch`` and the launched router call these and nothing
 else turns a TandemConfig into a lower-level config, so a YAML key means the same on every path.
@@ -17,8 +18,9 @@ else turns a TandemConfig into a lower-level config, so a YAML key means the sam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from deploy.config import PoolConfig, TandemConfig
+from deploy.config import PoolConfig, RouterConfig, TandemConfig
 from engine.llm_engine import EngineConfig
 from memory_tiers.tier_store import TierConfig
 from pool_runtime.actors import PoolSpec
@@ -98,3 +100,16 @@ def worker_telemetry(cfg: TandemConfig) -> TelemetryConfig:
     """What the workers of a deployment trace with: the router's exporter (``router.tracing``)."""
     t = cfg.router.tracing
     return TelemetryConfig(t.exporter, t.otlp_endpoint)
+
+
+def server_options(rc: RouterConfig, routing_policy: str | None = None) -> dict[str, Any]:
+    """``TandemServer(backend, telemetry=..., **server_options(rc))``: the gRPC server a ``router``
+    section describes; ``routing_policy`` overrides ``rc.policy`` (what GetServerInfo reports)."""
+    return dict(
+        host=rc.host,
+        port=rc.port,
+        max_concurrency=rc.max_concurrency,
+        max_queue=rc.max_queue,
+        default_disaggregation=rc.disaggregation,
+        routing_policy=routing_policy or rc.policy,
+    )

@@ -33,8 +33,11 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
     """A PrefillWorker whose loop thread runs from construction (Ray calls its methods on threads),
     traced when ``telemetry`` says so."""
 
-    def __init__(self, config: WorkerConfig, telemetry: TelemetryConfig | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, telemetry: TelemetryConfig | None = None, built_from: str = ""
+    ) -> None:
         super().__init__(config)
+        self.built_from = built_from
         self.setup_tracing(telemetry)
         self.start_loop()
 

@@ -21,9 +21,10 @@ the input -> InvalidRequest (INVALID_ARGUMENT); a handoff that failed every retr
 Closing the generator (client cancel, deadline) closes the pools' stream, which cancels the request
 on its workers and frees its blocks.
 
-Lifecycle: ``PoolsBackend.from_config`` (starts or joins Ray, starts the workers) or construct
-over existing ``Pools`` -> ``await start()`` (first loads; also done by the first ``generate``) ->
-``generate`` concurrently -> ``close()`` (idempotent; kills the workers and stops Ray it started).
+Lifecycle: ``PoolsBackend.over_pools`` (or construct) over running ``Pools`` -> ``await start()``
+(first loads; also done by the first ``generate``) -> ``generate`` concurrently -> ``close()``
+(idempotent; then ``on_close``, which stops what the builder started). Building the Ray pools from a
+deployment's configuration is deploy/pools.py's job; this module knows no Ray and no YAML.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -54,7 +52,7 @@ from router.errors import BackendUnavailable, InvalidRequest, Overloaded
 from router.policies import NoRouteError
 from router.routing import Route, Router, span_attributes
 from router.telemetry import Telemetry
-from router.topology import Placement, Topology
+from router.topology import Topology
 from router.validation import ModelLimits
 
 log = logging.getLogger(__name__)
@@ -106,100 +104,6 @@ class PoolsBackend:
         self._closed = False
         # Redis answers over the network: keep the event loop free during its round trips.
         self._offload = not isinstance(router.store, InProcessMetadataStore)
-
-    # -- building from the deployment configuration -------------------------------------------------
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Any,
-        *,
-        ray_address: str | None = None,
-        tracer: trace.Tracer | None = None,
-        telemetry: Telemetry | None = None,
-    ) -> PoolsBackend:
-        """Join Ray at ``ray_address`` (else start a local one), start the pools ``cfg`` describes;
-        the workers trace with ``cfg.router.tracing``'s exporter, like the router."""
-        import ray
-
-        from decode_pool.pool import build_decode_pool, shutdown
-        from deploy.derive import model_dir as model_dir_of
-        from deploy.derive import model_name, pool_spec, worker_config, worker_telemetry
-        from prefill_pool.pool import build_prefill_pool
-
-        model_dir = model_dir_of(cfg)
-        name = model_name(cfg)
-        temp_dir = _init_ray(ray_address)
-        handles: list[Any] = []
-        stores: list[MetadataStore] = []
-
-        def stop() -> None:
-            for st in stores:
-                st.close()
-            shutdown(handles)
-            if temp_dir is not None:
-                ray.shutdown()
-                shutil.rmtree(temp_dir, ignore_errors=True)
-
-        try:
-            e = cfg.engine
-            log.info(
-                "starting %d prefill and %d decode workers",
-                cfg.pools.prefill.replicas,
-                cfg.pools.decode.replicas,
-            )
-            pc, dc = cfg.pools.prefill, cfg.pools.decode
-            tcfg = worker_telemetry(cfg)
-            pcfg, dcfg = worker_config(cfg, pc, "", model_dir), worker_config(cfg, dc, "", model_dir)
-            prefill = build_prefill_pool(pcfg, pool_spec(pc), telemetry=tcfg) if pc.replicas else []
-            handles += prefill
-            decode = build_decode_pool(dcfg, pool_spec(dc), telemetry=tcfg)
-            handles += decode
-            nodes = dict(
-                zip(
-                    [h.worker_id for h in handles],
-                    ray.get([h.actor.node_ip.remote() for h in handles]),
-                    strict=True,
-                )
-            )
-            topo = cfg.topology
-            placements = {
-                w: Placement(
-                    node=ip,
-                    nvlink_domain=topo.nodes[ip].nvlink_domain if ip in topo.nodes else None,
-                    rack=topo.nodes[ip].rack if ip in topo.nodes else None,
-                )
-                for w, ip in nodes.items()
-            }
-            topology = Topology.build(
-                placements,
-                link_gbps=dict(topo.link_gbps),
-                calibration_file=topo.calibration_file,
-                same_node_link=topo.same_node_link,
-            )
-            store = make_store(cfg.metadata.store)
-            stores.append(store)
-            default_mode = "auto" if prefill else "never"
-            return cls.over_pools(
-                Pools(prefill, decode, disaggregation=default_mode),
-                model_dir,
-                store,
-                name=name,
-                dtype=cfg.dtype,
-                block_size=e.block_size,
-                policy=cfg.router.policy,
-                topology=topology,
-                nodes=nodes,
-                max_model_len=e.max_model_len,
-                max_tokens_limit=cfg.router.max_tokens_limit,
-                heartbeat_interval_s=cfg.metadata.heartbeat_interval_s,
-                heartbeat_ttl_s=cfg.metadata.heartbeat_ttl_s,
-                tracer=tracer,
-                telemetry=telemetry,
-                on_close=stop,
-            )
-        except BaseException:
-            stop()
-            raise
 
     @classmethod
     def over_pools(
@@ -448,33 +352,6 @@ def _error_for(c: TokenChunk) -> Exception:
     if kind == "overloaded":
         return Overloaded(c.error)
     return BackendUnavailable(c.error or "the request failed on the pools")
-
-
-def _init_ray(address: str | None) -> str | None:
-    """Join Ray at ``address``, or start a local one in a fresh temp dir (returned: ours to remove).
-    Nothing happens when this process is already connected (tests share one cluster)."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    if address:
-        ray.init(address=address)
-        return None
-    # One machine: every KV transfer is on loopback (UCX would otherwise also offer eth0).
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    temp_dir = tempfile.mkdtemp(prefix="tandem-ray-")
-    # address="local" and a fresh temp dir: never attach to (or hang on) a stale cluster (MEASURED.md)
-    ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
-    return temp_dir
-
-
-def make_store(url: str) -> MetadataStore:
-    """``memory`` -> the in-process store; a redis:// URL -> RedisMetadataStore."""
-    if url == "memory":
-        return InProcessMetadataStore()
-    from memory_tiers.redis_metadata import RedisMetadataStore
-
-    return RedisMetadataStore(url)
 
 
 def cost_params(mc: Any, block_size: int) -> CostParams:

@@ -252,9 +252,9 @@ def test_untraced_workers_cost_no_spans(checkpoint: Path, ray_cluster: None) -> 
     """Workers built without a telemetry config trace nothing, even under a traced router."""
     import ray
 
-    from decode_pool.pool import build_decode_pool, shutdown
+    from decode_pool.pool import build_decode_pool
     from engine.llm_engine import EngineConfig
-    from pool_runtime.actors import PoolSpec
+    from pool_runtime.actors import PoolSpec, shutdown
     from pool_runtime.config import WorkerConfig
 
     (d,) = build_decode_pool(
