@@ -357,7 +357,7 @@ async def _collect(call: grpc.aio.UnaryStreamCall) -> list[int]:
 
 def test_bench_serve_smoke(server: ManagedServer, tmp_path: Path) -> None:
     plot = tmp_path / "bench.png"
-    cmd = [sys.executable, "-m", "router.bench_serve", "--server", server.address, "--num-requests", "8"]
+    cmd = [sys.executable, "-m", "benchmarks.bench_serve", "--server", server.address, "--num-requests", "8"]
     cmd += ["--output-len", "fixed:4", "--prompt-len", "uniform:4:8", "--shared-prefix-len", "16"]
     cmd += ["--no-reference", "--json", "--plot", str(plot)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)

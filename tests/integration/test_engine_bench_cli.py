@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from engine import bench, bench_kernels
+from benchmarks import bench_engine as bench
+from benchmarks import bench_kernels
 from engine.demo import demo_model_dir
 from engine.linear import cpu_gemm_available, onednn_available
 

@@ -1,6 +1,6 @@
 """``tandem bench serve``: a bounded load generator against a Tandem gRPC endpoint on loopback.
 
-Sends a seeded workload (router/bench_workload.py: fixed or Poisson arrivals, prompt/output length
+Sends a seeded workload (benchmarks/serve_workload.py: fixed or Poisson arrivals, prompt/output length
 distributions, optional shared prefixes) with ``ignore_eos`` so output lengths are exact, and
 reports throughput plus TTFT, inter-token latency (client-side chunk gaps) and end-to-end latency
 p50/p90/p99 as a table, ``--json`` and a ``--plot`` PNG. The router's own overhead comes from the
@@ -32,8 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from router.bench_report import RequestResult, format_table, summarize, write_plot
-from router.bench_workload import BenchRequest, make_workload, parse_length
+from benchmarks.serve_report import RequestResult, format_table, summarize, write_plot
+from benchmarks.serve_workload import BenchRequest, make_workload, parse_length
 
 MAX_REQUESTS = 10_000
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
