@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from engine.sampling_params import SamplingParams
+from pool_runtime.reports import WorkerLoad
 from router.validation import ModelLimits
 
 
@@ -32,21 +33,10 @@ class BackendModelInfo:
 
 
 @dataclass(slots=True)
-class WorkerLoad:
-    """One worker's load, as GetServerInfo reports it and tests assert on it."""
-
-    worker_id: str
-    role: str  # "prefill" | "decode" | "both"
-    node: str = "local"
-    running: int = 0
-    waiting: int = 0
-    queue_tokens: int = 0
-    used_blocks: int = 0
-    total_blocks: int = 0
-
-
-@dataclass(slots=True)
 class BackendLoad:
+    """The backend's liveness and each worker's load (pool_runtime.reports.WorkerLoad, the one load
+    type: GetServerInfo reports it, with the node the backend knows the worker runs on)."""
+
     alive: bool
     workers: list[WorkerLoad] = field(default_factory=list)
 

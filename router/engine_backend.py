@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -30,13 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from pool_runtime.reports import WorkerLoad
 from router.backend import (
     BackendLoad,
     BackendModelInfo,
     BackendRequest,
     Chunk,
     ChunkStats,
-    WorkerLoad,
     finish_reason_name,
 )
 from router.errors import BackendUnavailable, InvalidRequest
@@ -113,10 +114,7 @@ class EngineBackend:
         return tok.encode(text)
 
     def load(self) -> BackendLoad:
-        w = self._load
-        copy = WorkerLoad(
-            w.worker_id, w.role, w.node, w.running, w.waiting, w.queue_tokens, w.used_blocks, w.total_blocks
-        )
+        copy = dataclasses.replace(self._load)
         return BackendLoad(alive=self._alive and not self._closed, workers=[copy])
 
     async def generate(self, request: BackendRequest) -> AsyncGenerator[Chunk, None]:

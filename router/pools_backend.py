@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -43,9 +44,8 @@ from opentelemetry import trace
 
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
 from pool_runtime.handoff import FirstToken, PoolError, TokenChunk
-from pool_runtime.reports import TierUsage
-from pool_runtime.reports import WorkerLoad as PoolLoad
-from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
+from pool_runtime.reports import TierUsage, WorkerLoad
+from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats
 from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
@@ -97,7 +97,7 @@ class PoolsBackend:
         if self._telemetry is not None:
             self._telemetry.add_tier_source(self.tier_usage)
         self._on_close = on_close
-        self._loads: list[PoolLoad] = []
+        self._loads: list[WorkerLoad] = []
         self._lower_tiers: dict[str, list[TierUsage]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,19 +144,7 @@ class PoolsBackend:
         return list(self._tokenizer.encode(text))
 
     def load(self) -> BackendLoad:
-        workers = [
-            WorkerLoad(
-                w.worker_id,
-                w.role,
-                self._nodes.get(w.worker_id, "local"),
-                running=w.running,
-                waiting=w.waiting,
-                queue_tokens=w.queue_tokens,
-                used_blocks=w.used_blocks,
-                total_blocks=w.total_blocks,
-            )
-            for w in self._loads
-        ]
+        workers = [dataclasses.replace(w, node=self._nodes.get(w.worker_id, "local")) for w in self._loads]
         alive = not self._closed and any(w.role == "decode" for w in self._loads)
         # Before the first refresh nothing is known: let the request through, route() decides.
         return BackendLoad(alive=alive or (not self._closed and self._refresher is None), workers=workers)
@@ -168,7 +156,7 @@ class PoolsBackend:
             await self.refresh()
             self._refresher = asyncio.create_task(self._refresh_loop())
 
-    async def refresh(self) -> list[PoolLoad]:
+    async def refresh(self) -> list[WorkerLoad]:
         """Ask every worker for its load now (tests call it to see a cancel's effect at once)."""
         self._loads = await self.pools.load()
         return self._loads
@@ -327,7 +315,7 @@ class PoolsBackend:
                     self.router.forget(h.worker_id, hashes)
         return n
 
-    def _publish_loads(self, loads: Sequence[PoolLoad], registered: set[str]) -> None:
+    def _publish_loads(self, loads: Sequence[WorkerLoad], registered: set[str]) -> None:
         store, ttl = self.router.store, self._heartbeat_ttl_s
         for w in loads:
             if w.worker_id not in registered or not store.heartbeat(w.worker_id, ttl):
@@ -389,7 +377,5 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def _with_eos(info: BackendModelInfo, tokenizer: Any) -> BackendModelInfo:
-    import dataclasses
-
     eos = sorted({*info.eos_token_ids, *tokenizer.eos_token_ids})
     return dataclasses.replace(info, eos_token_ids=tuple(eos))
