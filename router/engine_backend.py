@@ -39,9 +39,9 @@ from router.backend import (
     Chunk,
     ChunkStats,
     finish_reason_name,
+    model_info,
 )
 from router.errors import BackendUnavailable, InvalidRequest
-from router.validation import ModelLimits
 
 WORKER_ID = "local"
 _STOP = object()
@@ -81,19 +81,15 @@ class EngineBackend:
     ) -> None:
         self._engine = LLMEngine(engine_config)
         eng = self._engine
-        limit = min(max_tokens_limit or eng.max_model_len, eng.max_model_len)
-        self._info = BackendModelInfo(
-            limits=ModelLimits(
-                name=model_name,
-                max_context_length=eng.max_model_len,
-                max_tokens_limit=limit,
-                default_max_tokens=min(default_max_tokens, limit),
-                vocab_size=eng.model_config.vocab_size,
-            ),
-            fingerprint=str(eng.model_config.fingerprint),
-            block_size=engine_config.block_size,
-            dtype=engine_config.dtype,
-            eos_token_ids=tuple(sorted(eng.eos_token_ids)),
+        self._info = model_info(
+            eng.model_config,
+            model_name,
+            engine_config.block_size,
+            engine_config.dtype,
+            eng.max_model_len,
+            max_tokens_limit,
+            eng.eos_token_ids,
+            default_max_tokens,
         )
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}

@@ -45,7 +45,7 @@ from opentelemetry import trace
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
 from pool_runtime.handoff import FirstToken, PoolError, TokenChunk
 from pool_runtime.reports import TierUsage, WorkerLoad
-from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats
+from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, model_info
 from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
@@ -53,7 +53,6 @@ from router.policies import NoRouteError
 from router.routing import Route, Router, span_attributes
 from router.telemetry import Telemetry
 from router.topology import Topology
-from router.validation import ModelLimits
 
 log = logging.getLogger(__name__)
 # Handoff fixed cost priced by the cost model: reserve + start RPCs (~1 ms each, MEASURED.md) and
@@ -128,10 +127,9 @@ class PoolsBackend:
         model_dir = Path(model_dir)
         mc = ModelConfig.from_pretrained(model_dir, dtype)
         router = Router(store, mc.fingerprint, cost_params(mc, block_size), topology or Topology(), policy)
-        info = model_info(mc, name or model_dir.name, block_size, max_model_len, max_tokens_limit)
         tokenizer = load_tokenizer(model_dir)
-        if tokenizer is not None:
-            info = _with_eos(info, tokenizer)
+        eos = {*mc.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer is not None else ())}
+        info = model_info(mc, name or model_dir.name, block_size, dtype, max_model_len, max_tokens_limit, eos)
         return cls(pools, router, info, tokenizer=tokenizer, **kwargs)
 
     # -- the Backend protocol -----------------------------------------------------------------------
@@ -350,32 +348,7 @@ def cost_params(mc: Any, block_size: int) -> CostParams:
     )
 
 
-def model_info(
-    mc: Any, name: str, block_size: int, max_model_len: int | None, max_tokens_limit: int | None
-) -> BackendModelInfo:
-    context = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    limit = min(max_tokens_limit or context, context)
-    return BackendModelInfo(
-        limits=ModelLimits(
-            name=name,
-            max_context_length=context,
-            max_tokens_limit=limit,
-            default_max_tokens=min(64, limit),
-            vocab_size=mc.vocab_size,
-        ),
-        fingerprint=mc.fingerprint,
-        block_size=block_size,
-        dtype=mc.dtype,
-        eos_token_ids=tuple(sorted(mc.eos_token_ids)),
-    )
-
-
 def load_tokenizer(model_dir: Path) -> Any:
     from engine.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").exists() else None
-
-
-def _with_eos(info: BackendModelInfo, tokenizer: Any) -> BackendModelInfo:
-    eos = sorted({*info.eos_token_ids, *tokenizer.eos_token_ids})
-    return dataclasses.replace(info, eos_token_ids=tuple(eos))
