@@ -1,9 +1,9 @@
 """Turning worker classes into Ray actors, and Ray's failures into the pools' errors.
 
-Shared by prefill_pool/pool.py and decode_pool/pool.py: the worker classes carry no Ray decorator;
-``ray.remote`` is applied here, with the pool's resources, node labels and a restart policy (Ray
-restarts a dead actor; calls in flight when it died fail with WorkerDied and are not retried
-blindly — the coordinator decides).
+Shared by prefill_pool/pool.py, decode_pool/pool.py and deploy/pools.py: the worker classes carry no
+Ray decorator; ``ray.remote`` is applied here, with the pool's resources, node labels and a restart
+policy (Ray restarts a dead actor; calls in flight when it died fail with WorkerDied and are not
+retried blindly — the coordinator decides).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The layout's rules, checked on the code's own imports: which package may import which, no circles,
-seams that import no implementation, a control plane free of torch / Ray / UCX / gRPC, and no module
-over 500 lines.
+seams that import no implementation, a control plane free of torch / Ray / UCX / gRPC, third-party
+libraries kept to the packages they belong to, and no module over 500 lines.
 
 Every import statement counts, at module level or inside a function (a lazy import is still a
 dependency), ``if TYPE_CHECKING:`` ones included for the layering; importing ``a.b.c`` also imports
@@ -78,6 +78,16 @@ PURE = (
     "deploy.config",
 )
 HEAVY = ("torch", "ray", "ucxx", "nixl_cu12", "grpc", "triton")
+
+# Third-party libraries a whole package keeps out of (the Ray actors are built in the pools' pool.py
+# and deploy/; the YAML schema is deploy's; gRPC is the router's edge).
+KEEPS_OUT: dict[str, frozenset[str]] = {
+    "engine": frozenset({"ray", "grpc", "ucxx", "nixl_cu12", "yaml", "pydantic"}),
+    "kv_transfer": frozenset({"ray", "grpc", "yaml", "pydantic"}),
+    "memory_tiers": frozenset({"ray", "grpc", "yaml", "pydantic"}),
+    "pool_runtime": frozenset({"grpc", "yaml", "pydantic"}),
+    "router": frozenset({"ray", "yaml", "pydantic"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +279,15 @@ def test_the_control_plane_needs_no_torch_ray_ucx_or_grpc() -> None:
         for module in PURE
         for dep in sorted(_closure(module))
         if external(dep) & set(HEAVY)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_packages_keep_out_of_what_is_not_theirs() -> None:
+    bad = [
+        f"{module} imports {sorted(external(module) & KEEPS_OUT[_package(module)])}"
+        for module in MODULES
+        if _package(module) in KEEPS_OUT and external(module) & KEEPS_OUT[_package(module)]
     ]
     assert not bad, "\n".join(bad)
 
