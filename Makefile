@@ -55,7 +55,7 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine kv_transfer memory_tiers router prefill_pool decode_pool deploy
+	$(BIN)/mypy engine kv_transfer memory_tiers pool_runtime router prefill_pool decode_pool deploy benchmarks
 
 # Rewrite the code in ruff's format.
 format: $(STAMP)

@@ -38,6 +38,7 @@ from engine.block_hash import BlockHash, hash_blocks
 from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
 from kv_transfer.transport import Completed, Failed, KVDestination, KVTransport
+from memory_tiers.tier_store import TierStore
 
 
 def _np_bytes(t: torch.Tensor) -> Any:
@@ -56,12 +57,14 @@ class _HostKV:
 
 
 class HostLanding:
-    def __init__(self, engine: LLMEngine, transport: KVTransport, num_inbox_blocks: int) -> None:
-        if engine.tier_store is None or engine.onboarder is None:
-            raise ValueError("a G2 landing needs the engine's host tier (host_kv_bytes > 0)")
+    def __init__(
+        self, engine: LLMEngine, store: TierStore, transport: KVTransport, num_inbox_blocks: int
+    ) -> None:
+        if engine.tier_store is not store or engine.onboarder is None:
+            raise ValueError("a G2 landing needs the tier store below the engine's G1 (tiers with G2 room)")
         if num_inbox_blocks <= 0:
             raise ValueError(f"num_inbox_blocks must be > 0, got {num_inbox_blocks}")
-        self.store = engine.tier_store
+        self.store = store
         self.onboarder = engine.onboarder
         self.layout = engine.kv_layout
         self.block_size = self.layout.block_size

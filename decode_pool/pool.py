@@ -1,9 +1,9 @@
 """The decode pool as Ray actors: DecodeWorker replicas with their loop running, and async handles.
 
 ``build_decode_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``decode-0``, ...)
-and returns one :class:`RayDecodeHandle` per replica for ``decode_pool.coordinator.Pools``.
+and returns one :class:`RayDecodeHandle` per replica for ``router.coordinator.Pools``.
 
-Tracing (router/telemetry.py): each handle call that starts work passes the caller's trace context;
+Tracing (pool_runtime/tracing.py): each handle call that starts work passes the caller's trace context;
 the actor opens ``tandem.kv_reserve`` around ``reserve`` and one ``tandem.decode`` span per request
 from ``start`` / ``submit_local`` until ``take`` hands out its last chunk (or ``cancel``). With the
 tracer off nothing is opened and ``take`` does one dict check.
@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from opentelemetry import trace
 
-from decode_pool.actor_telemetry import ActorTelemetry
-from decode_pool.handoff import FirstToken, KVGrant, TokenChunk, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
 from decode_pool.worker import DecodeWorker
-from router.telemetry import TelemetryConfig, extract_context, inject_context
+from pool_runtime.actor_telemetry import ActorTelemetry
+from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import FirstToken, KVGrant, TokenChunk, WorkRequest
+from pool_runtime.reports import WorkerLoad
+from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 
 
 @dataclass(slots=True)
@@ -37,8 +38,11 @@ class _DecodeSpan:
 class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
     """A DecodeWorker whose loop thread runs from construction, traced when ``telemetry`` says so."""
 
-    def __init__(self, config: WorkerConfig, telemetry: TelemetryConfig | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, telemetry: TelemetryConfig | None = None, built_from: str = ""
+    ) -> None:
         super().__init__(config)
+        self.built_from = built_from
         self.setup_tracing(telemetry)
         self._spans: dict[str, _DecodeSpan] = {}
         self._spans_lock = threading.Lock()
@@ -173,9 +177,3 @@ def build_decode_pool(
         )
     ray.get([h.actor.ready.remote() for h in handles])
     return handles
-
-
-def shutdown(handles: Sequence[Any]) -> None:
-    """Kill the actors behind prefill or decode handles (no restart)."""
-    for h in handles:
-        ray.kill(h.actor, no_restart=True)

@@ -35,24 +35,24 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from decode_pool.g2_landing import HostLanding
-from decode_pool.handoff import (
-    UNKNOWN_REQUEST,
-    FirstToken,
-    InvalidWorkRequest,
-    KVGrant,
-    PoolError,
-    TokenChunk,
-    WorkerConfig,
-    WorkerLoad,
-    WorkRequest,
-)
-from decode_pool.runtime import EvictionLog, make_engine, make_kv_transport
 from engine.llm_engine import RequestOutput
 from engine.sequence import Sequence
 from kv_transfer.base import idle
 from kv_transfer.protocol import NoRoomError
 from kv_transfer.transport import Completed
 from memory_tiers.metrics import TierMetrics
+from pool_runtime.build import EvictionLog, build_engine, build_transport
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import (
+    UNKNOWN_REQUEST,
+    FirstToken,
+    InvalidWorkRequest,
+    KVGrant,
+    PoolError,
+    TokenChunk,
+    WorkRequest,
+)
+from pool_runtime.reports import WorkerLoad
 
 
 @dataclass(slots=True)
@@ -74,19 +74,19 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.worker_id
-        self.engine = make_engine(config)
+        self.engine, self.tier_store = build_engine(config)
         self.evictions = EvictionLog(self.engine)
-        self.block_size = config.block_size
+        self.block_size = config.engine.block_size
         self.num_layers = self.engine.kv_layout.num_layers
-        transport = make_kv_transport(config)
+        transport = build_transport(config)
         self.receiver = transport.receiver(self.engine.kv_cache)
         self.landing: HostLanding | None = None
-        if self.engine.tier_store is not None:
+        if self.tier_store is not None:
             n = config.host_landing_blocks or min(
-                self.engine.tier_store.config.host_blocks,
+                self.tier_store.config.host_blocks,
                 self.engine.kv_layout.blocks_for(self.engine.max_seq_len),
             )
-            self.landing = HostLanding(self.engine, transport, n)
+            self.landing = HostLanding(self.engine, self.tier_store, transport, n)
         self._cv = threading.Condition()
         self._reserved: dict[str, _Reserved] = {}
         # committed in G2, started, waiting for G1 room; FIFO
@@ -231,7 +231,7 @@ class DecodeWorker:
 
     def tier_metrics(self) -> TierMetrics | None:
         """The host/disk tiers' counters and occupancy (None without tiers)."""
-        store = self.engine.tier_store
+        store = self.tier_store
         return store.metrics() if store is not None else None
 
     def load(self) -> WorkerLoad:
@@ -249,7 +249,7 @@ class DecodeWorker:
                 reserved_blocks=self.receiver.num_reserved_blocks,
                 cached_blocks=bm.num_cached_blocks,
             )
-            store = self.engine.tier_store
+            store = self.tier_store
             if self.landing is not None and store is not None:
                 load.reserved_blocks += self.landing.receiver.num_reserved_blocks
                 load.g2_used_blocks = store.num_host_in_use

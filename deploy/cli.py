@@ -1,4 +1,4 @@
-"""The ``tandem`` command line: one dispatcher, each subcommand implemented in the package it belongs to.
+"""The ``tandem`` command line: one dispatcher; commands live in deploy/, benchmarks in benchmarks/.
 
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
 only when their subcommand runs, so ``tandem make-model`` never loads UCX or Ray.
@@ -13,31 +13,31 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-model": (
-        "engine.make_model",
+        "deploy.make_model",
         "write a random-weight Hugging Face checkpoint with a real BPE tokenizer",
     ),
-    "generate": ("engine.cli_generate", "generate text in-process (or from a server with --server)"),
-    "bench engine": ("engine.bench", "output tokens/s of Tandem vs transformers generate"),
+    "generate": ("deploy.generate", "generate text in-process (or from a server with --server)"),
+    "bench engine": ("benchmarks.bench_engine", "output tokens/s of Tandem vs transformers generate"),
     "bench kernels": (
-        "engine.bench_kernels",
+        "benchmarks.bench_kernels",
         "the model's projections per linear backend (C kernel, oneDNN, torch) at decode and prefill rows",
     ),
     "bench prefix-cache": (
-        "engine.bench_prefix",
+        "benchmarks.bench_prefix_cache",
         "time to first token with a 2,000-token prefix cached in G1 / G2 / G3 vs uncached",
     ),
-    "kv-bench": ("kv_transfer.bench", "paged-KV transfer microbenchmark over NIXL and ucxx"),
-    "tier-bench": ("memory_tiers.bench", "G2 / G3 block store throughput against their ceilings"),
-    "serve": ("router.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, demo model)"),
+    "kv-bench": ("benchmarks.bench_kv_transfer", "paged-KV transfer microbenchmark over NIXL and ucxx"),
+    "tier-bench": ("benchmarks.bench_tiers", "G2 / G3 block store throughput against their ceilings"),
+    "serve": ("deploy.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, demo model)"),
     "bench pools": (
-        "decode_pool.bench_itl",
+        "benchmarks.bench_pools",
         "inter-token latency of running decodes: colocated (never) vs disaggregated (always) pools",
     ),
     "launch": ("deploy.launch", "start (or update) the pools and router on a running Ray cluster"),
     "status": ("deploy.status", "pools, workers, their nodes, load and G1 occupancy of a launch"),
     "stop": ("deploy.stop", "drain the launched router and stop it and the pools"),
     "bench serve": (
-        "router.bench_serve",
+        "benchmarks.bench_serve",
         "load generator against tandem serve: throughput, TTFT, ITL, latency",
     ),
 }

@@ -2,9 +2,12 @@
 
 Everything lives in one Ray namespace (``ray.namespace`` in the YAML, default ``tandem``)::
 
-    prefill-0 .. prefill-{P-1}   TandemPrefillActor, placed by the pool's resources / node labels
-    decode-0  .. decode-{D-1}    TandemDecodeActor, likewise
+    prefill-0 .. prefill-{P-1}   PrefillActor, placed by the pool's resources / node labels
+    decode-0  .. decode-{D-1}    DecodeActor, likewise
     router                       deploy/router_actor.py's RouterActor on the head node, hosting gRPC
+
+The workers are the ones ``tandem serve`` starts (deploy/pools.py's ``worker_plans`` and
+``start_worker``), made named and detached.
 
 Actors are detached: they outlive the ``tandem launch`` process, and Ray restarts a dead one (its
 constructor arguments kept). :func:`launch` is idempotent: every actor carries a digest of what it
@@ -17,26 +20,17 @@ kills every actor of the namespace. :func:`status` asks each worker for its node
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 
-from decode_pool.handoff import WorkerConfig
-from decode_pool.pool import DecodeActor
-from decode_pool.ray_util import MAX_CONCURRENCY
-from deploy.config import PoolConfig, TandemConfig
+from deploy.config import TandemConfig
+from deploy.pools import ROLES, digest_of, start_worker, worker_plans
 from deploy.router_actor import RouterActor
-from prefill_pool.pool import PrefillActor
-from router.pools_backend import worker_telemetry
-from router.telemetry import TelemetryConfig
 
 ROUTER = "router"
 WORKER_NAME = re.compile(r"^(prefill|decode)-(\d+)$")
@@ -44,52 +38,6 @@ WORKER_NAME = re.compile(r"^(prefill|decode)-(\d+)$")
 HEAD_RESOURCE = "node:__internal_head__"
 CALL_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 600.0
-
-
-def _node_name() -> str:
-    """The node's ``tandem/node`` label (the topology's key), else its IP address."""
-    labels = ray.get_runtime_context().get_node_labels() or {}
-    return str(labels.get("tandem/node") or ray.util.get_node_ip_address())
-
-
-class _Reporting:
-    """What ``tandem launch`` and ``tandem status`` ask a launched worker, beyond its pool methods."""
-
-    engine: Any
-    _digest: str
-
-    def digest(self) -> str:
-        return self._digest
-
-    def node_id(self) -> str:
-        return str(ray.get_runtime_context().get_node_id())
-
-    def node_name(self) -> str:
-        return _node_name()
-
-    def tiers(self) -> list[int]:
-        """[G2 used blocks, G2 capacity blocks, G3 used bytes, G3 capacity bytes]; zeros: no tiers."""
-        store = self.engine.tier_store
-        if store is None:
-            return [0, 0, 0, 0]
-        m = store.metrics()
-        return [m.g2_used_blocks, m.g2_capacity_blocks, m.g3_used_bytes, m.g3_capacity_bytes]
-
-
-class TandemPrefillActor(_Reporting, PrefillActor):
-    """A prefill worker that reports where it runs, its tiers and what it was built from."""
-
-    def __init__(self, config: WorkerConfig, digest: str, telemetry: TelemetryConfig | None = None) -> None:
-        super().__init__(config, telemetry)
-        self._digest = digest
-
-
-class TandemDecodeActor(_Reporting, DecodeActor):
-    """A decode worker that reports where it runs, its tiers and what it was built from."""
-
-    def __init__(self, config: WorkerConfig, digest: str, telemetry: TelemetryConfig | None = None) -> None:
-        super().__init__(config, telemetry)
-        self._digest = digest
 
 
 @dataclass(slots=True)
@@ -106,18 +54,6 @@ def connect(address: str | None, namespace: str) -> None:
     if not ray.is_initialized():
         addr = address or os.environ.get("RAY_ADDRESS") or "auto"
         ray.init(address=addr, namespace=namespace, log_to_driver=False)
-
-
-def worker_config(cfg: TandemConfig, pool: PoolConfig, worker_id: str) -> WorkerConfig:
-    from engine.demo import demo_model_dir
-    from router.pools_backend import worker_config as from_tandem
-
-    model = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-    return from_tandem(cfg, model, worker_id=worker_id, device=pool.device)
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _get(name: str, namespace: str) -> Any:
@@ -144,24 +80,6 @@ def named_actors(namespace: str) -> list[str]:
     )
 
 
-def _worker_options(pool: PoolConfig, name: str, namespace: str) -> dict[str, Any]:
-    opts: dict[str, Any] = dict(
-        name=name,
-        namespace=namespace,
-        lifetime="detached",
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
-        max_restarts=-1,  # Ray brings a dead worker back; calls in flight fail as WorkerDied
-        max_task_retries=0,
-        max_concurrency=MAX_CONCURRENCY,
-    )
-    if pool.resources:
-        opts["resources"] = dict(pool.resources)
-    if pool.node_labels:
-        opts["label_selector"] = dict(pool.node_labels)
-    return opts
-
-
 def launch(
     cfg: TandemConfig,
     *,
@@ -179,32 +97,24 @@ def launch(
     ns = cfg.ray.namespace
     connect(address or cfg.ray.address, ns)
     result = LaunchResult("")
-    wanted: dict[str, list[str]] = {}
     starting: list[Any] = []
-    for role, pool, cls in (
-        ("prefill", cfg.pools.prefill, TandemPrefillActor),
-        ("decode", cfg.pools.decode, TandemDecodeActor),
-    ):
-        names = wanted[role] = [f"{role}-{i}" for i in range(pool.replicas)]
-        for name in names:
-            wcfg = worker_config(cfg, pool, name)
-            tcfg = worker_telemetry(cfg)
-            # the tracing exporter is part of what a worker was built from: changing it replaces it
-            digest = _digest(dataclasses.asdict(wcfg), pool.model_dump(mode="json"), dataclasses.asdict(tcfg))
-            actor = _get(name, ns)
-            if actor is not None:
-                try:
-                    same = ray.get(actor.digest.remote(), timeout=CALL_TIMEOUT_S) == digest
-                except Exception:  # dead for good, or still starting after a crash: replace it
-                    same = False
-                if same:
-                    result.kept.append(name)
-                    continue
-                _kill(name, ns)
-            actor_cls: Any = ray.remote(cls)
-            actor = actor_cls.options(**_worker_options(pool, name, ns)).remote(wcfg, digest, tcfg)
-            starting.append(actor.ready.remote())
-            result.created.append(name)
+    wanted: dict[str, list[str]] = {role: [] for role in ROLES}
+    for plan in worker_plans(cfg):
+        name = plan.name
+        wanted[plan.role].append(name)
+        actor = _get(name, ns)
+        if actor is not None:
+            try:
+                same = ray.get(actor.digest.remote(), timeout=CALL_TIMEOUT_S) == plan.digest
+            except Exception:  # dead for good, or still starting after a crash: replace it
+                same = False
+            if same:
+                result.kept.append(name)
+                continue
+            _kill(name, ns)
+        actor = start_worker(plan, name=name, namespace=ns, lifetime="detached")
+        starting.append(actor.ready.remote())
+        result.created.append(name)
     for name in named_actors(ns):
         m = WORKER_NAME.match(name)
         if m and name not in wanted[m.group(1)]:
@@ -214,7 +124,7 @@ def launch(
 
     actor_ids = [ray.get_actor(n, namespace=ns)._actor_id.hex() for n in wanted["prefill"] + wanted["decode"]]
     cfg_json = cfg.model_dump_json()
-    digest = _digest(cfg_json, actor_ids)
+    digest = digest_of(cfg_json, actor_ids)
     router = _get(ROUTER, ns)
     if router is not None:
         try:

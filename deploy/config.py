@@ -86,7 +86,10 @@ class PoolsConfig(_Strict):
         return self
 
 
-class TierConfig(_Strict):
+class TierCapacity(_Strict):
+    """One tier's size (the tiers' own configuration, memory_tiers.tier_store.TierConfig, is derived
+    from these: deploy/derive.py)."""
+
     capacity: ByteSize  # bytes, or "512MiB", "2GB", ...
 
     @field_validator("capacity")
@@ -99,9 +102,9 @@ class TierConfig(_Strict):
 
 class TiersConfig(_Strict):
     dir: Path = Path("~/.cache/tandem/tiers")  # G3 files live under <dir>/<worker id>/
-    g1: TierConfig = TierConfig(capacity=ByteSize(256 << 20))  # device KV pool (CPU memory on a CPU box)
-    g2: TierConfig = TierConfig(capacity=ByteSize(1 << 30))  # host DRAM
-    g3: TierConfig | None = TierConfig(capacity=ByteSize(4 << 30))  # disk; null turns it off
+    g1: TierCapacity = TierCapacity(capacity=ByteSize(256 << 20))  # device KV pool (CPU memory on a CPU box)
+    g2: TierCapacity = TierCapacity(capacity=ByteSize(1 << 30))  # host DRAM
+    g3: TierCapacity | None = TierCapacity(capacity=ByteSize(4 << 30))  # disk; null turns it off
 
     @property
     def resolved_dir(self) -> Path:
@@ -184,7 +187,8 @@ class MetadataConfig(_Strict):
 
 class TracingConfig(_Strict):
     """OpenTelemetry export of the router and of every prefill / decode worker (one trace per
-    request across them; router/telemetry.py). Tests use the in-memory exporter, not set here."""
+    request across them; router/telemetry.py, pool_runtime/tracing.py). Tests use the in-memory
+    exporter, not set here."""
 
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4317"

@@ -1,10 +1,11 @@
 """The launched router: a detached Ray actor that hosts the gRPC server over the named pool workers.
 
 ``tandem launch`` (deploy/cluster.py) creates it as the named actor ``router`` in the Tandem
-namespace, pinned to the head node, after the workers. Its constructor looks the workers up by name,
-builds a :class:`router.pools_backend.PoolsBackend` over them and starts a
+namespace, pinned to the head node, after the workers. Its constructor looks the workers up by name
+and builds the router's backend over them as ``tandem serve`` does (deploy/pools.py's
+``pools_backend``: the same topology rule, store and limits), then starts a
 :class:`router.server.TandemServer` on an event loop in a thread of its own, so the actor's methods
-(``address``, ``info``, ``drain``) answer while requests stream. Being detached, it outlives the
+(``address``, ``info``, ``topology``, ``drain``) answer while requests stream. Being detached, it outlives the
 ``tandem launch`` process; Ray restarts it (constructor arguments kept) if its process dies.
 
 ``drain(grace)`` is ``tandem stop``'s first step: stop accepting, give in-flight streams ``grace``
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -44,6 +44,7 @@ class RouterActor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._server: Any = None
+        self._topology: Any = None
         self._grace = 5.0
         self._thread = threading.Thread(target=self._run, name="tandem-router", daemon=True)
         self._thread.start()
@@ -69,6 +70,12 @@ class RouterActor:
             "serving": self._thread.is_alive() and self._error is None,
         }
 
+    def topology(self) -> dict[str, Any]:
+        """The topology this router prices handoffs with (deploy/pools.py's ``describe``)."""
+        from deploy.pools import describe
+
+        return describe(self._topology) if self._topology is not None else {}
+
     def drain(self, grace: float = 5.0) -> bool:
         """Stop serving: in-flight streams get ``grace`` seconds, then are cancelled. True once stopped."""
         self._grace = grace
@@ -88,6 +95,7 @@ class RouterActor:
             self._ready.set()
 
     async def _main(self) -> None:
+        from deploy.derive import server_options
         from router.server import TandemServer
         from router.telemetry import setup_telemetry
 
@@ -97,7 +105,7 @@ class RouterActor:
         telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint)
         backend = await asyncio.to_thread(self._backend, telemetry)
         await backend.start()
-        server = TandemServer.from_config(backend, rc, telemetry)
+        server = TandemServer(backend, telemetry=telemetry, **server_options(rc))
         try:
             await server.start()
         except BaseException:
@@ -112,48 +120,9 @@ class RouterActor:
         await server.stop(self._grace)
 
     def _backend(self, telemetry: Any) -> Any:
-        from decode_pool.coordinator import Pools
-        from decode_pool.pool import RayDecodeHandle
-        from engine.demo import demo_model_dir
-        from prefill_pool.pool import RayPrefillHandle
-        from router.pools_backend import PoolsBackend, make_store
-        from router.topology import Placement, Topology
+        from deploy.pools import named_pools, pools_backend
 
-        cfg = self.cfg
-        prefill_names, decode_names = self._names
-        prefill = [RayPrefillHandle(ray.get_actor(n, namespace=self._namespace), n) for n in prefill_names]
-        decode = [RayDecodeHandle(ray.get_actor(n, namespace=self._namespace), n) for n in decode_names]
-        handles: list[Any] = [*prefill, *decode]
-        names = ray.get([h.actor.node_name.remote() for h in handles])
-        nodes = {h.worker_id: n for h, n in zip(handles, names, strict=True)}
-        topo = cfg.topology
-
-        def place(node: str) -> Placement:
-            t = topo.nodes.get(node)
-            return Placement(
-                node=node, nvlink_domain=t.nvlink_domain if t else None, rack=t.rack if t else None
-            )
-
-        topology = Topology.build(
-            {w: place(n) for w, n in nodes.items()},
-            link_gbps=dict(topo.link_gbps),
-            calibration_file=topo.calibration_file,
-            same_node_link=topo.same_node_link,
-        )
-        model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-        return PoolsBackend.over_pools(
-            Pools(prefill, decode, disaggregation="auto" if prefill else "never"),
-            model_dir,
-            make_store(cfg.metadata.store),
-            name="demo" if cfg.is_demo else model_dir.name,
-            dtype=cfg.dtype,
-            block_size=cfg.engine.block_size,
-            policy=cfg.router.policy,
-            topology=topology,
-            nodes=nodes,
-            max_model_len=cfg.engine.max_model_len,
-            max_tokens_limit=cfg.router.max_tokens_limit,
-            heartbeat_interval_s=cfg.metadata.heartbeat_interval_s,
-            heartbeat_ttl_s=cfg.metadata.heartbeat_ttl_s,
-            telemetry=telemetry,
-        )
+        prefill, decode = named_pools(*self._names, self._namespace)
+        backend = pools_backend(self.cfg, prefill, decode, telemetry=telemetry)
+        self._topology = backend.router.topology
+        return backend

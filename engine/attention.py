@@ -9,8 +9,9 @@ whose query is one token)::
 
 A query token at absolute position p of seq i attends to that sequence's keys 0..p, read from its
 blocks. This module owns the metadata type, the torch reference path, and the backend seam; the
-Triton kernels (``engine.kernels.triton_backend``) implement the same two functions and are
-checked against this reference.
+C and Triton kernels (``engine.kernels.cpu_attention``, ``engine.kernels.triton_backend``)
+implement the same two functions and are checked against this reference. A leaf: it imports no
+kernel; ``engine.attention_backends.get_backend`` picks one by name.
 """
 
 from __future__ import annotations
@@ -224,22 +225,3 @@ def _gather(
         return blocks.permute(0, 2, 1, 3, 4).reshape(s, h, nb * b, d)
 
     return one(0), one(1)
-
-
-def get_backend(name: str, device: str | torch.device = "cpu") -> AttentionBackend:
-    """``auto`` (``cpu`` on a CPU, ``triton`` on a GPU), ``torch`` (the reference, any device),
-    ``cpu`` (the reference with fp32 decode in a compiled C kernel) or ``triton`` (GPU, or the
-    interpreter on CPU)."""
-    if name == "auto":
-        name = "cpu" if torch.device(device).type == "cpu" else "triton"
-    if name == "torch":
-        return TorchAttention()
-    if name == "cpu":
-        from engine.kernels.cpu_attention import CpuAttention
-
-        return CpuAttention()
-    if name == "triton":
-        from engine.kernels.triton_backend import TritonAttention
-
-        return TritonAttention()
-    raise ValueError(f"attention backend must be 'auto', 'torch', 'cpu' or 'triton', got {name!r}")

@@ -5,8 +5,12 @@ One ``step()``::
     scheduler.schedule()      -> which sequences run, how many new tokens each (a token budget)
     ModelRunner.execute()     -> one forward pass over the flat batch (prefill chunks + decodes),
                                  logits only for sequences whose chunk reaches their last token
+                                 (engine/model_runner.py; ``step(on_layer=...)`` hooks each layer)
     scheduler.update()        -> computed-token counts advance, full blocks enter the prefix cache
     sample, detokenize, stop  -> new tokens appended; finished sequences release their blocks
+
+A new request's prefix found below G1 is onboarded first (engine/tier_onboarding.py), through the
+G2/G3 tiers the engine was given (engine/tiers.py: a Protocol; the engine never builds a store).
 
 Lifecycle: construct (loads weights, allocates the KV pool) -> ``add_request`` / ``step`` (or
 ``generate``) -> ``close`` (idempotent; aborts what is left so every block is returned).
@@ -16,28 +20,26 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
-
-from engine.attention import AttentionMetadata
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.model import Model, load_model
+from engine.model import load_model
+from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 from engine.tier_onboarding import TierOnboarder
+from engine.tiers import LowerTiers, TiersFactory
 from engine.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from memory_tiers.tier_store import TierStore
+# Given one step's batch, the callback to run after each layer's K/V are written (None: no callback).
+LayerHook = Callable[[SchedulerOutput], Callable[[int], None] | None]
 
 
 @dataclass(slots=True)
@@ -55,11 +57,6 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    # Lower KV tiers (memory_tiers/): G2 host slots (0: no tiers) and an optional G3 directory.
-    host_kv_blocks: int = 0
-    host_kv_bytes: int = 0  # alternative to host_kv_blocks: G2 capacity in bytes
-    disk_kv_dir: str | None = None
-    disk_kv_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -84,48 +81,11 @@ class _Request:
     detok: IncrementalDetokenizer | None
 
 
-class ModelRunner:
-    """Turns a SchedulerOutput into tensors, runs the model and returns logits of the completing rows."""
-
-    def __init__(self, model: Model, kv_cache: torch.Tensor, block_size: int, device: str) -> None:
-        self.model = model
-        self.kv_cache = kv_cache  # (L, N, 2, H_kv, B, D)
-        self.block_size = block_size
-        self.device = device
-
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Forward the batch; returns logits (R, V) float32 for the entries whose ``completes`` is set,
-        in the order they appear in ``out.scheduled``."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        logits_rows: list[int] = []
-        for entry in out.scheduled:
-            seq, n = entry.seq, entry.num_new_tokens
-            start = seq.num_computed_tokens
-            if n == 1:
-                input_ids.append(seq.token_at(start))
-            else:
-                input_ids.extend(seq.all_token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(seq.block_table)
-            if entry.completes:
-                logits_rows.append(len(input_ids) - 1)
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)  # (T,)
-        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)  # (T,)
-        hidden = self.model.forward(ids, pos, self.kv_cache, meta)  # (T, hidden)
-        rows = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))  # (R, V)
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """``tiers`` (optional, engine/tiers.py): builds the G2/G3 tiers over this engine's KV pool;
+    they are used only with the prefix cache on (evicted blocks have no hash without it)."""
+
+    def __init__(self, config: EngineConfig, tiers: TiersFactory | None = None) -> None:
         self.config = config
         self.model = load_model(
             config.model, config.dtype, config.attn_backend, config.device, config.linear_backend
@@ -147,22 +107,9 @@ class LLMEngine:
             needed = config.max_num_seqs * layout.blocks_for(self.max_model_len) + 1
             num_blocks = max(1, min(config.kv_cache_bytes // layout.block_bytes, needed))
         self.kv_cache = layout.allocate(num_blocks, config.device)
-        self.tier_store: TierStore | None = None
-        host_blocks = config.host_kv_blocks or config.host_kv_bytes // layout.block_bytes
-        if host_blocks > 0 and config.enable_prefix_caching:
-            from memory_tiers.device_pool import TorchDevicePool
-            from memory_tiers.tier_store import TierConfig, TierStore
-
-            self.tier_store = TierStore(
-                layout,
-                TorchDevicePool(self.kv_cache, layout),
-                TierConfig(
-                    host_blocks=host_blocks,
-                    disk_dir=config.disk_kv_dir,
-                    disk_bytes=config.disk_kv_bytes,
-                    model_fingerprint=mc.fingerprint,
-                ),
-            )
+        self.tier_store: LowerTiers | None = None
+        if tiers is not None and config.enable_prefix_caching:
+            self.tier_store = tiers(layout, self.kv_cache, mc.fingerprint)
         self.block_manager = BlockManager(
             num_blocks,
             config.block_size,
@@ -239,8 +186,15 @@ class LLMEngine:
         """The longest a sequence may grow: the context length, or the KV pool if that is smaller."""
         return self.scheduler.max_seq_len
 
+    def sequence(self, request_id: str) -> Sequence | None:
+        """The sequence of a request in flight (waiting, onboarding or running); None if unknown."""
+        req = self._requests.get(request_id)
+        return req.seq if req is not None else None
+
     # -- the step -----------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_layer: LayerHook | None = None) -> list[RequestOutput]:
+        """One scheduled batch forward, sampled. ``on_layer(batch)``, when given, is asked for a
+        per-layer callback for this batch (a prefill worker streams each layer's KV from it)."""
         if self.onboarder is not None and self.onboarder.num_pending:
             for seq in self.onboarder.ready():
                 self.scheduler.add(seq)
@@ -249,7 +203,7 @@ class LLMEngine:
             if self.onboarder is not None:
                 self.onboarder.wait(timeout=0.01)  # nothing runs until a G3 read lands
             return []
-        logits = self.runner.execute(out)
+        logits = self.runner.execute(out, on_layer(out) if on_layer is not None else None)
         self.scheduler.update(out)
         completing = [e.seq for e in out.scheduled if e.completes]
         reqs = [self._requests[s.request_id] for s in completing]

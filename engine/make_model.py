@@ -1,4 +1,4 @@
-"""Random-weight Hugging Face checkpoints with a real byte-level BPE tokenizer (``tandem make-model``).
+"""Random-weight Hugging Face checkpoints with a real byte-level BPE tokenizer.
 
 Tests, the demo and the benchmark need a model without downloading one. This module writes a
 complete checkpoint directory::
@@ -12,12 +12,11 @@ complete checkpoint directory::
 
 Weights are written with torch + safetensors under the HF parameter names (transformers is only a
 test reference). Everything is a pure function of (preset, arch, seed, dtype, overrides): the same
-arguments give byte-identical files.
+arguments give byte-identical files. ``tandem make-model`` (deploy/make_model.py) is its command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -296,31 +295,3 @@ def make_model(
         out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
     )
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--arch", default="llama", choices=sorted(ARCHS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--num-shards", type=int, default=1)
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=INT",
-        help="override a config field, e.g. --set num_hidden_layers=3 (repeatable)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = float(value) if "." in value else int(value)
-    out = make_model(args.out, args.preset, args.arch, args.seed, args.dtype, args.num_shards, overrides)
-    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    n = sum(torch.Size(s).numel() for _, s in param_shapes(cfg))
-    print(f"wrote {cfg['architectures'][0]} ({n / 1e6:.2f}M params, {args.dtype}) to {out}")
-    return 0

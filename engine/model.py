@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionBackend, AttentionMetadata, get_backend
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention_backends import get_backend
 from engine.config import ModelConfig
 from engine.kernels.cpu_fused import FusedCpuOps, LayerOps, TorchLayerOps
 from engine.kv_layout import torch_dtype

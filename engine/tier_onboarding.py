@@ -4,7 +4,7 @@ request is scheduled, so its prefill starts after the cached part.
     prompt blocks:  [ h0 h1 h2 | h3 h4 h5 h6 | h7 .. ]
                       in G1      in G2 / G3    not cached: computed
                       (BlockManager prefix cache)
-                                 │ take_block → TierStore.onboard(h, id) → register(id, h, tokens)
+                                 │ take_block → tiers.onboard(h, id) → register(id, h, tokens)
                                  ▼ release_block: now cached-free in G1, found by allocate_prompt
 
 G2 copies finish at once; G3 reads finish on the tier store's read threads, and the request waits
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from engine.block_hash import BlockHash, hash_blocks
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence
-from memory_tiers.tier_store import TierStore
+from engine.tiers import LowerTiers
 
 
 @dataclass(slots=True)
@@ -36,7 +36,7 @@ class _Pending:
 
 
 class TierOnboarder:
-    def __init__(self, block_manager: BlockManager, store: TierStore) -> None:
+    def __init__(self, block_manager: BlockManager, store: LowerTiers) -> None:
         self.bm = block_manager
         self.store = store
         self._pending: dict[str, _Pending] = {}

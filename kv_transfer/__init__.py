@@ -1,36 +1,15 @@
 """Moving paged KV blocks between processes: the KVTransport seam and its UCX implementations.
 
 - ``transport``: the seam (KVReceiver / KVSender / KVTransport protocols, KVDestination,
-  Completed / Failed) and ``make_transport(backend, transport)``;
-- ``protocol``: headers, block-run coalescing, digests, the receiver's reservation book (pure);
+  Completed / Failed); a leaf that imports no backend;
+- ``factory``: ``make_transport(backend, transport)``, the one place a backend is chosen, and the
+  UCX environment that picks its transport;
+- ``protocol``: headers, block-run coalescing, digests, the receiver's reservation book, the errors
+  (pure);
+- ``pool``: a KV pool tensor's bytes as the backends address them;
 - ``base``: the lifecycle, deadline and ack rules every backend shares;
-- ``nixl_backend`` (default), ``ucxx_backend``, ``inprocess``: the three implementations;
-- ``bench`` / ``bench_worker``: ``tandem kv-bench``.
+- ``nixl_backend`` (default), ``ucxx_backend``, ``inprocess``: the three implementations.
 
-Importing this package loads neither torch nor UCX; the backends load them when made.
+``tandem kv-bench`` lives in benchmarks/. This package imports nothing on import (import the module
+you need); the backends load torch and UCX when made.
 """
-
-from kv_transfer.protocol import DeadlineExceededError, DigestMismatchError, KVTransferError, NoRoomError
-from kv_transfer.transport import (
-    Completed,
-    Failed,
-    KVDestination,
-    KVReceiver,
-    KVSender,
-    KVTransport,
-    make_transport,
-)
-
-__all__ = [
-    "Completed",
-    "DeadlineExceededError",
-    "DigestMismatchError",
-    "Failed",
-    "KVDestination",
-    "KVReceiver",
-    "KVSender",
-    "KVTransferError",
-    "KVTransport",
-    "NoRoomError",
-    "make_transport",
-]

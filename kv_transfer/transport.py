@@ -1,4 +1,4 @@
-"""The KVTransport seam: receiver and sender protocols, the destination handle, and transport choice.
+"""The KVTransport seam: receiver and sender protocols, the destination handle, the poll results.
 
 A decode worker owns a :class:`KVReceiver` over its KV pool; a prefill worker owns a
 :class:`KVSender` over its own. The handoff (ARCHITECTURE.md, "The KV handoff")::
@@ -17,48 +17,16 @@ Any failure (digest mismatch, deadline, dead peer) frees the receiver's reservat
 ``Failed`` from ``poll`` on the decode side and :class:`~kv_transfer.protocol.KVTransferError` from
 ``finish`` on the prefill side; both keep serving other requests.
 
-UCX transports are picked by configuration, through UCX environment variables set before the UCX
-context is created (once per process): ``auto`` (UCX decides), ``shm`` (shared memory / CMA on one
-host), ``tcp``, and on GPU hosts ``cuda_ipc`` (NVLink / PCIe peers on one node) and ``rc``
-(InfiniBand / RoCE).
+A leaf: this module imports no backend. ``kv_transfer.factory.make_transport`` builds one.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
-
-TRANSPORTS = ("auto", "shm", "tcp", "cuda_ipc", "rc")
-BACKENDS = ("nixl", "ucxx", "inprocess")
-
-# UCX_TLS per (backend, transport). NIXL runs UCX with peer error handling, which excludes the
-# posix/sysv shared-memory transports: its shared-memory path is CMA for data plus TCP for the
-# active messages that carry notifications. ucxx endpoints here have error handling off, so "sm"
-# (posix/sysv/cma) works for both data and control.
-_UCX_TLS = {
-    ("nixl", "shm"): "cma,tcp,self",
-    ("nixl", "tcp"): "tcp,self",
-    ("nixl", "cuda_ipc"): "cuda_ipc,cuda_copy,cma,tcp,self",
-    ("nixl", "rc"): "rc,cuda_copy,tcp,self",
-    ("ucxx", "shm"): "sm,self",
-    ("ucxx", "tcp"): "tcp,self",
-    ("ucxx", "cuda_ipc"): "cuda_ipc,cuda_copy,sm,self",
-    ("ucxx", "rc"): "rc,cuda_copy,sm,self",
-}
-
-
-def ucx_env(backend: str, transport: str) -> dict[str, str]:
-    """The UCX environment that selects ``transport`` for ``backend`` ({} for auto / in-process)."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    tls = _UCX_TLS.get((backend, transport))
-    return {} if tls is None else {"UCX_TLS": tls}
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,23 +131,3 @@ class KVTransport(Protocol):
     ) -> KVReceiver: ...
 
     def sender(self, kv: torch.Tensor) -> KVSender: ...
-
-
-def make_transport(backend: str = "nixl", transport: str = "auto") -> KVTransport:
-    """The transport for ``backend`` over ``transport``. For UCX backends this sets the process's UCX
-    environment, so call it before any other UCX use in the process (and never before a fork)."""
-    env = ucx_env(backend, transport)
-    for k, v in env.items():
-        os.environ[k] = v
-    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    if backend == "nixl":
-        from kv_transfer.nixl_backend import NixlTransport
-
-        return NixlTransport(transport)
-    if backend == "ucxx":
-        from kv_transfer.ucxx_backend import UcxxTransport
-
-        return UcxxTransport(transport)
-    from kv_transfer.inprocess import InProcessTransport
-
-    return InProcessTransport(transport)

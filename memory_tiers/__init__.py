@@ -1,9 +1,10 @@
 """The tiered KV block store: G1 device, G2 host, G3 disk, keyed by the chained block hash.
 
 Modules (import the one you need; this package imports nothing, so the router can use
-``memory_tiers.metadata`` without torch):
+``memory_tiers.metadata`` without torch; ``tandem tier-bench`` lives in benchmarks/):
 
 - ``tier_store``     TierStore / TierConfig: offload, lookup, onboard, pin, host reservations
+- ``engine_tiers``   EngineTiers: the ``tiers`` an LLMEngine is given (engine/tiers.py's seam)
 - ``device_pool``    DevicePool seam over the engine's G1 KV tensor (G1 accounting is BlockManager's)
 - ``host_tier``      G2 memory (page-aligned or pinned host tensor)
 - ``slot_index``     exact G2 slot accounting, pure Python
@@ -12,5 +13,4 @@ Modules (import the one you need; this package imports nothing, so the router ca
 - ``metadata``       MetadataStore Protocol, Tier, BlockEvent, WorkerInfo, in-process store
 - ``redis_metadata`` RedisMetadataStore
 - ``metrics``        TierMetrics snapshot
-- ``bench``          ``tandem tier-bench``
 """

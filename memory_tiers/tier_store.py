@@ -46,7 +46,11 @@ from memory_tiers.slot_index import SlotIndex
 
 @dataclass(frozen=True, slots=True)
 class TierConfig:
-    host_blocks: int
+    """G2 / G3 capacities and the store's knobs: the one tier configuration (a deployment's
+    ``tiers`` section derives it, deploy/derive.py)."""
+
+    host_blocks: int = 0  # G2 slots
+    host_bytes: int = 0  # alternative to host_blocks: G2 bytes, turned into slots by EngineTiers
     disk_dir: str | None = None  # None: no G3
     disk_bytes: int = 0
     direct_io: bool = True  # O_DIRECT for G3 when buffers and sizes allow it

@@ -1,12 +1,12 @@
 """The prefill pool as Ray actors: PrefillWorker replicas with their loop running, and async handles.
 
 ``build_prefill_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``prefill-0``, ...)
-and returns one :class:`RayPrefillHandle` per replica, which is what ``decode_pool.coordinator.Pools``
+and returns one :class:`RayPrefillHandle` per replica, which is what ``router.coordinator.Pools``
 takes. ``shutdown(handles)`` kills them.
 
-Tracing (router/telemetry.py): ``prefill`` carries the caller's trace context; the actor opens
+Tracing (pool_runtime/tracing.py): ``prefill`` carries the caller's trace context; the actor opens
 ``tandem.prefill`` (queued + computed, until the decode worker's commit ack) and, from the worker's
-:class:`~decode_pool.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
+:class:`~pool_runtime.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
 commit ack: bytes, layers, GB/s).
 """
 
@@ -18,11 +18,13 @@ from typing import Any
 import ray
 from opentelemetry import trace
 
-from decode_pool.actor_telemetry import ActorTelemetry
-from decode_pool.handoff import FirstToken, KVGrant, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.ray_util import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.actor_telemetry import ActorTelemetry
+from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import FirstToken, KVGrant, WorkRequest
+from pool_runtime.reports import WorkerLoad
+from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 from prefill_pool.worker import PrefillWorker
-from router.telemetry import TelemetryConfig, extract_context, inject_context
 
 CANCEL_WAIT_S = 30.0
 
@@ -31,8 +33,11 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
     """A PrefillWorker whose loop thread runs from construction (Ray calls its methods on threads),
     traced when ``telemetry`` says so."""
 
-    def __init__(self, config: WorkerConfig, telemetry: TelemetryConfig | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, telemetry: TelemetryConfig | None = None, built_from: str = ""
+    ) -> None:
         super().__init__(config)
+        self.built_from = built_from
         self.setup_tracing(telemetry)
         self.start_loop()
 

@@ -1,17 +1,23 @@
 """PrefillWorker: computes prompts in chunks and streams each layer's KV to a decode worker's blocks.
 
-One ``step`` is one forward pass of the engine's scheduler (chunked prefill, prefix caching and
-batching of several prompts come from it), with a hook after every layer::
+A request enters the engine through its own ``add_request`` (so a prefix cached in G2 / G3 is
+onboarded into G1 first, engine/tier_onboarding.py) with ``max_tokens=1``: the engine stops it at
+the first token. One ``step`` is one ``engine.step`` (chunked prefill, prefix caching and batching
+of several prompts come from it), given a hook that sees the batch and then every layer::
 
     schedule()  -> chunks of several prompts, e.g. [r1: tokens 0..15 | r2: tokens 32..40]
+    on_layer    -> (the batch) plan the blocks each chunk sends this step
     forward     -> after layer l's K/V are written: send_layer(dest, l, blocks filled so far)
     update()    -> full blocks enter the prefix cache
-    last chunk  -> sample the first token, wait for the decode worker's commit ack, then free
-                   the blocks (they stay in the prefix cache for the next prompt that shares them)
+    last chunk  -> the engine samples the first token and finishes the request (its full blocks
+                   stay in the prefix cache); then this worker waits for the decode worker's
+                   commit ack and returns the token
 
 A block is sent once per layer: in the step that fills it, or in the prompt's last step for a
 trailing partial block. Blocks the decode worker already holds (``KVGrant.num_cached_blocks``) are
-not sent. The KV of the prompt's blocks is released only after the ack (ARCHITECTURE.md, step 4).
+not sent. Nothing reuses a finished request's blocks before its ack (ARCHITECTURE.md, step 4): the
+only thread that allocates blocks (new requests, onboarding, the next schedule) is the one waiting
+for the ack, and it waits before its next step.
 
 Thread model: ``submit`` and ``cancel`` are thread-safe (they queue a command); everything else —
 engine, sender — is touched only by the thread calling ``step`` (the loop thread from
@@ -22,26 +28,26 @@ engine, sender — is touched only by the thread calling ``step`` (the loop thre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import signal
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import torch
-
-from decode_pool.handoff import FirstToken, KVGrant, PoolError, WorkerConfig, WorkerLoad, WorkRequest
-from decode_pool.runtime import EvictionLog, make_engine, make_kv_transport
-from engine.attention import AttentionMetadata
-from engine.model import Model
 from engine.scheduler import SchedulerOutput
-from engine.sequence import FinishReason, Sequence
+from engine.sequence import Sequence
 from kv_transfer.base import BaseSender
 from kv_transfer.protocol import KVTransferError
+from pool_runtime.build import EvictionLog, build_engine, build_transport
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import FirstToken, KVGrant, PoolError, WorkRequest
+from pool_runtime.reports import WorkerLoad
 
 _TOMBSTONES = 4096  # cancelled request ids remembered, to refuse a prefill that arrives after its cancel
 
@@ -54,29 +60,13 @@ class Cancelled(PoolError):
 class _Job:
     req: WorkRequest
     grant: KVGrant
-    seq: Sequence
+    seq: Sequence  # the engine's (engine.sequence(request_id)): blocks, cached and computed tokens
     future: Future[FirstToken]
     sent_upto: int = 0  # blocks [0, sent_upto) of the prompt have been sent (all layers)
     error: str = ""
     kv_bytes: int = 0
     kv_start_ns: int = 0  # time.time_ns() of the first send_layer
     kv_layers: set[int] = field(default_factory=set)
-
-
-class _LayerHook:
-    """The engine's model, with ``on_layer`` passed to every forward (ModelRunner calls forward)."""
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self.on_layer: Any = None
-
-    def forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        return self.model.forward(ids, pos, kv, meta, on_layer=self.on_layer)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
 
 
 @dataclass(slots=True)
@@ -99,14 +89,12 @@ class PrefillWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.worker_id
-        self.engine = make_engine(config)
+        self.engine, self.tier_store = build_engine(config)
         self.evictions = EvictionLog(self.engine)
-        self.block_size = config.block_size
+        self.block_size = config.engine.block_size
         self.num_layers = self.engine.kv_layout.num_layers
         # every backend's sender is a BaseSender, which also has flush() (not in the KVSender protocol)
-        self.sender = cast(BaseSender, make_kv_transport(config).sender(self.engine.kv_cache))
-        self._hook = _LayerHook(self.engine.model)
-        self.engine.runner.model = self._hook  # type: ignore[assignment]
+        self.sender = cast(BaseSender, build_transport(config).sender(self.engine.kv_cache))
         self._jobs: dict[str, _Job] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancels, oldest first
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -145,12 +133,12 @@ class PrefillWorker:
         return self.evictions.take()
 
     def load(self) -> WorkerLoad:
-        bm, sch = self.engine.block_manager, self.engine.scheduler
+        bm, sch, onboarder = self.engine.block_manager, self.engine.scheduler, self.engine.onboarder
         queued = sum(j.seq.num_tokens - j.seq.num_computed_tokens for j in list(self._jobs.values()))
         return WorkerLoad(
             self.worker_id,
             self.role,
-            waiting=sch.num_waiting,
+            waiting=sch.num_waiting + (onboarder.num_pending if onboarder is not None else 0),
             queue_tokens=queued,
             running=sch.num_running,
             used_blocks=bm.num_used_blocks,
@@ -175,7 +163,7 @@ class PrefillWorker:
                 busy = self.step()
             except Exception as e:  # a bug or a device error: fail what is in flight, keep serving
                 for job in list(self._jobs.values()):
-                    self._drop(job, FinishReason.ABORT)
+                    self._drop(job)
                     if not job.future.done():
                         job.future.set_exception(PoolError(f"prefill worker {self.worker_id} failed: {e!r}"))
                 continue
@@ -184,33 +172,26 @@ class PrefillWorker:
                 self._wake.clear()
 
     def step(self) -> bool:
-        """Handle queued commands and run one forward pass; False when there was nothing to do."""
+        """Handle queued commands and run one engine step; False when there was nothing to do."""
         self._drain_inbox()
-        sch = self.engine.scheduler
-        out = sch.schedule()
-        if not out.scheduled:
-            return False
-        plans = self._plan(out)
-        self._hook.on_layer = lambda layer: self._send_layer(plans, layer)
-        try:
-            logits = self.engine.runner.execute(out)  # (R, V)
-        finally:
-            self._hook.on_layer = None
-        sch.update(out)
-        for p in plans:
+        plans: list[_Plan] | None = None  # None: nothing was scheduled
+
+        def on_batch(out: SchedulerOutput) -> Callable[[int], None] | None:
+            nonlocal plans
+            plans = todo = self._plan(out)
+            if not todo:
+                return None
+            return lambda layer: self._send_layer(todo, layer)
+
+        outs = self.engine.step(on_layer=on_batch)
+        for p in plans or ():
             p.job.sent_upto = max(p.job.sent_upto, p.hi)
-        completing = [e.seq for e in out.scheduled if e.completes]
-        if completing:
-            jobs = [self._jobs[s.request_id] for s in completing]
-            sampled = self.engine.sampler.sample(
-                logits,
-                [j.req.params for j in jobs],
-                [j.req.seed for j in jobs],
-                [s.num_tokens for s in completing],  # the position of the first output token
-            )
-            for i, job in enumerate(jobs):
-                self._complete(job, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
-        return True
+        for o in outs:  # each one a first token: the engine finished the request (max_tokens=1)
+            job = self._jobs.get(o.request_id)
+            if job is not None:
+                self._complete(job, o.new_token_ids[0], o.logprobs[0], o.top_logprobs[0])
+        onboarding = self.engine.onboarder is not None and self.engine.onboarder.num_pending > 0
+        return plans is not None or bool(outs) or onboarding
 
     def _plan(self, out: SchedulerOutput) -> list[_Plan]:
         """Which prompt blocks each scheduled request sends this step: the ones this chunk fills
@@ -248,6 +229,8 @@ class PrefillWorker:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def _complete(self, job: _Job, token: int, logprob: float | None, top: Any) -> None:
+        """The engine sampled ``job``'s first token (and finished the request): wait for the decode
+        worker's commit ack, then answer the caller."""
         rid = job.req.request_id
         error = job.error
         if not error:
@@ -255,7 +238,7 @@ class PrefillWorker:
                 self.sender.finish(job.grant.dest, self.config.ack_timeout_s)
             except KVTransferError as e:
                 error = str(e)
-        self._drop(job, FinishReason.STOP if not error else FinishReason.ABORT)
+        self._jobs.pop(rid, None)
         if error:
             job.future.set_exception(
                 KVTransferError(f"{rid}: handoff to {job.grant.worker_id} failed: {error}")
@@ -277,9 +260,10 @@ class PrefillWorker:
                 )
             )
 
-    def _drop(self, job: _Job, reason: FinishReason) -> None:
-        """Free the request's blocks (full prompt blocks stay as cached prefix) and forget it."""
-        self.engine.scheduler.finish(job.seq, reason)
+    def _drop(self, job: _Job) -> None:
+        """Abort the request in the engine (its full prompt blocks stay as cached prefix; an
+        onboarding one returns its blocks once their copies end) and forget it."""
+        self.engine.abort(job.req.request_id)
         self._jobs.pop(job.req.request_id, None)
 
     def _drain_inbox(self) -> None:
@@ -304,12 +288,14 @@ class PrefillWorker:
         if rid in self._jobs:
             fut.set_exception(PoolError(f"request {rid!r} is already being prefilled here"))
             return
-        seq = Sequence(rid, list(req.prompt_token_ids), req.params)
+        first_only = dataclasses.replace(req.params, max_tokens=1)  # the decode worker does the rest
         try:
-            self.engine.scheduler.add(seq)
+            self.engine.add_request(list(req.prompt_token_ids), first_only, rid)
         except ValueError as e:
             fut.set_exception(PoolError(f"{rid}: {e}"))
             return
+        seq = self.engine.sequence(rid)
+        assert seq is not None
         self._jobs[rid] = _Job(req, grant, seq, fut)
 
     def _cancel(self, request_id: str) -> None:
@@ -326,7 +312,7 @@ class PrefillWorker:
                 self.sender.flush(job.grant.dest, self.config.ack_timeout_s)
             with contextlib.suppress(KVTransferError):
                 self.sender.finish(job.grant.dest, 0.0)
-        self._drop(job, FinishReason.ABORT)
+        self._drop(job)
         job.future.set_exception(Cancelled(f"{request_id}: cancelled"))
 
     def close(self) -> None:

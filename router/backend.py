@@ -12,11 +12,12 @@ queue slots). Pure: no gRPC, no torch.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from engine.sampling_params import SamplingParams
+from pool_runtime.reports import WorkerLoad
 from router.validation import ModelLimits
 
 
@@ -31,22 +32,41 @@ class BackendModelInfo:
     eos_token_ids: tuple[int, ...] = ()
 
 
-@dataclass(slots=True)
-class WorkerLoad:
-    """One worker's load, as GetServerInfo reports it and tests assert on it."""
-
-    worker_id: str
-    role: str  # "prefill" | "decode" | "both"
-    node: str = "local"
-    running: int = 0
-    waiting: int = 0
-    queue_tokens: int = 0
-    used_blocks: int = 0
-    total_blocks: int = 0
+def model_info(
+    mc: Any,
+    name: str,
+    block_size: int,
+    dtype: str,
+    max_model_len: int | None,
+    max_tokens_limit: int | None,
+    eos_token_ids: Iterable[int],
+    default_max_tokens: int = 64,
+) -> BackendModelInfo:
+    """What a backend serving ``mc`` (an ``engine.config.ModelConfig``) reports and validates with:
+    the context is the checkpoint's, or ``max_model_len`` when shorter, and no request may ask for
+    more than ``max_tokens_limit`` (when set) or the context."""
+    context = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    limit = min(max_tokens_limit or context, context)
+    return BackendModelInfo(
+        limits=ModelLimits(
+            name=name,
+            max_context_length=context,
+            max_tokens_limit=limit,
+            default_max_tokens=min(default_max_tokens, limit),
+            vocab_size=mc.vocab_size,
+        ),
+        fingerprint=str(mc.fingerprint),
+        block_size=block_size,
+        dtype=dtype,
+        eos_token_ids=tuple(sorted(eos_token_ids)),
+    )
 
 
 @dataclass(slots=True)
 class BackendLoad:
+    """The backend's liveness and each worker's load (pool_runtime.reports.WorkerLoad, the one load
+    type: GetServerInfo reports it, with the node the backend knows the worker runs on)."""
+
     alive: bool
     workers: list[WorkerLoad] = field(default_factory=list)
 

@@ -2,7 +2,7 @@
 
 ``stream_generate`` yields the server's GenerateResponse messages as they arrive (sync gRPC; the
 channel closes when the iterator is exhausted or closed, which cancels the call on the server).
-``run_client(args)`` is what ``engine/cli_generate.py`` calls when ``--server`` is given: it reads
+``run_client(args)`` is what ``deploy/generate.py`` calls when ``--server`` is given: it reads
 the same argparse fields (prompt, max_tokens, temperature, top_p, top_k, seed, ignore_eos, json,
 server) and streams text to stdout, or prints one JSON object with ``--json``.
 """

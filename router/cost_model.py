@@ -1,6 +1,7 @@
 """The router's cost model: predicted time to first token of one request on one route (pure).
 
-Owns the inputs a routing policy sees (:class:`WorkerLoad`, :class:`RoutingRequest`), the constants
+Owns the inputs a routing policy sees (:class:`Candidate`: a worker as the router prices it, derived
+from its load report; :class:`RoutingRequest`), the constants
 of the model (:class:`CostParams`) and the price of the two kinds of route (ARCHITECTURE.md)::
 
     disaggregated (p prefills, d decodes):
@@ -30,8 +31,9 @@ ROLES = ("prefill", "decode", "both")
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerLoad:
-    """A worker's latest load report, as the router sees it."""
+class Candidate:
+    """A worker as a routing policy prices it: its last load report (pool_runtime.reports.WorkerLoad)
+    with the router's own estimates folded in (router/routing.py: ``Router.policy_loads``)."""
 
     worker_id: str
     role: str  # "prefill" | "decode" | "both"
@@ -54,7 +56,7 @@ class WorkerLoad:
         return self.role in ("decode", "both")
 
     @classmethod
-    def from_report(cls, worker_id: str, role: str, report: Mapping[str, Any]) -> WorkerLoad:
+    def from_report(cls, worker_id: str, role: str, report: Mapping[str, Any]) -> Candidate:
         """From a metadata-store load dict; missing keys read as unknown / empty."""
         return cls(
             worker_id=worker_id,
@@ -111,23 +113,23 @@ def cached_tokens(req: RoutingRequest, worker_id: str, params: CostParams) -> in
     return max(0, min(blocks * params.block_size, req.num_prompt_tokens - 1))
 
 
-def blocks_needed(req: RoutingRequest, d: WorkerLoad, params: CostParams) -> int:
+def blocks_needed(req: RoutingRequest, d: Candidate, params: CostParams) -> int:
     """New blocks ``d`` must reserve for the prompt (its own cached prefix is reused)."""
     total = -(-req.num_prompt_tokens // params.block_size)
     held = min(req.cached_blocks.get(d.worker_id, 0), len(req.block_hashes))
     return max(0, total - held)
 
 
-def has_kv_room(req: RoutingRequest, d: WorkerLoad, params: CostParams) -> bool:
+def has_kv_room(req: RoutingRequest, d: Candidate, params: CostParams) -> bool:
     free = sum(d.free_blocks.get(t, 0) for t in params.room_tiers)
     return free >= blocks_needed(req, d, params)
 
 
-def _rate(w: WorkerLoad, params: CostParams) -> float:
+def _rate(w: Candidate, params: CostParams) -> float:
     return w.prefill_tokens_per_s if w.prefill_tokens_per_s > 0 else params.default_prefill_tokens_per_s
 
 
-def price_colocated(req: RoutingRequest, d: WorkerLoad, params: CostParams) -> Quote:
+def price_colocated(req: RoutingRequest, d: Candidate, params: CostParams) -> Quote:
     cached = cached_tokens(req, d.worker_id, params)
     rate = _rate(d, params)
     queue_s = d.queue_tokens / rate
@@ -136,7 +138,7 @@ def price_colocated(req: RoutingRequest, d: WorkerLoad, params: CostParams) -> Q
 
 
 def price_disaggregated(
-    req: RoutingRequest, p: WorkerLoad, d: WorkerLoad, topology: Topology, params: CostParams
+    req: RoutingRequest, p: Candidate, d: Candidate, topology: Topology, params: CostParams
 ) -> Quote:
     cached = cached_tokens(req, p.worker_id, params)
     rate = _rate(p, params)

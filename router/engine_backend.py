@@ -22,26 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from pool_runtime.reports import WorkerLoad
 from router.backend import (
     BackendLoad,
     BackendModelInfo,
     BackendRequest,
     Chunk,
     ChunkStats,
-    WorkerLoad,
     finish_reason_name,
+    model_info,
 )
 from router.errors import BackendUnavailable, InvalidRequest
-from router.validation import ModelLimits
 
 WORKER_ID = "local"
 _STOP = object()
@@ -81,19 +81,15 @@ class EngineBackend:
     ) -> None:
         self._engine = LLMEngine(engine_config)
         eng = self._engine
-        limit = min(max_tokens_limit or eng.max_model_len, eng.max_model_len)
-        self._info = BackendModelInfo(
-            limits=ModelLimits(
-                name=model_name,
-                max_context_length=eng.max_model_len,
-                max_tokens_limit=limit,
-                default_max_tokens=min(default_max_tokens, limit),
-                vocab_size=eng.model_config.vocab_size,
-            ),
-            fingerprint=str(eng.model_config.fingerprint),
-            block_size=engine_config.block_size,
-            dtype=engine_config.dtype,
-            eos_token_ids=tuple(sorted(eng.eos_token_ids)),
+        self._info = model_info(
+            eng.model_config,
+            model_name,
+            engine_config.block_size,
+            engine_config.dtype,
+            eng.max_model_len,
+            max_tokens_limit,
+            eng.eos_token_ids,
+            default_max_tokens,
         )
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
@@ -114,10 +110,7 @@ class EngineBackend:
         return tok.encode(text)
 
     def load(self) -> BackendLoad:
-        w = self._load
-        copy = WorkerLoad(
-            w.worker_id, w.role, w.node, w.running, w.waiting, w.queue_tokens, w.used_blocks, w.total_blocks
-        )
+        copy = dataclasses.replace(self._load)
         return BackendLoad(alive=self._alive and not self._closed, workers=[copy])
 
     async def generate(self, request: BackendRequest) -> AsyncGenerator[Chunk, None]:
@@ -253,19 +246,3 @@ class EngineBackend:
             used_blocks=bm.num_used_blocks,
             total_blocks=bm.num_blocks,
         )
-
-
-def engine_config_from(cfg: Any, model_dir: str | Path) -> EngineConfig:
-    """The EngineConfig a ``deploy.config.TandemConfig`` describes for a single in-process engine."""
-    e = cfg.engine
-    return EngineConfig(
-        model=model_dir,
-        dtype=cfg.dtype,
-        attn_backend=e.attn_backend,
-        block_size=e.block_size,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        max_model_len=e.max_model_len,
-        enable_prefix_caching=e.enable_prefix_caching,
-        kv_cache_bytes=int(cfg.tiers.g1.capacity),
-    )

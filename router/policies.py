@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from router.cost_model import (
+    Candidate,
     CostParams,
     Quote,
     RoutingRequest,
-    WorkerLoad,
     blocks_needed,
     has_kv_room,
     price_colocated,
@@ -58,7 +58,7 @@ class RoutingContext:
     turn: int = 0  # round robin's position; the router increments it per request
 
 
-Policy = Callable[[RoutingRequest, Sequence[WorkerLoad], RoutingContext], RouteDecision]
+Policy = Callable[[RoutingRequest, Sequence[Candidate], RoutingContext], RouteDecision]
 
 
 def _mode(req: RoutingRequest) -> str:
@@ -68,8 +68,8 @@ def _mode(req: RoutingRequest) -> str:
 
 
 def decode_candidates(
-    req: RoutingRequest, workers: Sequence[WorkerLoad], params: CostParams
-) -> list[WorkerLoad]:
+    req: RoutingRequest, workers: Sequence[Candidate], params: CostParams
+) -> list[Candidate]:
     decoders = sorted((w for w in workers if w.can_decode), key=lambda w: w.worker_id)
     if not decoders:
         raise NoRouteError("no live decode worker", overloaded=False)
@@ -80,7 +80,7 @@ def decode_candidates(
     return roomy
 
 
-def prefill_candidates(workers: Sequence[WorkerLoad], decode_worker: str) -> list[WorkerLoad]:
+def prefill_candidates(workers: Sequence[Candidate], decode_worker: str) -> list[Candidate]:
     return sorted(
         (w for w in workers if w.can_prefill and w.worker_id != decode_worker), key=lambda w: w.worker_id
     )
@@ -101,10 +101,10 @@ def _decision(q: Quote, reason: str) -> RouteDecision:
 def _simple_route(
     name: str,
     req: RoutingRequest,
-    d: WorkerLoad,
-    workers: Sequence[WorkerLoad],
+    d: Candidate,
+    workers: Sequence[Candidate],
     ctx: RoutingContext,
-    pick: Callable[[list[WorkerLoad]], WorkerLoad],
+    pick: Callable[[list[Candidate]], Candidate],
 ) -> RouteDecision:
     mode = _mode(req)
     prefills = prefill_candidates(workers, d.worker_id)
@@ -120,14 +120,14 @@ def _simple_route(
     return _decision(q, f"{name}: {p.worker_id} -> {d.worker_id} ({mode})")
 
 
-def round_robin(req: RoutingRequest, workers: Sequence[WorkerLoad], ctx: RoutingContext) -> RouteDecision:
+def round_robin(req: RoutingRequest, workers: Sequence[Candidate], ctx: RoutingContext) -> RouteDecision:
     """The ``ctx.turn``-th decode candidate (and prefill candidate) in worker-id order, cycling."""
     decoders = decode_candidates(req, workers, ctx.params)
     d = decoders[ctx.turn % len(decoders)]
     return _simple_route("round_robin", req, d, workers, ctx, lambda ps: ps[ctx.turn % len(ps)])
 
 
-def least_loaded(req: RoutingRequest, workers: Sequence[WorkerLoad], ctx: RoutingContext) -> RouteDecision:
+def least_loaded(req: RoutingRequest, workers: Sequence[Candidate], ctx: RoutingContext) -> RouteDecision:
     """Decode: fewest running sequences, then fewest queued tokens; prefill: fewest queued tokens.
 
     Remaining ties go to the smallest worker id.
@@ -138,7 +138,7 @@ def least_loaded(req: RoutingRequest, workers: Sequence[WorkerLoad], ctx: Routin
     return _simple_route("least_loaded", req, d, workers, ctx, pick)
 
 
-def all_quotes(req: RoutingRequest, workers: Sequence[WorkerLoad], ctx: RoutingContext) -> list[Quote]:
+def all_quotes(req: RoutingRequest, workers: Sequence[Candidate], ctx: RoutingContext) -> list[Quote]:
     """Every route the request's mode allows, priced; colocated first, then pairs in id order."""
     mode = _mode(req)
     quotes: list[Quote] = []
@@ -151,7 +151,7 @@ def all_quotes(req: RoutingRequest, workers: Sequence[WorkerLoad], ctx: RoutingC
     return quotes
 
 
-def cost_model(req: RoutingRequest, workers: Sequence[WorkerLoad], ctx: RoutingContext) -> RouteDecision:
+def cost_model(req: RoutingRequest, workers: Sequence[Candidate], ctx: RoutingContext) -> RouteDecision:
     """The cheapest predicted TTFT; on a tie colocated beats disaggregated (fewer moving parts)."""
     quotes = all_quotes(req, workers, ctx)
     if not quotes:

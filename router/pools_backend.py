@@ -21,19 +21,18 @@ the input -> InvalidRequest (INVALID_ARGUMENT); a handoff that failed every retr
 Closing the generator (client cancel, deadline) closes the pools' stream, which cancels the request
 on its workers and frees its blocks.
 
-Lifecycle: ``PoolsBackend.from_config`` (starts or joins Ray, starts the workers) or construct
-over existing ``Pools`` -> ``await start()`` (first loads; also done by the first ``generate``) ->
-``generate`` concurrently -> ``close()`` (idempotent; kills the workers and stops Ray it started).
+Lifecycle: ``PoolsBackend.over_pools`` (or construct) over running ``Pools`` -> ``await start()``
+(first loads; also done by the first ``generate``) -> ``generate`` concurrently -> ``close()``
+(idempotent; then ``on_close``, which stops what the builder started). Building the Ray pools from a
+deployment's configuration is deploy/pools.py's job; this module knows no Ray and no YAML.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -43,18 +42,17 @@ from typing import Any, cast
 
 from opentelemetry import trace
 
-from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
-from decode_pool.handoff import WorkerLoad as PoolLoad
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
-from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
+from pool_runtime.handoff import FirstToken, PoolError, TokenChunk
+from pool_runtime.reports import TierUsage, WorkerLoad
+from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, model_info
+from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
 from router.policies import NoRouteError
 from router.routing import Route, Router, span_attributes
-from router.telemetry import Telemetry, TelemetryConfig, TierUsage
-from router.topology import Placement, Topology
-from router.validation import ModelLimits
+from router.telemetry import Telemetry
+from router.topology import Topology
 
 log = logging.getLogger(__name__)
 # Handoff fixed cost priced by the cost model: reserve + start RPCs (~1 ms each, MEASURED.md) and
@@ -63,7 +61,7 @@ HANDOFF_OVERHEAD_S = 0.005
 
 
 class PoolsBackend:
-    """A :class:`router.backend.Backend` over :class:`decode_pool.coordinator.Pools`."""
+    """A :class:`router.backend.Backend` over :class:`router.coordinator.Pools`."""
 
     def __init__(
         self,
@@ -98,115 +96,13 @@ class PoolsBackend:
         if self._telemetry is not None:
             self._telemetry.add_tier_source(self.tier_usage)
         self._on_close = on_close
-        self._loads: list[PoolLoad] = []
+        self._loads: list[WorkerLoad] = []
         self._lower_tiers: dict[str, list[TierUsage]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         # Redis answers over the network: keep the event loop free during its round trips.
         self._offload = not isinstance(router.store, InProcessMetadataStore)
-
-    # -- building from the deployment configuration -------------------------------------------------
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Any,
-        *,
-        ray_address: str | None = None,
-        tracer: trace.Tracer | None = None,
-        telemetry: Telemetry | None = None,
-    ) -> PoolsBackend:
-        """Join Ray at ``ray_address`` (else start a local one), start the pools ``cfg`` describes;
-        the workers trace with ``cfg.router.tracing``'s exporter, like the router."""
-        import ray
-
-        from decode_pool.pool import build_decode_pool, shutdown
-        from decode_pool.ray_util import PoolSpec
-        from engine.demo import demo_model_dir
-        from prefill_pool.pool import build_prefill_pool
-
-        model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-        name = "demo" if cfg.is_demo else model_dir.name
-        temp_dir = _init_ray(ray_address)
-        handles: list[Any] = []
-        stores: list[MetadataStore] = []
-
-        def stop() -> None:
-            for st in stores:
-                st.close()
-            shutdown(handles)
-            if temp_dir is not None:
-                ray.shutdown()
-                shutil.rmtree(temp_dir, ignore_errors=True)
-
-        try:
-            e = cfg.engine
-            wcfg = worker_config(cfg, model_dir)
-
-            def spec(p: Any) -> PoolSpec:
-                return PoolSpec(p.replicas, p.num_cpus, p.num_gpus, dict(p.resources), dict(p.node_labels))
-
-            log.info(
-                "starting %d prefill and %d decode workers",
-                cfg.pools.prefill.replicas,
-                cfg.pools.decode.replicas,
-            )
-            pc, dc = cfg.pools.prefill, cfg.pools.decode
-            tcfg = worker_telemetry(cfg)
-            prefill = (
-                build_prefill_pool(_with_device(wcfg, pc.device), spec(pc), telemetry=tcfg)
-                if pc.replicas
-                else []
-            )
-            handles += prefill
-            decode = build_decode_pool(_with_device(wcfg, dc.device), spec(dc), telemetry=tcfg)
-            handles += decode
-            nodes = dict(
-                zip(
-                    [h.worker_id for h in handles],
-                    ray.get([h.actor.node_ip.remote() for h in handles]),
-                    strict=True,
-                )
-            )
-            topo = cfg.topology
-            placements = {
-                w: Placement(
-                    node=ip,
-                    nvlink_domain=topo.nodes[ip].nvlink_domain if ip in topo.nodes else None,
-                    rack=topo.nodes[ip].rack if ip in topo.nodes else None,
-                )
-                for w, ip in nodes.items()
-            }
-            topology = Topology.build(
-                placements,
-                link_gbps=dict(topo.link_gbps),
-                calibration_file=topo.calibration_file,
-                same_node_link=topo.same_node_link,
-            )
-            store = make_store(cfg.metadata.store)
-            stores.append(store)
-            default_mode = "auto" if prefill else "never"
-            return cls.over_pools(
-                Pools(prefill, decode, disaggregation=default_mode),
-                model_dir,
-                store,
-                name=name,
-                dtype=cfg.dtype,
-                block_size=e.block_size,
-                policy=cfg.router.policy,
-                topology=topology,
-                nodes=nodes,
-                max_model_len=e.max_model_len,
-                max_tokens_limit=cfg.router.max_tokens_limit,
-                heartbeat_interval_s=cfg.metadata.heartbeat_interval_s,
-                heartbeat_ttl_s=cfg.metadata.heartbeat_ttl_s,
-                tracer=tracer,
-                telemetry=telemetry,
-                on_close=stop,
-            )
-        except BaseException:
-            stop()
-            raise
 
     @classmethod
     def over_pools(
@@ -231,10 +127,9 @@ class PoolsBackend:
         model_dir = Path(model_dir)
         mc = ModelConfig.from_pretrained(model_dir, dtype)
         router = Router(store, mc.fingerprint, cost_params(mc, block_size), topology or Topology(), policy)
-        info = model_info(mc, name or model_dir.name, block_size, max_model_len, max_tokens_limit)
         tokenizer = load_tokenizer(model_dir)
-        if tokenizer is not None:
-            info = _with_eos(info, tokenizer)
+        eos = {*mc.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer is not None else ())}
+        info = model_info(mc, name or model_dir.name, block_size, dtype, max_model_len, max_tokens_limit, eos)
         return cls(pools, router, info, tokenizer=tokenizer, **kwargs)
 
     # -- the Backend protocol -----------------------------------------------------------------------
@@ -247,19 +142,7 @@ class PoolsBackend:
         return list(self._tokenizer.encode(text))
 
     def load(self) -> BackendLoad:
-        workers = [
-            WorkerLoad(
-                w.worker_id,
-                w.role,
-                self._nodes.get(w.worker_id, "local"),
-                running=w.running,
-                waiting=w.waiting,
-                queue_tokens=w.queue_tokens,
-                used_blocks=w.used_blocks,
-                total_blocks=w.total_blocks,
-            )
-            for w in self._loads
-        ]
+        workers = [dataclasses.replace(w, node=self._nodes.get(w.worker_id, "local")) for w in self._loads]
         alive = not self._closed and any(w.role == "decode" for w in self._loads)
         # Before the first refresh nothing is known: let the request through, route() decides.
         return BackendLoad(alive=alive or (not self._closed and self._refresher is None), workers=workers)
@@ -271,7 +154,7 @@ class PoolsBackend:
             await self.refresh()
             self._refresher = asyncio.create_task(self._refresh_loop())
 
-    async def refresh(self) -> list[PoolLoad]:
+    async def refresh(self) -> list[WorkerLoad]:
         """Ask every worker for its load now (tests call it to see a cancel's effect at once)."""
         self._loads = await self.pools.load()
         return self._loads
@@ -430,7 +313,7 @@ class PoolsBackend:
                     self.router.forget(h.worker_id, hashes)
         return n
 
-    def _publish_loads(self, loads: Sequence[PoolLoad], registered: set[str]) -> None:
+    def _publish_loads(self, loads: Sequence[WorkerLoad], registered: set[str]) -> None:
         store, ttl = self.router.store, self._heartbeat_ttl_s
         for w in loads:
             if w.worker_id not in registered or not store.heartbeat(w.worker_id, ttl):
@@ -457,67 +340,6 @@ def _error_for(c: TokenChunk) -> Exception:
     return BackendUnavailable(c.error or "the request failed on the pools")
 
 
-def _init_ray(address: str | None) -> str | None:
-    """Join Ray at ``address``, or start a local one in a fresh temp dir (returned: ours to remove).
-    Nothing happens when this process is already connected (tests share one cluster)."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    if address:
-        ray.init(address=address)
-        return None
-    # One machine: every KV transfer is on loopback (UCX would otherwise also offer eth0).
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    temp_dir = tempfile.mkdtemp(prefix="tandem-ray-")
-    # address="local" and a fresh temp dir: never attach to (or hang on) a stale cluster (MEASURED.md)
-    ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
-    return temp_dir
-
-
-def worker_config(
-    cfg: Any, model_dir: str | Path, worker_id: str = "worker-0", device: str = "cpu"
-) -> WorkerConfig:
-    """What every worker of a deployment runs, from its TandemConfig (engine knobs, G1/G2/G3)."""
-    e = cfg.engine
-    return WorkerConfig(
-        model=model_dir,
-        worker_id=worker_id,
-        dtype=cfg.dtype,
-        device=device,
-        block_size=e.block_size,
-        kv_cache_bytes=int(cfg.tiers.g1.capacity),
-        host_kv_bytes=int(cfg.tiers.g2.capacity) if cfg.tiers.g2 else 0,
-        disk_kv_dir=str(cfg.tiers.resolved_dir) if cfg.tiers.g3 else None,
-        disk_kv_bytes=int(cfg.tiers.g3.capacity) if cfg.tiers.g3 else 0,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        enable_prefix_caching=e.enable_prefix_caching,
-        kv_backend="nixl",
-    )
-
-
-def worker_telemetry(cfg: Any) -> TelemetryConfig:
-    """What the workers of a deployment trace with: the router's exporter (``router.tracing``)."""
-    t = cfg.router.tracing
-    return TelemetryConfig(t.exporter, t.otlp_endpoint)
-
-
-def _with_device(cfg: WorkerConfig, device: str) -> WorkerConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, device=device)
-
-
-def make_store(url: str) -> MetadataStore:
-    """``memory`` -> the in-process store; a redis:// URL -> RedisMetadataStore."""
-    if url == "memory":
-        return InProcessMetadataStore()
-    from memory_tiers.redis_metadata import RedisMetadataStore
-
-    return RedisMetadataStore(url)
-
-
 def cost_params(mc: Any, block_size: int) -> CostParams:
     """The cost model's constants for a model (``engine.config.ModelConfig``)."""
     per_token = mc.kv_layout(block_size).block_bytes // block_size
@@ -526,34 +348,7 @@ def cost_params(mc: Any, block_size: int) -> CostParams:
     )
 
 
-def model_info(
-    mc: Any, name: str, block_size: int, max_model_len: int | None, max_tokens_limit: int | None
-) -> BackendModelInfo:
-    context = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    limit = min(max_tokens_limit or context, context)
-    return BackendModelInfo(
-        limits=ModelLimits(
-            name=name,
-            max_context_length=context,
-            max_tokens_limit=limit,
-            default_max_tokens=min(64, limit),
-            vocab_size=mc.vocab_size,
-        ),
-        fingerprint=mc.fingerprint,
-        block_size=block_size,
-        dtype=mc.dtype,
-        eos_token_ids=tuple(sorted(mc.eos_token_ids)),
-    )
-
-
 def load_tokenizer(model_dir: Path) -> Any:
     from engine.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").exists() else None
-
-
-def _with_eos(info: BackendModelInfo, tokenizer: Any) -> BackendModelInfo:
-    import dataclasses
-
-    eos = sorted({*info.eos_token_ids, *tokenizer.eos_token_ids})
-    return dataclasses.replace(info, eos_token_ids=tuple(eos))

@@ -4,7 +4,7 @@ Per request (``Router.route``)::
 
     prompt ids --engine.block_hash--> full-block hash chain (model fingerprint, block size)
     store.find_blocks(chain) --prefix_lengths--> {worker: leading blocks it holds}
-    load reports (+ this router's own in-flight count) --> cost_model.WorkerLoad per live worker
+    load reports (+ this router's own in-flight count) --> cost_model.Candidate per live worker
     policy(RoutingRequest, loads, ctx) --> RouteDecision (prefill worker | None, decode worker)
 
 The block index: stores are recorded by the router (as SGLang's router does), evictions come from
@@ -29,25 +29,13 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from engine.block_hash import BlockHash, hash_blocks
 from memory_tiers.metadata import BlockEvent, EventKind, MetadataStore, Tier, prefix_lengths
-from router.cost_model import CostParams, RoutingRequest, WorkerLoad
+from pool_runtime.reports import WorkerLoad
+from router.cost_model import Candidate, CostParams, RoutingRequest
 from router.policies import RouteDecision, RoutingContext, get_policy
 from router.topology import Topology
-
-
-class LoadReport(Protocol):
-    """What a worker reports (decode_pool.handoff.WorkerLoad has these fields)."""
-
-    worker_id: str
-    role: str
-    waiting: int
-    queue_tokens: int
-    running: int
-    free_blocks: int  # G1
-    g2_free_blocks: int  # G2 room a decode reservation may land in (0 without a host tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +68,7 @@ class Router:
     def in_flight(self, worker_id: str) -> int:
         return self._in_flight[worker_id]
 
-    def policy_loads(self, reports: Sequence[LoadReport]) -> list[WorkerLoad]:
+    def policy_loads(self, reports: Sequence[WorkerLoad]) -> list[Candidate]:
         """The policy's view of each reporting worker (see the module docstring for ``running``)."""
         out = []
         for r in reports:
@@ -89,7 +77,7 @@ class Router:
             if r.role == "decode":
                 rate /= 1 + running
             out.append(
-                WorkerLoad(
+                Candidate(
                     worker_id=r.worker_id,
                     role=r.role,
                     queue_tokens=r.queue_tokens,
@@ -100,7 +88,7 @@ class Router:
             )
         return out
 
-    def route(self, prompt_ids: Sequence[int], disaggregation: str, reports: Sequence[LoadReport]) -> Route:
+    def route(self, prompt_ids: Sequence[int], disaggregation: str, reports: Sequence[WorkerLoad]) -> Route:
         """Decide where a prompt goes. Raises policies.NoRouteError (no worker / no room)."""
         hashes = hash_blocks(prompt_ids, self.block_size, self.fingerprint)
         cached = prefix_lengths(self.store.find_blocks(hashes)) if hashes else {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,9 +27,6 @@ from router.admission import AdmissionQueue
 from router.backend import Backend
 from router.servicer import TandemServicer
 from router.telemetry import Telemetry, setup_telemetry
-
-if TYPE_CHECKING:
-    from deploy.config import RouterConfig
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tandem"].full_name  # "tandem.v1.Tandem"
@@ -73,23 +69,6 @@ class TandemServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopped = False
-
-    @classmethod
-    def from_config(
-        cls, backend: Backend, rc: RouterConfig, telemetry: Telemetry, routing_policy: str | None = None
-    ) -> TandemServer:
-        """The server a TandemConfig's ``router`` section describes (``tandem serve`` and the
-        launched router actor); ``routing_policy`` overrides ``rc.policy``."""
-        return cls(
-            backend,
-            host=rc.host,
-            port=rc.port,
-            max_concurrency=rc.max_concurrency,
-            max_queue=rc.max_queue,
-            telemetry=telemetry,
-            default_disaggregation=rc.disaggregation,
-            routing_policy=routing_policy or rc.policy,
-        )
 
     @property
     def address(self) -> str:

@@ -62,7 +62,8 @@ def running_pools(
     """Start a prefill and a decode pool (decode defaults to the prefill config and spec), yield
     their handles, and shut both down after; a decode pool that fails to start stops the prefill
     pool first."""
-    from decode_pool.pool import build_decode_pool, shutdown
+    from decode_pool.pool import build_decode_pool
+    from pool_runtime.actors import shutdown
     from prefill_pool.pool import build_prefill_pool
 
     prefill = build_prefill_pool(prefill_cfg, prefill_spec, telemetry=telemetry)

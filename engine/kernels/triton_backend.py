@@ -1,5 +1,5 @@
 """The Triton attention backend: the ``AttentionBackend`` seam of engine/attention.py over the
-kernels of this package (``get_backend("triton")``).
+kernels of this package (``engine.attention_backends.get_backend("triton")``).
 
 A flat batch is prefill chunks first, then decodes (see engine/attention.py); the two parts go to
 two kernels that write disjoint rows of one output tensor::

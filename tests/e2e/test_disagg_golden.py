@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import TokenChunk, WorkerConfig
-from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
+from pool_runtime.actors import PoolSpec
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import TokenChunk
+from router.coordinator import PoolRequest, Pools
 from tests.helpers_checkpoints import load_reference, make_checkpoint
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
@@ -52,7 +53,8 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[in
 def pools(golden, ray_cluster) -> Iterator[tuple[Pools, list, list]]:  # noqa: F811
     path = golden[0]
     # 4-token blocks and an 8-token budget: every long prompt is prefilled (and streamed) in chunks
-    cfg = WorkerConfig(model=path, block_size=4, num_blocks=256, max_num_batched_tokens=8, kv_backend="nixl")
+    engine = EngineConfig(model=path, block_size=4, num_blocks=256, max_num_batched_tokens=8)
+    cfg = WorkerConfig(engine, kv_backend="nixl")
     with running_pools(cfg, PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)) as (prefill, decode):
         yield Pools(prefill, decode, disaggregation="always"), prefill, decode
 

@@ -1,7 +1,7 @@
 """End to end through a real gRPC connection to a real ``tandem serve --backend engine`` child process
 (the pools backend, serve's default, has its own tests: tests/e2e/test_serve_pools.py).
 
-The managed-server fixture starts ``python -m router.serve --port 0`` in its own process group, reads
+The managed-server fixture starts ``python -m deploy.serve --port 0`` in its own process group, reads
 the bound port from its log, waits for gRPC health SERVING, prints the log tail if the child dies,
 and kills the whole group at teardown. References come from the in-process LLMEngine.
 """
@@ -39,9 +39,9 @@ def _serve_command() -> list[str]:
     """``tandem serve`` through the CLI dispatcher once it registers the command, else the module."""
     from deploy.cli import COMMANDS
 
-    if COMMANDS.get("serve", ("",))[0] == "router.serve":
+    if COMMANDS.get("serve", ("",))[0] == "deploy.serve":
         return [sys.executable, "-m", "deploy.cli", "serve"]
-    return [sys.executable, "-m", "router.serve"]
+    return [sys.executable, "-m", "deploy.serve"]
 
 
 class ManagedServer:
@@ -357,7 +357,7 @@ async def _collect(call: grpc.aio.UnaryStreamCall) -> list[int]:
 
 def test_bench_serve_smoke(server: ManagedServer, tmp_path: Path) -> None:
     plot = tmp_path / "bench.png"
-    cmd = [sys.executable, "-m", "router.bench_serve", "--server", server.address, "--num-requests", "8"]
+    cmd = [sys.executable, "-m", "benchmarks.bench_serve", "--server", server.address, "--num-requests", "8"]
     cmd += ["--output-len", "fixed:4", "--prompt-len", "uniform:4:8", "--shared-prefix-len", "16"]
     cmd += ["--no-reference", "--json", "--plot", str(plot)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)

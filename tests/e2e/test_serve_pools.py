@@ -187,10 +187,11 @@ def test_health_info_and_bad_input(served: ManagedServer) -> None:
 # -- a router in this process over workers that outlive it ---------------------------------------------
 @pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
-    from decode_pool.handoff import WorkerConfig
-    from decode_pool.ray_util import PoolSpec
+    from engine.llm_engine import EngineConfig
+    from pool_runtime.actors import PoolSpec
+    from pool_runtime.config import WorkerConfig
 
-    cfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
+    cfg = WorkerConfig(EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=64), kv_backend="nixl")
     spec = PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)
     with running_pools(cfg, spec, decode_spec=dataclasses.replace(spec, replicas=2)) as pools:
         yield pools
@@ -201,7 +202,7 @@ async def router(
     workers: tuple[list, list], checkpoint: Path, store: Any, telemetry: Any
 ) -> AsyncIterator[Any]:
     """(a client of a TandemServer, its PoolsBackend): fresh routing state over the same workers."""
-    from decode_pool.coordinator import Pools
+    from router.coordinator import Pools
     from router.pools_backend import PoolsBackend
     from router.server import TandemServer
     from router.topology import Placement, Topology
@@ -337,10 +338,10 @@ def test_no_decode_room_is_resource_exhausted(workers, checkpoint: Path) -> None
 
 
 def test_the_index_follows_a_workers_evictions(workers, checkpoint: Path) -> None:
-    from decode_pool.coordinator import PoolRequest
     from engine.block_hash import hash_blocks
     from engine.sampling_params import SamplingParams
     from memory_tiers.metadata import InProcessMetadataStore, prefix_lengths
+    from router.coordinator import PoolRequest
     from router.telemetry import setup_telemetry
 
     shared = [(11 * i) % 500 + 3 for i in range(2 * BLOCK)]

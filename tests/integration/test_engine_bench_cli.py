@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from engine import bench, bench_kernels
+from benchmarks import bench_engine as bench
+from benchmarks import bench_kernels
 from engine.demo import demo_model_dir
 from engine.kernels.native import capability
 from engine.linear import cpu_gemm_available, onednn_available

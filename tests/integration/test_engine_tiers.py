@@ -12,6 +12,8 @@ import pytest
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.make_model import make_model
 from engine.sampling_params import SamplingParams
+from memory_tiers.engine_tiers import EngineTiers
+from memory_tiers.tier_store import TierConfig
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +34,12 @@ def prompts(model_dir: Path) -> tuple[list[int], list[int], list[int]]:
 
 
 def _engine(model_dir: Path, disk: Path | None, **kw) -> LLMEngine:  # type: ignore[no-untyped-def]
-    return LLMEngine(
-        EngineConfig(
-            model=model_dir,
-            block_size=BLOCK,
-            host_kv_blocks=kw.pop("host_kv_blocks", 64),
-            disk_kv_dir=str(disk) if disk else None,
-            disk_kv_bytes=1 << 24 if disk else 0,
-            **kw,
-        )
+    tiers = TierConfig(
+        host_blocks=kw.pop("host_kv_blocks", 64),
+        disk_dir=str(disk) if disk else None,
+        disk_bytes=1 << 24 if disk else 0,
     )
+    return LLMEngine(EngineConfig(model=model_dir, block_size=BLOCK, **kw), tiers=EngineTiers(tiers))
 
 
 def _reference(model_dir: Path, prompt: list[int]) -> list[int]:

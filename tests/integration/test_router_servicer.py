@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from pool_runtime.reports import WorkerLoad
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from router.backend import (
@@ -21,7 +22,6 @@ from router.backend import (
     BackendRequest,
     Chunk,
     ChunkStats,
-    WorkerLoad,
 )
 from router.client import build_request
 from router.errors import BackendUnavailable, InvalidRequest

@@ -12,11 +12,12 @@ import dataclasses
 import grpc
 import pytest
 
-from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import FirstToken, KVGrant, WorkerLoad, WorkRequest
 from engine.block_hash import hash_blocks
 from engine.sampling_params import SamplingParams
 from memory_tiers.metadata import InProcessMetadataStore, Tier
+from pool_runtime.handoff import FirstToken, KVGrant, WorkRequest
+from pool_runtime.reports import WorkerLoad
+from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import status_for
 from router.policies import NoRouteError
@@ -167,7 +168,7 @@ def test_a_restarted_router_on_redis_keeps_the_index(redis_url: str) -> None:  #
     ],
 )
 def test_pool_errors_become_statuses(kind: str, code: grpc.StatusCode, details: str) -> None:
-    from decode_pool.handoff import TokenChunk
+    from pool_runtime.handoff import TokenChunk
 
     error = "r1: token id 900 is outside the vocabulary" if kind == "invalid" else "r1: no room"
     chunk = TokenChunk("r1", [], finished=True, finish_reason="abort", error=error, error_kind=kind)
@@ -200,14 +201,15 @@ def test_the_last_chunk_carries_the_handoff_facts_and_errors_their_kind() -> Non
 def test_a_workers_evictions_leave_the_index(tmp_path) -> None:
     """A real DecodeWorker (no Ray, in-process KV transport) reports the prefix blocks its engine
     evicts; the router's ``forget`` drops exactly those from the index."""
-    from decode_pool.handoff import WorkerConfig
     from decode_pool.worker import DecodeWorker
     from engine.config import ModelConfig
+    from engine.llm_engine import EngineConfig
     from engine.make_model import make_model
+    from pool_runtime.config import WorkerConfig
 
     make_model(tmp_path, "tiny")
     fp = ModelConfig.from_pretrained(tmp_path).fingerprint
-    worker = DecodeWorker(WorkerConfig(model=tmp_path, num_blocks=6, kv_backend="inprocess"))
+    worker = DecodeWorker(WorkerConfig(EngineConfig(model=tmp_path, num_blocks=6), kv_backend="inprocess"))
 
     def run(rid: str, prompt: list[int]) -> None:
         worker.submit_local(WorkRequest(rid, prompt, SamplingParams(max_tokens=2, seed=1)))

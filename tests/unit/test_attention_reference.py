@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, TorchAttention, get_backend
+from engine.attention import AttentionMetadata, TorchAttention
+from engine.attention_backends import get_backend
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, TorchAttention, get_backend
+from engine.attention import AttentionMetadata, TorchAttention
+from engine.attention_backends import get_backend
 from engine.kernels import cpu_attention
 from engine.kernels.native import compiler
 from engine.linear import cpu_gemm_available, make_linear, onednn_available, resolve

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import xxhash
 
+from kv_transfer.factory import ucx_env
 from kv_transfer.protocol import (
     DIGEST_NAME,
     KIND_ACK,
@@ -23,7 +24,6 @@ from kv_transfer.protocol import (
     region,
     regions,
 )
-from kv_transfer.transport import ucx_env
 
 pytestmark = pytest.mark.unit
 

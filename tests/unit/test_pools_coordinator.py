@@ -9,18 +9,18 @@ from typing import Any
 
 import pytest
 
-from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import (
+from engine.sampling_params import SamplingParams
+from kv_transfer.protocol import KVTransferError
+from pool_runtime.handoff import (
     UNKNOWN_REQUEST,
     FirstToken,
     KVGrant,
     TokenChunk,
     WorkerDied,
-    WorkerLoad,
     WorkRequest,
 )
-from engine.sampling_params import SamplingParams
-from kv_transfer.protocol import KVTransferError
+from pool_runtime.reports import WorkerLoad
+from router.coordinator import PoolRequest, Pools
 
 pytestmark = pytest.mark.unit
 

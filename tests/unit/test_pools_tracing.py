@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from decode_pool.coordinator import Pools
-from decode_pool.handoff import FirstToken, TokenChunk, WorkerDied
+from pool_runtime.handoff import FirstToken, TokenChunk, WorkerDied
+from router.coordinator import Pools
 from router.telemetry import setup_telemetry
 from tests.unit.test_pools_coordinator import FakeDecode, FakePrefill, _req, _run, _tokens
 
@@ -82,7 +82,7 @@ def test_failovers_are_events_on_the_request_span() -> None:
 def test_handles_see_the_request_context_through_the_coordinator() -> None:
     """The handles inject the caller's current context (the coordinator runs inside the request's
     span): a traced request carries its trace id, an untraced one carries nothing."""
-    from router.telemetry import inject_context
+    from pool_runtime.tracing import inject_context
 
     tel = setup_telemetry("memory")
     seen: list[Any] = []

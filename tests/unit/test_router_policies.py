@@ -11,9 +11,9 @@ import dataclasses
 import pytest
 
 from router.cost_model import (
+    Candidate,
     CostParams,
     RoutingRequest,
-    WorkerLoad,
     cached_tokens,
     price_colocated,
     price_disaggregated,
@@ -47,8 +47,8 @@ def _ctx(topo: Topology, kv_bytes_per_token: int = 1000, **kw: float) -> Routing
 
 def _w(
     wid: str, role: str, queue: int = 0, running: int = 0, free: dict[str, int] | None = None, **kw: float
-) -> WorkerLoad:
-    return WorkerLoad(wid, role, queue, running, ROOM if free is None else free, **kw)  # type: ignore[arg-type]
+) -> Candidate:
+    return Candidate(wid, role, queue, running, ROOM if free is None else free, **kw)  # type: ignore[arg-type]
 
 
 def _req(n: int, cached: dict[str, int] | None = None, mode: str = "auto") -> RoutingRequest:
@@ -238,7 +238,7 @@ def test_policy_registry_and_load_reports() -> None:
     assert get_policy("cost_model") is cost_model
     with pytest.raises(ValueError, match="unknown routing policy 'random'"):
         get_policy("random")
-    w = WorkerLoad.from_report("d1", "decode", {"queue_tokens": 3, "free_blocks": {"G1": 7}, "extra": 1})
+    w = Candidate.from_report("d1", "decode", {"queue_tokens": 3, "free_blocks": {"G1": 7}, "extra": 1})
     assert (w.queue_tokens, w.running_seqs, dict(w.free_blocks), w.prefill_tokens_per_s) == (
         3,
         0,
@@ -246,4 +246,4 @@ def test_policy_registry_and_load_reports() -> None:
         0.0,
     )
     with pytest.raises(ValueError, match="role must be one of"):
-        WorkerLoad("x", "router")
+        Candidate("x", "router")

@@ -10,8 +10,8 @@ import random
 import grpc
 import pytest
 
+from benchmarks.serve_workload import arrival_times, make_workload, parse_length, percentile
 from router.admission import AdmissionQueue
-from router.bench_workload import arrival_times, make_workload, parse_length, percentile
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded, status_for
 from router.validation import ValidationError
 

@@ -1,6 +1,6 @@
-"""router/telemetry.py without servers: the W3C context that joins a worker's spans to the router's
-trace, the worker tracer's drained spans, and the router's transfer / prefix / tier metrics read
-through the in-memory reader."""
+"""router/telemetry.py and pool_runtime/tracing.py without servers: the W3C context that joins a
+worker's spans to the router's trace, the worker tracer's drained spans, and the router's transfer /
+prefix / tier metrics read through the in-memory reader."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 
-from router.telemetry import (
+from pool_runtime.reports import TierUsage
+from pool_runtime.tracing import (
     SpanRecord,
     TelemetryConfig,
-    TierUsage,
     extract_context,
     inject_context,
-    setup_telemetry,
     setup_worker_tracing,
 )
+from router.telemetry import setup_telemetry
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, TorchAttention, get_backend
+from engine.attention import AttentionMetadata, TorchAttention
+from engine.attention_backends import get_backend
 from engine.kernels.kv_write import write_kv
 from engine.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from engine.kernels.triton_backend import TritonAttention

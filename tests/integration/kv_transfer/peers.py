@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from engine.kv_layout import KVLayout
+from kv_transfer.factory import make_transport
 from kv_transfer.protocol import KVTransferError
-from kv_transfer.transport import Completed, KVDestination, make_transport
+from kv_transfer.transport import Completed, KVDestination
 
 
 @dataclass

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from engine.kv_layout import KVLayout
+from kv_transfer.factory import make_transport
 from kv_transfer.pool import PoolView, tensor_digest
-from kv_transfer.transport import Completed, make_transport
+from kv_transfer.transport import Completed
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu]
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engine.kv_layout import KVLayout
+from kv_transfer.factory import make_transport
 from kv_transfer.protocol import DeadlineExceededError, DigestMismatchError, KVTransferError, NoRoomError
-from kv_transfer.transport import Completed, Failed, make_transport
+from kv_transfer.transport import Completed, Failed
 
 pytestmark = pytest.mark.integration
 

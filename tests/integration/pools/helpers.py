@@ -5,24 +5,24 @@ from __future__ import annotations
 from concurrent.futures import Future
 from pathlib import Path
 
-from decode_pool.handoff import FirstToken, TokenChunk, WorkerConfig, WorkRequest
 from decode_pool.worker import DecodeWorker
+from engine.llm_engine import EngineConfig
 from engine.sampling_params import SamplingParams
+from memory_tiers.tier_store import TierConfig
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import FirstToken, TokenChunk, WorkRequest
 from prefill_pool.worker import PrefillWorker
 
 
-def worker_config(ckpt: Path, wid: str, **kw: object) -> WorkerConfig:
-    """An in-process worker's config: blocks of 4 tokens, 64 of them, 8-token steps; ``kw`` overrides."""
-    base: dict[str, object] = dict(
-        model=ckpt,
-        worker_id=wid,
-        block_size=4,
-        num_blocks=64,
-        max_num_batched_tokens=8,
-        kv_backend="inprocess",
-    )
-    base.update(kw)
-    return WorkerConfig(**base)  # type: ignore[arg-type]
+def worker_config(ckpt: Path, wid: str, *, host_kv_bytes: int = 0, **kw: object) -> WorkerConfig:
+    """An in-process worker's config: blocks of 4 tokens, 64 of them, 8-token steps, G2 of
+    ``host_kv_bytes`` (0: none); ``kw`` overrides fields of the worker or of its engine."""
+    engine: dict[str, object] = dict(model=ckpt, block_size=4, num_blocks=64, max_num_batched_tokens=8)
+    worker: dict[str, object] = dict(worker_id=wid, kv_backend="inprocess")
+    for k, v in kw.items():
+        (engine if k in EngineConfig.__dataclass_fields__ else worker)[k] = v
+    tiers = TierConfig(host_bytes=host_kv_bytes) if host_kv_bytes else None
+    return WorkerConfig(EngineConfig(**engine), tiers=tiers, **worker)  # type: ignore[arg-type]
 
 
 def work(rid: str, prompt: list[int], max_tokens: int = 12, seed: int = 1) -> WorkRequest:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from decode_pool.handoff import KVGrant
 from decode_pool.worker import DecodeWorker
 from engine.block_hash import hash_blocks
 from engine.llm_engine import EngineConfig, LLMEngine
@@ -21,6 +20,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer.protocol import KVTransferError, NoRoomError
 from memory_tiers.metadata import Tier
 from memory_tiers.tier_store import TierStore
+from pool_runtime.handoff import KVGrant
 from prefill_pool.worker import Cancelled, PrefillWorker
 from tests.integration.pools.helpers import decode_all, prefill_all, work, worker_config
 

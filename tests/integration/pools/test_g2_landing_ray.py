@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import TokenChunk, WorkerConfig
-from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
+from memory_tiers.tier_store import TierConfig
+from pool_runtime.actors import PoolSpec
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import TokenChunk
+from router.coordinator import PoolRequest, Pools
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -41,11 +43,12 @@ def reference(ckpt: Path, prompts: list[list[int]]) -> tuple[list[list[int]], in
 
 @pytest.fixture(scope="module")
 def cluster(ckpt: Path, reference, ray_cluster) -> Iterator[tuple[list, list]]:  # noqa: F811
-    cfg = WorkerConfig(
-        model=ckpt, block_size=4, num_blocks=64, max_num_batched_tokens=8, kv_backend="nixl", ack_timeout_s=20
-    )
+    engine = EngineConfig(model=ckpt, block_size=4, num_blocks=64, max_num_batched_tokens=8)
+    cfg = WorkerConfig(engine, kv_backend="nixl", ack_timeout_s=20)
     # G1: 14 blocks, the 41-token prompt takes 11 and the 30-token one needs 8; G2: 16 blocks
-    decode_cfg = dataclasses.replace(cfg, num_blocks=14, host_kv_bytes=16 * reference[1])
+    decode_cfg = dataclasses.replace(
+        cfg, engine=dataclasses.replace(engine, num_blocks=14), tiers=TierConfig(host_bytes=16 * reference[1])
+    )
     with running_pools(cfg, PoolSpec(replicas=1, num_cpus=0.25), decode_cfg=decode_cfg) as pools:
         yield pools
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from decode_pool.handoff import FirstToken, PoolError
 from decode_pool.worker import DecodeWorker
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_transfer.protocol import KVTransferError
+from pool_runtime.handoff import FirstToken, PoolError
 from prefill_pool.worker import Cancelled, PrefillWorker
 from tests.integration.pools.helpers import decode_all, handoff, prefill_all, work, worker_config
 

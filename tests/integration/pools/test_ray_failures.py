@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from decode_pool.coordinator import PoolRequest, Pools
-from decode_pool.handoff import TokenChunk, WorkerConfig
-from decode_pool.ray_util import PoolSpec
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
+from pool_runtime.actors import PoolSpec
+from pool_runtime.config import WorkerConfig
+from pool_runtime.handoff import TokenChunk
+from router.coordinator import PoolRequest, Pools
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -43,10 +44,7 @@ def expected(ckpt: Path, prompts: list[list[int]]) -> list[list[int]]:
 def cluster(ckpt: Path, ray_cluster) -> Iterator[tuple[list, list]]:  # noqa: F811
     # an 8-token budget: a 41-token prompt takes 6 prefill steps, so "mid-transfer" is a real stage
     cfg = WorkerConfig(
-        model=ckpt,
-        block_size=4,
-        num_blocks=128,
-        max_num_batched_tokens=8,
+        EngineConfig(model=ckpt, block_size=4, num_blocks=128, max_num_batched_tokens=8),
         kv_backend="nixl",
         ack_timeout_s=20,
     )

@@ -15,10 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
+from pool_runtime.tracing import SpanRecord, TelemetryConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from router.client import build_request
-from router.telemetry import SpanRecord, TelemetryConfig, setup_telemetry
+from router.telemetry import setup_telemetry
 from tests.ray_fixture import ray_cluster, running_pools  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -32,19 +33,19 @@ G2_BLOCKS = 32
 
 @pytest.fixture(scope="module")
 def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:  # noqa: F811
-    from decode_pool.handoff import WorkerConfig
-    from decode_pool.ray_util import PoolSpec
+    from engine.llm_engine import EngineConfig
+    from memory_tiers.tier_store import TierConfig
+    from pool_runtime.actors import PoolSpec
+    from pool_runtime.config import WorkerConfig
 
     traced = TelemetryConfig("memory")
     spec = PoolSpec(replicas=1, num_cpus=0.5, max_restarts=0)
     pcfg = WorkerConfig(
-        model=checkpoint,
-        block_size=BLOCK,
-        num_blocks=PREFILL_BLOCKS,
-        host_kv_bytes=G2_BLOCKS * BLOCK_BYTES,
+        EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=PREFILL_BLOCKS),
+        tiers=TierConfig(host_bytes=G2_BLOCKS * BLOCK_BYTES),
         kv_backend="nixl",
     )
-    dcfg = WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=64, kv_backend="nixl")
+    dcfg = WorkerConfig(EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=64), kv_backend="nixl")
     with running_pools(pcfg, spec, decode_cfg=dcfg, telemetry=traced) as pools:
         yield pools
 
@@ -52,8 +53,8 @@ def workers(checkpoint: Path, ray_cluster: None) -> Iterator[tuple[list, list]]:
 @contextlib.asynccontextmanager
 async def serving(workers: tuple[list, list], checkpoint: Path, tel: Any) -> AsyncIterator[tuple[Any, Any]]:
     """(a stub of a TandemServer over the workers, its PoolsBackend), both on ``tel``."""
-    from decode_pool.coordinator import Pools
     from memory_tiers.metadata import InProcessMetadataStore
+    from router.coordinator import Pools
     from router.pools_backend import PoolsBackend
     from router.server import TandemServer
     from router.topology import Placement, Topology
@@ -251,12 +252,13 @@ def test_untraced_workers_cost_no_spans(checkpoint: Path, ray_cluster: None) -> 
     """Workers built without a telemetry config trace nothing, even under a traced router."""
     import ray
 
-    from decode_pool.handoff import WorkerConfig
-    from decode_pool.pool import build_decode_pool, shutdown
-    from decode_pool.ray_util import PoolSpec
+    from decode_pool.pool import build_decode_pool
+    from engine.llm_engine import EngineConfig
+    from pool_runtime.actors import PoolSpec, shutdown
+    from pool_runtime.config import WorkerConfig
 
     (d,) = build_decode_pool(
-        WorkerConfig(model=checkpoint, block_size=BLOCK, num_blocks=16, kv_backend="nixl"),
+        WorkerConfig(EngineConfig(model=checkpoint, block_size=BLOCK, num_blocks=16), kv_backend="nixl"),
         PoolSpec(replicas=1, num_cpus=0.25, max_restarts=0),
         prefix="untraced",
     )
@@ -264,8 +266,8 @@ def test_untraced_workers_cost_no_spans(checkpoint: Path, ray_cluster: None) -> 
         tel = setup_telemetry("memory")
 
         async def main() -> list[int]:
-            from decode_pool.coordinator import PoolRequest, Pools
             from engine.sampling_params import SamplingParams
+            from router.coordinator import PoolRequest, Pools
 
             pools = Pools([], [d], disaggregation="never")
             with tel.tracer.start_as_current_span("tandem.generate"):

@@ -21,7 +21,7 @@ least ``auto_min_prompt_tokens`` tokens go to the prefill pool. Every way out â€
 cancel, failure â€” leaves no block held on any live worker. Pure asyncio over the handle protocols:
 no torch and no Ray here (decode_pool/pool.py and prefill_pool/pool.py adapt Ray actors).
 
-Tracing: the handles pass the caller's current trace context with each call (router/telemetry.py),
+Tracing: the handles pass the caller's current trace context with each call (pool_runtime/tracing.py),
 so the workers' spans join the request's trace; a retried prefill or a resumed decode adds an event
 to that current span. ``PoolRequest.on_handoff`` sees every committed handoff (transfer metrics).
 """
@@ -40,7 +40,9 @@ from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 
-from decode_pool.handoff import (
+from engine.sampling_params import SamplingParams
+from kv_transfer.protocol import KVTransferError, NoRoomError
+from pool_runtime.handoff import (
     DISAGGREGATION_MODES,
     UNKNOWN_REQUEST,
     FirstToken,
@@ -49,11 +51,9 @@ from decode_pool.handoff import (
     PoolError,
     TokenChunk,
     WorkerDied,
-    WorkerLoad,
     WorkRequest,
 )
-from engine.sampling_params import SamplingParams
-from kv_transfer.protocol import KVTransferError, NoRoomError
+from pool_runtime.reports import WorkerLoad
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """What the worker actors of both pools add for observability: a tracer of their own, and the G2 / G3
-occupancy the router's tier gauges report (G1 comes with every ``load()``).
+occupancy the router's tier gauges and ``tandem status`` report (G1 comes with every ``load()``).
 
 Mixed into ``PrefillActor`` and ``DecodeActor`` (prefill_pool/pool.py, decode_pool/pool.py), which
 open their spans under the trace context the router passes with each call; the worker classes
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from router.telemetry import SpanRecord, TelemetryConfig, TierUsage, WorkerTracing, setup_worker_tracing
+from pool_runtime.reports import TierUsage
+from pool_runtime.tracing import SpanRecord, TelemetryConfig, WorkerTracing, setup_worker_tracing
 
 
 class ActorTelemetry:
     worker_id: str
     role: str
-    engine: Any
+    tier_store: Any  # memory_tiers.tier_store.TierStore | None
     tracing: WorkerTracing
 
     def setup_tracing(self, config: TelemetryConfig | None) -> None:
@@ -26,9 +27,18 @@ class ActorTelemetry:
         """The spans this worker finished since the last call (exporter ``memory``; else [])."""
         return self.tracing.take_spans()
 
+    def tiers(self) -> list[int]:
+        """[G2 used blocks, G2 capacity blocks, G3 used bytes, G3 capacity bytes]; zeros: no tiers
+        (``tandem status``)."""
+        store = self.tier_store
+        if store is None:
+            return [0, 0, 0, 0]
+        m = store.metrics()
+        return [m.g2_used_blocks, m.g2_capacity_blocks, m.g3_used_bytes, m.g3_capacity_bytes]
+
     def tier_usage(self) -> list[TierUsage]:
         """G2 and G3 occupancy (empty without lower tiers)."""
-        store = self.engine.tier_store
+        store = self.tier_store
         if store is None:
             return []
         m = store.metrics()

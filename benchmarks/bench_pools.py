@@ -67,8 +67,8 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 async def _workload(pools: Any, args: argparse.Namespace, vocab: int) -> tuple[list[float], int, float, int]:
-    from decode_pool.coordinator import PoolRequest
     from engine.sampling_params import SamplingParams
+    from router.coordinator import PoolRequest
 
     rng = random.Random(args.seed)
     itl: list[float] = []
@@ -101,16 +101,15 @@ async def _workload(pools: Any, args: argparse.Namespace, vocab: int) -> tuple[l
 
 
 def _run_mode(mode: str, model: Path, args: argparse.Namespace, vocab: int) -> ModeResult:
-    from decode_pool.coordinator import Pools
-    from decode_pool.handoff import WorkerConfig
-    from decode_pool.pool import build_decode_pool, shutdown
-    from decode_pool.ray_util import PoolSpec
+    from decode_pool.pool import build_decode_pool
+    from engine.llm_engine import EngineConfig
+    from pool_runtime.actors import PoolSpec, shutdown
+    from pool_runtime.config import WorkerConfig
     from prefill_pool.pool import build_prefill_pool
+    from router.coordinator import Pools
 
     cfg = WorkerConfig(
-        model=model,
-        max_num_batched_tokens=args.chunk,
-        kv_cache_bytes=256 << 20,
+        EngineConfig(model=model, max_num_batched_tokens=args.chunk, kv_cache_bytes=256 << 20),
         kv_backend=args.kv_backend,
         torch_threads=1,
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.bench_workload import percentile
+from benchmarks.serve_workload import percentile
 
 
 @dataclass(slots=True)

@@ -1,41 +1,38 @@
-"""What both kinds of worker build the same way: the engine (model + KV pool), the KV transport,
-and the log of prefix blocks their engine evicted (which the router drains to fix its block index)."""
+"""What both kinds of worker build the same way from their WorkerConfig: the engine (model + KV
+pool) with the tiers below its G1, the KV transport, and the log of prefix blocks their engine
+evicted (which the router drains to fix its block index)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from pathlib import Path
 
 import torch
 
-from decode_pool.handoff import WorkerConfig
-from engine.llm_engine import EngineConfig, LLMEngine
-from kv_transfer.transport import KVTransport, make_transport
+from engine.llm_engine import LLMEngine
+from kv_transfer.factory import make_transport
+from kv_transfer.transport import KVTransport
+from memory_tiers.engine_tiers import EngineTiers
+from memory_tiers.tier_store import TierStore
+from pool_runtime.config import WorkerConfig
 
 
-def make_engine(cfg: WorkerConfig) -> LLMEngine:
+def build_engine(cfg: WorkerConfig) -> tuple[LLMEngine, TierStore | None]:
+    """The worker's engine and, when its config has G2 room, the tier store below the engine's G1
+    (G3 files under ``<tiers.disk_dir>/<worker_id>``, so workers sharing a disk never share files)."""
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    return LLMEngine(
-        EngineConfig(
-            model=cfg.model,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            block_size=cfg.block_size,
-            num_blocks=cfg.num_blocks,
-            kv_cache_bytes=cfg.kv_cache_bytes,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            enable_chunked_prefill=cfg.enable_chunked_prefill,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            host_kv_bytes=cfg.host_kv_bytes,
-            disk_kv_dir=str(Path(cfg.disk_kv_dir) / cfg.worker_id) if cfg.disk_kv_dir else None,
-            disk_kv_bytes=cfg.disk_kv_bytes,
-        )
-    )
+    tiers = None
+    if cfg.tiers is not None:
+        t = cfg.tiers
+        disk_dir = str(Path(t.disk_dir) / cfg.worker_id) if t.disk_dir else None
+        tiers = EngineTiers(dataclasses.replace(t, disk_dir=disk_dir), cfg.worker_id)
+    engine = LLMEngine(cfg.engine, tiers=tiers)
+    return engine, tiers.store if tiers is not None else None
 
 
-def make_kv_transport(cfg: WorkerConfig) -> KVTransport:
+def build_transport(cfg: WorkerConfig) -> KVTransport:
     return make_transport(cfg.kv_backend, cfg.kv_transport)
 
 

@@ -19,7 +19,8 @@ import torch
 
 from engine.kv_layout import KVLayout
 from kv_transfer.base import idle
-from kv_transfer.transport import Completed, KVDestination, make_transport
+from kv_transfer.factory import make_transport
+from kv_transfer.transport import Completed, KVDestination
 
 TAG_RAW = 0x4B5654_10
 TAG_RAW_ACK = 0x4B5654_11

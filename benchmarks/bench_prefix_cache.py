@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
     from engine.demo import bench_model_dir
     from engine.llm_engine import EngineConfig, LLMEngine
+    from memory_tiers.engine_tiers import EngineTiers
+    from memory_tiers.tier_store import TierConfig
 
     model_dir = Path(args.model) if args.model else bench_model_dir()
     cfg = ModelConfig.from_pretrained(model_dir, args.dtype)
@@ -63,17 +65,20 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(0)
     tmp = tempfile.TemporaryDirectory(prefix="tandem-g3-") if args.disk_dir is None else None
     disk_dir = args.disk_dir or tmp.name  # type: ignore[union-attr]
-    engine = LLMEngine(
-        EngineConfig(
-            model=model_dir,
-            dtype=args.dtype,
-            max_num_batched_tokens=args.prefix_tokens + args.suffix_tokens,
-            host_kv_blocks=2 * prefix_blocks,
-            disk_kv_dir=disk_dir,
-            disk_kv_bytes=4 * prefix_blocks * layout.block_bytes,
+    tiers = EngineTiers(
+        TierConfig(
+            host_blocks=2 * prefix_blocks,
+            disk_dir=disk_dir,
+            disk_bytes=4 * prefix_blocks * layout.block_bytes,
         )
     )
-    store = engine.tier_store
+    engine = LLMEngine(
+        EngineConfig(
+            model=model_dir, dtype=args.dtype, max_num_batched_tokens=args.prefix_tokens + args.suffix_tokens
+        ),
+        tiers=tiers,
+    )
+    store = tiers.store
     assert store is not None
     print(
         f"model {model_dir}; prefix {args.prefix_tokens} tokens = {args.prefix_tokens // 16} blocks of "

@@ -5,7 +5,7 @@ head dim and dtype; block size and tokens per request fix the blocks per request
 (backend, transport) a receiver and a sender process are spawned; for each case the bench measures
 
 - the protocol: reservations, per-layer (or whole-request) messages with digests, commit and ack;
-- the raw transfer: the same bytes per request with the backend's bare primitive (bench_worker.py);
+- the raw transfer: the same bytes per request with the backend's bare primitive (kv_transfer_peer.py);
 - the ceiling: a plain memory copy of the same bytes, in this run.
 
 Receiver block ids are either ``contiguous`` (one descriptor per layer) or ``scattered`` (every
@@ -79,15 +79,15 @@ class _Pair:
     """A receiver and a sender process for one (backend, transport)."""
 
     def __init__(self, backend: str, transport: str, layout: KVLayout, num_blocks: int) -> None:
-        from kv_transfer import bench_worker
+        from benchmarks import kv_transfer_peer
 
         ctx = mp.get_context("spawn")  # UCX must not be initialised before a fork
         self.rx, rx_child = ctx.Pipe()
         self.tx, tx_child = ctx.Pipe()
         args = (backend, transport, layout, num_blocks)
         self.procs = [
-            ctx.Process(target=bench_worker.receiver_main, args=(rx_child, *args), daemon=True),
-            ctx.Process(target=bench_worker.sender_main, args=(tx_child, *args), daemon=True),
+            ctx.Process(target=kv_transfer_peer.receiver_main, args=(rx_child, *args), daemon=True),
+            ctx.Process(target=kv_transfer_peer.sender_main, args=(tx_child, *args), daemon=True),
         ]
         for p in self.procs:
             p.start()

@@ -1,4 +1,4 @@
-"""The messages of the KV handoff between the pools, and the workers' shared configuration.
+"""The messages of the KV handoff between the pools, and the errors a pool call ends with.
 
 Pure data (no torch, no Ray): what crosses a Ray call between the coordinator, a decode worker and a
 prefill worker. One request's handoff (ARCHITECTURE.md, "The KV handoff")::
@@ -16,7 +16,6 @@ prefill worker. One request's handoff (ARCHITECTURE.md, "The KV handoff")::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from engine.sampling_params import SamplingParams
 from kv_transfer.transport import KVDestination
@@ -40,35 +39,6 @@ class InvalidWorkRequest(PoolError):
 
 # TokenChunk.error_kind: why a stream ended with an error, for a router to pick a status code.
 ERROR_KINDS = ("", "cancelled", "deadline", "invalid", "overloaded", "unavailable", "failed")
-
-
-@dataclass(slots=True)
-class WorkerConfig:
-    """What one prefill or decode worker runs: the engine settings plus the KV transport."""
-
-    model: str | Path
-    worker_id: str = "worker-0"
-    dtype: str = "float32"
-    device: str = "cpu"  # "cuda" when the pool asks for GPUs
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_bytes: int = 64 << 20
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    kv_backend: str = "nixl"  # nixl | ucxx | inprocess (kv_transfer.transport.BACKENDS)
-    kv_transport: str = "auto"  # auto | shm | tcp | cuda_ipc | rc
-    lease_s: float = 60.0  # how long a decode reservation waits for its KV
-    ack_timeout_s: float = 30.0  # how long a prefill worker waits for the decode worker's commit
-    torch_threads: int = 0  # > 0: torch.set_num_threads (one core per worker in the benchmark)
-    # Lower KV tiers (memory_tiers/): G2 host bytes (0: none) and G3 under <disk_kv_dir>/<worker_id>
-    host_kv_bytes: int = 0
-    # Decode: host inbox blocks for KV landing in G2 when G1 is full (0: one longest prompt, at most
-    # the G2 size). Transfers to G2 in flight are bounded by it (decode_pool/g2_landing.py).
-    host_landing_blocks: int = 0
-    disk_kv_dir: str | None = None
-    disk_kv_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -142,23 +112,3 @@ class TokenChunk:
     prefill_worker: str = ""
     kv_bytes: int = 0
     prefill_cached_tokens: int = 0
-
-
-@dataclass(slots=True)
-class WorkerLoad:
-    """A worker's load report, for the router: queue, running batch, blocks."""
-
-    worker_id: str
-    role: str  # "prefill" | "decode"
-    waiting: int = 0  # requests queued (decode: reserved and waiting for their KV, or local prompts)
-    queue_tokens: int = 0  # prompt tokens still to compute
-    running: int = 0
-    used_blocks: int = 0  # G1 blocks in use (ref_count > 0)
-    free_blocks: int = 0  # G1 blocks allocatable now (free plus cached-free)
-    total_blocks: int = 0
-    reserved_blocks: int = 0  # decode: blocks under a KV lease (G1, or the G2 landing inbox)
-    cached_blocks: int = 0  # blocks holding a reusable prefix
-    # G2 (decode workers with a host tier; all 0 without one)
-    g2_used_blocks: int = 0  # G2 slots held for requests (reserved for incoming KV, or pinned)
-    g2_free_blocks: int = 0  # G2 blocks a reservation could get now
-    g2_total_blocks: int = 0

@@ -1,6 +1,6 @@
 """``tandem bench serve``: a bounded load generator against a Tandem gRPC endpoint on loopback.
 
-Sends a seeded workload (router/bench_workload.py: fixed or Poisson arrivals, prompt/output length
+Sends a seeded workload (benchmarks/serve_workload.py: fixed or Poisson arrivals, prompt/output length
 distributions, optional shared prefixes) with ``ignore_eos`` so output lengths are exact, and
 reports throughput plus TTFT, inter-token latency (client-side chunk gaps) and end-to-end latency
 p50/p90/p99 as a table, ``--json`` and a ``--plot`` PNG. The router's own overhead comes from the
@@ -8,7 +8,7 @@ timings the server reports on each last message: ``router_request_time_s`` (befo
 and ``router_token_time_s`` (backend produced a chunk -> router handed it to gRPC), against
 ``backend_time_s``, the backend's own span.
 
-Without ``--server`` it starts ``tandem serve`` (router.serve) on a free loopback port for the run
+Without ``--server`` it starts ``tandem serve`` (deploy.serve) on a free loopback port for the run
 and, as the reference, runs the same prompts offline through an in-process LLMEngine afterwards:
 the ratio says what serving costs against the bare engine. Bounded: at most 10,000 requests and
 ``--max-duration`` seconds; only loopback addresses are accepted.
@@ -32,8 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from router.bench_report import RequestResult, format_table, summarize, write_plot
-from router.bench_workload import BenchRequest, make_workload, parse_length
+from benchmarks.serve_report import RequestResult, format_table, summarize, write_plot
+from benchmarks.serve_workload import BenchRequest, make_workload, parse_length
 
 MAX_REQUESTS = 10_000
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -154,8 +154,8 @@ def _check_loopback(address: str) -> None:
 
 
 def _start_local_server(model: str | None, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m router.serve --port 0`` in its own process group; returns it once it listens."""
-    cmd = [sys.executable, "-m", "router.serve", "--port", "0"] + (["--model", model] if model else [])
+    """``python -m deploy.serve --port 0`` in its own process group; returns it once it listens."""
+    cmd = [sys.executable, "-m", "deploy.serve", "--port", "0"] + (["--model", model] if model else [])
     log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120

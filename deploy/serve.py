@@ -2,7 +2,8 @@
 
 With no arguments: the embedded default (``deploy.config.default_config``): a local Ray cluster, one
 prefill and one decode worker (Ray actors, KV over NIXL), the demo checkpoint, in-process metadata, on
-127.0.0.1:50051 (``--backend pools``, router/pools_backend.py: cache- and fabric-aware routing).
+127.0.0.1:50051 (``--backend pools``: deploy/pools.py builds the workers, router/pools_backend.py
+routes over them, cache- and fabric-aware).
 ``--backend engine`` serves from one in-process engine instead (no Ray). ``--ray-address`` (or
 ``RAY_ADDRESS``) joins a running Ray cluster instead of starting one. SIGINT / SIGTERM stop
 gracefully: stop accepting, give in-flight streams ``--grace`` seconds, cancel the rest, close the
@@ -66,26 +67,26 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def build_engine_backend(cfg: Any) -> Any:
-    from engine.demo import demo_model_dir
-    from router.engine_backend import EngineBackend, engine_config_from
+    from deploy.derive import engine_config, model_dir, model_name
+    from router.engine_backend import EngineBackend
 
-    model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-    name = "demo" if cfg.is_demo else model_dir.name
-    log.info("loading model %s from %s", name, model_dir)
+    path, name = model_dir(cfg), model_name(cfg)
+    log.info("loading model %s from %s", name, path)
     return EngineBackend(
-        engine_config_from(cfg, model_dir), model_name=name, max_tokens_limit=cfg.router.max_tokens_limit
+        engine_config(cfg, model=path), model_name=name, max_tokens_limit=cfg.router.max_tokens_limit
     )
 
 
 def build_pools_backend(cfg: Any, ray_address: str | None, telemetry: Any) -> Any:
-    from router.pools_backend import PoolsBackend
+    from deploy.pools import serve_backend
 
-    return PoolsBackend.from_config(cfg, ray_address=ray_address, telemetry=telemetry)
+    return serve_backend(cfg, ray_address, telemetry)
 
 
 async def serve(
     cfg: Any, backend_name: str = "pools", grace: float = 5.0, ray_address: str | None = None
 ) -> int:
+    from deploy.derive import server_options
     from router.server import TandemServer
     from router.telemetry import setup_telemetry
 
@@ -100,7 +101,8 @@ async def serve(
         except BaseException:
             backend.close()
             raise
-    server = TandemServer.from_config(backend, rc, telemetry, "local" if backend_name == "engine" else None)
+    policy = "local" if backend_name == "engine" else None
+    server = TandemServer(backend, telemetry=telemetry, **server_options(rc, policy))
     try:
         await server.start()
     except BaseException:

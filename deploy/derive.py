@@ -1,0 +1,115 @@
+"""Everything a deployment runs, derived once from its TandemConfig: one function per level.
+
+::
+
+    TandemConfig (deploy/config.py, the YAML)
+      ├─ model_dir(cfg)                      the checkpoint ("demo": generated on first use)
+      ├─ engine_config(cfg, device)          EngineConfig: model, dtype, engine knobs, G1 = tiers.g1
+      ├─ tier_config(cfg)                    TierConfig: G2 = tiers.g2, G3 = tiers.g3 under tiers.dir
+      ├─ worker_config(cfg, pool, id)        WorkerConfig: the two above + this worker's transport
+      ├─ pool_spec(pool)                     PoolSpec: replicas, Ray resources, node labels
+      ├─ worker_telemetry(cfg)               TelemetryConfig: the router's exporter, for the workers
+      └─ server_options(cfg.router)          router.server.TandemServer's keyword arguments
+
+``tandem serve`` (both backends), ``tandem launch`` and the launched router call these and nothing
+else turns a TandemConfig into a lower-level config, so a YAML key means the same on every path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploy.config import PoolConfig, RouterConfig, TandemConfig
+from engine.llm_engine import EngineConfig
+from memory_tiers.tier_store import TierConfig
+from pool_runtime.actors import PoolSpec
+from pool_runtime.config import WorkerConfig
+from pool_runtime.tracing import TelemetryConfig
+
+# Every worker of a deployment moves KV over NIXL (UCX; shared memory or TCP on a CPU box).
+KV_BACKEND = "nixl"
+
+
+def model_dir(cfg: TandemConfig) -> Path:
+    """The checkpoint directory: the demo one (made on first use) or ``cfg.model``."""
+    from engine.demo import demo_model_dir
+
+    return demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
+
+
+def model_name(cfg: TandemConfig) -> str:
+    """What GetModelInfo calls the model: ``demo`` or the checkpoint directory's name."""
+    return "demo" if cfg.is_demo else Path(cfg.model).expanduser().name
+
+
+def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = None) -> EngineConfig:
+    """The engine every worker (or the one in-process engine) runs; G1 is ``tiers.g1``."""
+    e = cfg.engine
+    return EngineConfig(
+        model=model if model is not None else model_dir(cfg),
+        dtype=cfg.dtype,
+        attn_backend=e.attn_backend,
+        device=device,
+        block_size=e.block_size,
+        kv_cache_bytes=int(cfg.tiers.g1.capacity),
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        max_model_len=e.max_model_len,
+        enable_prefix_caching=e.enable_prefix_caching,
+    )
+
+
+def tier_config(cfg: TandemConfig) -> TierConfig | None:
+    """G2 (and G3, unless ``tiers.g3`` is null) below each worker's G1; each worker's G3 files go
+    under ``<tiers.dir>/<worker id>`` (pool_runtime/build.py)."""
+    t = cfg.tiers
+    g3 = t.g3
+    return TierConfig(
+        host_bytes=int(t.g2.capacity),
+        disk_dir=str(t.resolved_dir) if g3 is not None else None,
+        disk_bytes=int(g3.capacity) if g3 is not None else 0,
+    )
+
+
+def worker_config(
+    cfg: TandemConfig, pool: PoolConfig, worker_id: str, model: Path | None = None
+) -> WorkerConfig:
+    """What worker ``worker_id`` of ``pool`` runs (on CUDA when the pool asks for GPUs)."""
+    return WorkerConfig(
+        engine_config(cfg, pool.device, model),
+        worker_id=worker_id,
+        tiers=tier_config(cfg),
+        kv_backend=KV_BACKEND,
+    )
+
+
+def pool_spec(pool: PoolConfig, max_restarts: int = -1) -> PoolSpec:
+    """The pool's Ray placement (-1: Ray restarts a dead worker forever)."""
+    return PoolSpec(
+        pool.replicas,
+        pool.num_cpus,
+        pool.num_gpus,
+        dict(pool.resources),
+        dict(pool.node_labels),
+        max_restarts,
+    )
+
+
+def worker_telemetry(cfg: TandemConfig) -> TelemetryConfig:
+    """What the workers of a deployment trace with: the router's exporter (``router.tracing``)."""
+    t = cfg.router.tracing
+    return TelemetryConfig(t.exporter, t.otlp_endpoint)
+
+
+def server_options(rc: RouterConfig, routing_policy: str | None = None) -> dict[str, Any]:
+    """``TandemServer(backend, telemetry=..., **server_options(rc))``: the gRPC server a ``router``
+    section describes; ``routing_policy`` overrides ``rc.policy`` (what GetServerInfo reports)."""
+    return dict(
+        host=rc.host,
+        port=rc.port,
+        max_concurrency=rc.max_concurrency,
+        max_queue=rc.max_queue,
+        default_disaggregation=rc.disaggregation,
+        routing_policy=routing_policy or rc.policy,
+    )
