@@ -132,8 +132,7 @@ class LLMEngine:
         )
         mc: ModelConfig = self.model.config
         self.model_config = mc
-        tok_file = Path(config.model) / "tokenizer.json"
-        self.tokenizer = Tokenizer.from_pretrained(config.model) if tok_file.exists() else None
+        self.tokenizer = Tokenizer.maybe_from_pretrained(config.model)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
             self.eos_token_ids |= set(self.tokenizer.eos_token_ids)

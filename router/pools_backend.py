@@ -549,7 +549,7 @@ def model_info(
 def load_tokenizer(model_dir: Path) -> Any:
     from engine.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").exists() else None
+    return Tokenizer.maybe_from_pretrained(model_dir)
 
 
 def _with_eos(info: BackendModelInfo, tokenizer: Any) -> BackendModelInfo:

@@ -67,7 +67,7 @@ def test_checkpoint_layout(tmp_path: Path, arch: str, preset: str) -> None:
         ids = tok.encode(text)
         assert ids[0] == 0 and max(ids) < cfg["vocab_size"]
         assert tok.decode(ids) == text
-        assert tok.encode(text, add_bos=False) == ids[1:]
+        assert tok.encode(text, add_special_tokens=False) == ids[1:]
     # Special-token text in the input maps to the special ids (as with AutoTokenizer).
     ids = tok.encode(SAMPLES[3])
     assert [i for i in ids if i < 4] == [0, 0, 1, 3]
