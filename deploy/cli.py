@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "kv-bench": ("kv_transfer.bench", "paged-KV transfer microbenchmark over NIXL and ucxx"),
     "tier-bench": ("memory_tiers.bench", "G2 / G3 block store throughput against their ceilings"),
-    "serve": ("router.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, demo model)"),
+    "serve": ("router.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, SmolLM2)"),
+    "fetch-model": ("deploy.fetch_model", "fetch the default model (SmolLM2-135M-Instruct) into the cache"),
     "bench pools": (
         "decode_pool.bench_itl",
         "inter-token latency of running decodes: colocated (never) vs disaggregated (always) pools",

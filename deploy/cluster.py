@@ -109,10 +109,10 @@ def connect(address: str | None, namespace: str) -> None:
 
 
 def worker_config(cfg: TandemConfig, pool: PoolConfig, worker_id: str) -> WorkerConfig:
-    from engine.demo import demo_model_dir
+    from engine.model_source import resolve_model
     from router.pools_backend import worker_config as from_tandem
 
-    model = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
+    model = resolve_model(cfg.model)
     return from_tandem(cfg, model, worker_id=worker_id, device=pool.device)
 
 

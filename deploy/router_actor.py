@@ -114,7 +114,7 @@ class RouterActor:
     def _backend(self, telemetry: Any) -> Any:
         from decode_pool.coordinator import Pools
         from decode_pool.pool import RayDecodeHandle
-        from engine.demo import demo_model_dir
+        from engine.model_source import model_name, resolve_model
         from prefill_pool.pool import RayPrefillHandle
         from router.pools_backend import PoolsBackend, make_store
         from router.topology import Placement, Topology
@@ -140,12 +140,12 @@ class RouterActor:
             calibration_file=topo.calibration_file,
             same_node_link=topo.same_node_link,
         )
-        model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
+        model_dir = resolve_model(cfg.model)
         return PoolsBackend.over_pools(
             Pools(prefill, decode, disaggregation="auto" if prefill else "never"),
             model_dir,
             make_store(cfg.metadata.store),
-            name="demo" if cfg.is_demo else model_dir.name,
+            name=model_name(cfg.model),
             dtype=cfg.dtype,
             block_size=cfg.engine.block_size,
             policy=cfg.router.policy,

@@ -257,6 +257,7 @@ class LLMEngine:
             [s.params for s in completing],
             [r.seed for r in reqs],
             [s.num_tokens for s in completing],  # the position of the token being sampled
+            [(s.prompt_token_ids, s.output_token_ids) for s in completing],
         )
         outputs: list[RequestOutput] = []
         for i, (seq, req) in enumerate(zip(completing, reqs, strict=True)):

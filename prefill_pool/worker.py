@@ -207,6 +207,7 @@ class PrefillWorker:
                 [j.req.params for j in jobs],
                 [j.req.seed for j in jobs],
                 [s.num_tokens for s in completing],  # the position of the first output token
+                [(s.prompt_token_ids, s.output_token_ids) for s in completing],
             )
             for i, job in enumerate(jobs):
                 self._complete(job, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])

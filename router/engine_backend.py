@@ -38,6 +38,7 @@ from router.backend import (
     Chunk,
     ChunkStats,
     WorkerLoad,
+    encode_chat,
     finish_reason_name,
 )
 from router.errors import BackendUnavailable, InvalidRequest
@@ -112,6 +113,9 @@ class EngineBackend:
         if tok is None:
             raise InvalidRequest("prompt", "this model has no tokenizer: send prompt token_ids")
         return tok.encode(text)
+
+    def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return encode_chat(self._engine.tokenizer, messages, add_generation_prompt)
 
     def load(self) -> BackendLoad:
         w = self._load

@@ -47,7 +47,15 @@ from decode_pool.coordinator import PoolRequest, Pools
 from decode_pool.handoff import FirstToken, PoolError, TokenChunk, WorkerConfig
 from decode_pool.handoff import WorkerLoad as PoolLoad
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
-from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, WorkerLoad
+from router.backend import (
+    BackendLoad,
+    BackendModelInfo,
+    BackendRequest,
+    Chunk,
+    ChunkStats,
+    WorkerLoad,
+    encode_chat,
+)
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
 from router.policies import NoRouteError
@@ -122,11 +130,10 @@ class PoolsBackend:
 
         from decode_pool.pool import build_decode_pool, shutdown
         from decode_pool.ray_util import PoolSpec
-        from engine.demo import demo_model_dir
+        from engine.model_source import model_name, resolve_model
         from prefill_pool.pool import build_prefill_pool
 
-        model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-        name = "demo" if cfg.is_demo else model_dir.name
+        model_dir, name = resolve_model(cfg.model), model_name(cfg.model)
         temp_dir = _init_ray(ray_address)
         handles: list[Any] = []
         stores: list[MetadataStore] = []
@@ -245,6 +252,9 @@ class PoolsBackend:
         if self._tokenizer is None:
             raise InvalidRequest("prompt", "this model has no tokenizer: send prompt token_ids")
         return list(self._tokenizer.encode(text))
+
+    def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return encode_chat(self._tokenizer, messages, add_generation_prompt)
 
     def load(self) -> BackendLoad:
         workers = [

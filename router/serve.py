@@ -1,7 +1,7 @@
 """``tandem serve``: load the configuration, build the backend, run the gRPC server until a signal.
 
 With no arguments: the embedded default (``deploy.config.default_config``): a local Ray cluster, one
-prefill and one decode worker (Ray actors, KV over NIXL), the demo checkpoint, in-process metadata, on
+prefill and one decode worker (Ray actors, KV over NIXL), SmolLM2-135M-Instruct, in-process metadata, on
 127.0.0.1:50051 (``--backend pools``, router/pools_backend.py: cache- and fabric-aware routing).
 ``--backend engine`` serves from one in-process engine instead (no Ray). ``--ray-address`` (or
 ``RAY_ADDRESS``) joins a running Ray cluster instead of starting one. SIGINT / SIGTERM stop
@@ -26,7 +26,11 @@ BACKENDS = ("pools", "engine")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="deployment YAML (default: the embedded one)")
-    p.add_argument("--model", default=None, help="checkpoint directory (overrides the config's model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (default), demo, a checkpoint directory or a GGUF file (overrides the config's model)",
+    )
     p.add_argument("--host", default=None, help="address to bind (default: router.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: router.port, 50051; 0 = any free)")
     p.add_argument("--disaggregation", choices=["auto", "always", "never"], default=None)
@@ -66,11 +70,10 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def build_engine_backend(cfg: Any) -> Any:
-    from engine.demo import demo_model_dir
+    from engine.model_source import model_name, resolve_model
     from router.engine_backend import EngineBackend, engine_config_from
 
-    model_dir = demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
-    name = "demo" if cfg.is_demo else model_dir.name
+    model_dir, name = resolve_model(cfg.model), model_name(cfg.model)
     log.info("loading model %s from %s", name, model_dir)
     return EngineBackend(
         engine_config_from(cfg, model_dir), model_name=name, max_tokens_limit=cfg.router.max_tokens_limit
@@ -137,7 +140,13 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"tandem serve: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(cfg, args.backend, args.grace, args.ray_address))
+    from engine.smollm2 import FetchError
+
+    try:
+        return asyncio.run(serve(cfg, args.backend, args.grace, args.ray_address))
+    except (FetchError, FileNotFoundError) as e:  # the model cannot be had: say why, no traceback
+        print(f"tandem serve: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
