@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: serve the gRPC Generate endpoint on the embedded default (127.0.0.1:50051, demo
-# checkpoint made on first use). Query it with: .venv/bin/tandem generate "Hello" --server 127.0.0.1:50051
+# The main job: serve the gRPC Generate endpoint on the embedded default (127.0.0.1:50051, SmolLM2 fetched
+# on first use). Ask it: .venv/bin/tandem generate --server 127.0.0.1:50051 --chat "What is the capital of France?"
 serve: $(STAMP)
 	$(BIN)/tandem serve
 
-# Generate once from the demo checkpoint with the in-process engine (no server).
+# Generate once from the default model (SmolLM2) with the in-process engine (no server).
 generate: $(STAMP)
 	$(BIN)/tandem generate "$(PROMPT)" --max-tokens 48
 
