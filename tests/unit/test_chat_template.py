@@ -124,6 +124,17 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def test_random_checkpoints_carry_a_template_equal_to_transformers(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from engine.make_model import make_model
+
+    path = make_model(tmp_path / "m", "tiny", "qwen2")
+    conv = CONVERSATIONS[1]
+    ids = AutoTokenizer.from_pretrained(path).apply_chat_template(conv, add_generation_prompt=True, return_dict=False)
+    assert Tokenizer.from_pretrained(path).encode_chat(conv) == ids
+
+
 @pytest.mark.parametrize("name", [*TEMPLATES, "file"])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_rendering_and_ids_equal_apply_chat_template(
@@ -182,7 +193,11 @@ def test_refusals_and_escapes_are_chat_template_errors() -> None:
 def test_no_template_is_a_clear_error(tmp_path: Path) -> None:
     from engine.make_model import make_model
 
-    tok = Tokenizer.from_pretrained(make_model(tmp_path / "m", "tiny"))
+    path = make_model(tmp_path / "m", "tiny")
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_pretrained(path)
     assert tok.chat_template is None
     with pytest.raises(ChatTemplateError, match="no chat template"):
         tok.encode_chat([{"role": "user", "content": "hi"}])

@@ -188,7 +188,7 @@ def test_demo_model_dir_races(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert path.parent == tmp_path / "models"
     assert [p.name for p in (tmp_path / "models").iterdir()] == [path.name]  # temp dirs cleaned up
     assert Tokenizer.from_pretrained(path).vocab_size == PRESETS[demo.DEMO_PRESET]["vocab_size"]
-    assert path.name == "tiny-llama-s0-v1"
+    assert path.name == f"tiny-llama-s0-v{demo.VERSION}"
     assert demo.demo_model_dir() == path
 
 
