@@ -11,14 +11,19 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt text (with --chat: the user's message)")
+    p.add_argument(
+        "prompt", nargs="?", default=None, help="the prompt text (with --chat: the user's message)"
+    )
     p.add_argument(
         "--model", default=None, help="smollm2 (default), demo, a checkpoint directory or a GGUF file"
     )
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     p.add_argument(
-        "--messages", default=None, metavar="JSON", help='a conversation: [{"role": "user", "content": "..."}, ...]'
+        "--messages",
+        default=None,
+        metavar="JSON",
+        help='a conversation: [{"role": "user", "content": "..."}, ...]',
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -106,9 +106,7 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     g = open_gguf(path)
     arch = g.architecture
     if arch not in ARCHITECTURES:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported (supported: {sorted(ARCHITECTURES)})"
-        )
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(ARCHITECTURES)})")
     names = set(g.tensor_names)
     if "rope_freqs.weight" in names:
         raise ValueError("GGUF tensor rope_freqs.weight (Llama-3.1-style rope scaling) is not supported")
@@ -116,14 +114,20 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     head_dim = int(g.arch_key("attention.key_length") or hidden // heads)
     rot = g.arch_key("rope.dimension_count")
     if rot is not None and int(rot) != head_dim:
-        raise ValueError(f"{arch}.rope.dimension_count={rot} != head_dim {head_dim}: partial rotary is not supported")
+        raise ValueError(
+            f"{arch}.rope.dimension_count={rot} != head_dim {head_dim}: partial rotary is not supported"
+        )
     theta = float(g.arch_key("rope.freq_base", 10000.0))
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     scaling = g.arch_key("rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise ValueError(f"{arch}.rope.scaling.type {scaling!r} is not supported (only linear)")
-        rope = {"rope_type": "linear", "rope_theta": theta, "factor": float(g.arch_key("rope.scaling.factor"))}
+        rope = {
+            "rope_type": "linear",
+            "rope_theta": theta,
+            "factor": float(g.arch_key("rope.scaling.factor")),
+        }
     tokens = g.metadata.get("tokenizer.ggml.tokens") or []
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],

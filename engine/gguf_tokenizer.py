@@ -73,6 +73,15 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, (chr(c) for c in chars), strict=True))
 
 
+def _pairs(merges: list[str]) -> list[tuple[str, str]]:
+    """``"a b"`` merge strings as (a, b) pairs."""
+    out = []
+    for m in merges:
+        a, _, b = m.partition(" ")
+        out.append((a, b))
+    return out
+
+
 def _byte_level(tokens: list[str], merges: list[str]) -> _HFTokenizer:
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -80,7 +89,7 @@ def _byte_level(tokens: list[str], merges: list[str]) -> _HFTokenizer:
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
         for i, t in enumerate(tokens)
     }
-    pairs = [tuple(m.split(" ")) for m in merges]
+    pairs = _pairs(merges)
     tok = _HFTokenizer(
         models.BPE(
             vocab=vocab,
@@ -99,7 +108,7 @@ def _byte_level(tokens: list[str], merges: list[str]) -> _HFTokenizer:
 def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[float] | None) -> _HFTokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges is not None:
-        pairs = [tuple(m.split(" ")) for m in merges]
+        pairs = _pairs(merges)
     else:
         pairs = _merges_from_scores(vocab, dict(zip(tokens, scores or [0.0] * len(tokens), strict=False)))
     tok = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None))
@@ -126,13 +135,11 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(a, b) for a, b, _ in merges]
 
 
-def _post_processor(bos: str | None, bos_id: int | None, eos: str | None, eos_id: int | None) -> Any:
+def _post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> Any:
     """transformers' ``update_post_processor``: ``[bos] $A [eos]`` with whichever of them is on."""
-    add_bos, add_eos = bos is not None and bos_id is not None, eos is not None and eos_id is not None
-    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    specials = [(bos, bos_id)] if add_bos else []
-    specials += [(eos, eos_id)] if add_eos else []
+    single = f"{bos[0] + ':0 ' if bos else ''}$A:0{' ' + eos[0] + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos[0] + ':1' if bos else ''} $B:1{' ' + eos[0] + ':1' if eos else ''}"
+    specials = [t for t in (bos, eos) if t is not None]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
@@ -164,7 +171,9 @@ def build_gguf_tokenizer(metadata: dict[str, Any]) -> tuple[_HFTokenizer, dict[s
         raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama)")
 
     control = [
-        t for t, ty in zip(tokens, types, strict=False) if ty == CONTROL and (spelled is None or set(t) <= spelled)
+        t
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == CONTROL and (spelled is None or set(t) <= spelled)
     ]
     added = {t for t in control}
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
@@ -184,13 +193,12 @@ def build_gguf_tokenizer(metadata: dict[str, Any]) -> tuple[_HFTokenizer, dict[s
 
     add_bos = metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")
     add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
-    bos, eos = specials.get("bos_token"), specials.get("eos_token")
-    tok.post_processor = _post_processor(
-        bos if add_bos else None,
-        tok.token_to_id(bos) if add_bos and bos is not None else None,
-        eos if add_eos else None,
-        tok.token_to_id(eos) if add_eos and eos is not None else None,
-    )
+    ends: list[tuple[str, int] | None] = []
+    for on, name in ((add_bos, "bos_token"), (add_eos, "eos_token")):
+        text = specials.get(name)
+        token_id = tok.token_to_id(text) if on and text is not None else None
+        ends.append((text, token_id) if text is not None and token_id is not None else None)
+    tok.post_processor = _post_processor(ends[0], ends[1])
     return tok, specials
 
 

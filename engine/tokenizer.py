@@ -140,7 +140,9 @@ class Tokenizer:
             raise ChatTemplateError("this model has no chat template")
         return self.chat_template.render(messages, self.special_tokens, add_generation_prompt)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a rendered conversation, as ``apply_chat_template(..., tokenize=True)``: the
         template writes any BOS itself, so the post-processor is not applied again."""
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)

@@ -1,10 +1,11 @@
 """Loading a checkpoint's safetensors into the immutable weight types the forward pass reads.
 
 Owns the Hugging Face tensor names, single-file and sharded (``model.safetensors.index.json``)
-checkpoints (and GGUF files, through ``engine.gguf_loader``), and dtype/device placement. safetensors maps the files into memory; a tensor whose file
-dtype already equals the run dtype (on CPU) is kept as that mmap-backed view, so weights are never
-copied twice, and only mismatching dtypes are converted. Projections are *not* fused: a fused q/k/v
-matmul would need a copy of every weight, and separate matmuls give transformers' numerics bit for bit.
+checkpoints (and GGUF files, through ``engine.gguf_loader``), and dtype/device placement.
+safetensors maps the files into memory; a tensor whose file dtype already equals the run dtype (on
+CPU) is kept as that mmap-backed view, so weights are never copied twice, and only mismatching
+dtypes are converted. Projections are *not* fused: a fused q/k/v matmul would need a copy of every
+weight, and separate matmuls give transformers' numerics bit for bit.
 """
 
 from __future__ import annotations

@@ -91,8 +91,12 @@ def to_input(req: pb.GenerateRequest) -> GenerateInput:
         model=req.model,
         prompt_text=req.text if kind == "text" else None,
         prompt_token_ids=list(req.token_ids.ids) if kind == "token_ids" else None,
-        prompt_chat=[{"role": m.role, "content": m.content} for m in req.chat.messages] if kind == "chat" else None,
-        add_generation_prompt=req.chat.add_generation_prompt if req.chat.HasField("add_generation_prompt") else True,
+        prompt_chat=[{"role": m.role, "content": m.content} for m in req.chat.messages]
+        if kind == "chat"
+        else None,
+        add_generation_prompt=req.chat.add_generation_prompt
+        if req.chat.HasField("add_generation_prompt")
+        else True,
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         temperature=s.temperature,
         top_k=s.top_k,

@@ -106,15 +106,25 @@ def test_penalties_disaggregated_equal_in_process_and_transformers(golden, pools
     prompts = prompts[:3]
     rep = SamplingParams(max_tokens=MAX_NEW, repetition_penalty=1.4)
     mixed = SamplingParams(
-        max_tokens=MAX_NEW, temperature=0.8, seed=5, repetition_penalty=1.2, frequency_penalty=0.6, presence_penalty=0.3
+        max_tokens=MAX_NEW,
+        temperature=0.8,
+        seed=5,
+        repetition_penalty=1.2,
+        frequency_penalty=0.6,
+        presence_penalty=0.3,
     )
     engine = LLMEngine(EngineConfig(model=path, block_size=4))
-    want = {name: [o.new_token_ids for o in engine.generate(prompts, sp)] for name, sp in (("rep", rep), ("mixed", mixed))}
+    want = {
+        name: [o.new_token_ids for o in engine.generate(prompts, sp)]
+        for name, sp in (("rep", rep), ("mixed", mixed))
+    }
     engine.close()
     ref = load_reference(path)
     with torch.inference_mode():
         for p, ids in zip(prompts, want["rep"], strict=True):
-            out = ref.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.4)
+            out = ref.generate(
+                torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.4
+            )
             assert out[0, len(p) :].tolist() == ids
 
     async def run(sp: SamplingParams, tag: str) -> list[list[int]]:

@@ -87,7 +87,11 @@ def test_tandem_generate_equals_transformers(gguf: Path, reference: dict[str, An
         args = [prompt] if prompt is not None else ["--messages", json.dumps(chat)]
         cmd = [sys.executable, "-m", "deploy.cli", "generate", *args, "--model", str(gguf)]
         r = subprocess.run(
-            [*cmd, "--max-tokens", str(MAX_NEW), "--json"], capture_output=True, text=True, env=env, timeout=300
+            [*cmd, "--max-tokens", str(MAX_NEW), "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["token_ids"] == reference[name], name

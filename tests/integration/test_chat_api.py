@@ -31,7 +31,9 @@ CONV = [
     {"role": "assistant", "content": "Hi"},
     {"role": "user", "content": "Once upon a time"},
 ]
-REFUSING = "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
+REFUSING = (
+    "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
+)
 REFUSING += "{{ m['content'] }}{% endfor %}"
 
 
@@ -97,11 +99,15 @@ def test_chat_and_penalties_equal_the_engine(checkpoints: dict[str, Path], engin
     chat_ids = engine.tokenizer.encode_chat(CONV)
     no_gen_ids = engine.tokenizer.encode_chat(CONV, add_generation_prompt=False)
     assert chat_ids[0] == engine.tokenizer.bos_token_id and len(no_gen_ids) < len(chat_ids)
-    penal = dict(repetition_penalty=8.0, frequency_penalty=2.0, presence_penalty=2.0)  # random logits are flat
+    penal = dict(
+        repetition_penalty=8.0, frequency_penalty=2.0, presence_penalty=2.0
+    )  # random logits are flat
     (want,) = engine.generate([chat_ids], SamplingParams(max_tokens=10, ignore_eos=True))
     (want_no_gen,) = engine.generate([no_gen_ids], SamplingParams(max_tokens=10, ignore_eos=True))
     # 24 tokens: long enough for the unpenalized greedy text to repeat itself
-    (want_pen,) = engine.generate(["Once upon a time"], SamplingParams(max_tokens=24, ignore_eos=True, **penal))
+    (want_pen,) = engine.generate(
+        ["Once upon a time"], SamplingParams(max_tokens=24, ignore_eos=True, **penal)
+    )
     chat, no_gen, pen = _run(
         checkpoints["plain"],
         [
@@ -138,7 +144,9 @@ def test_chat_and_penalties_equal_the_engine(checkpoints: dict[str, Path], engin
 def test_bad_chats_and_penalties_are_invalid_argument(
     checkpoints: dict[str, Path], model: str, kwargs: dict[str, Any], needle: str
 ) -> None:
-    bad, good = _run(checkpoints[model], [build_request(max_tokens=4, **kwargs), build_request("hi", max_tokens=4)])
+    bad, good = _run(
+        checkpoints[model], [build_request(max_tokens=4, **kwargs), build_request("hi", max_tokens=4)]
+    )
     assert isinstance(bad, grpc.aio.AioRpcError)
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in (bad.details() or "")

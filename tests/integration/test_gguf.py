@@ -22,7 +22,14 @@ from tests.helpers_gguf import GGUF_DIMS, QUANT_TYPES, write_gguf
 pytestmark = pytest.mark.integration
 
 IDS = [5, 17, 9, 200, 3, 64, 64, 1, 300, 42, 7]
-TEXTS = ["Hello world", "the cat and the hat", " two  spaces\n\n", "<|im_start|>x<s></s>", "日本 🚀 café", "12345"]
+TEXTS = [
+    "Hello world",
+    "the cat and the hat",
+    " two  spaces\n\n",
+    "<|im_start|>x<s></s>",
+    "日本 🚀 café",
+    "12345",
+]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +115,12 @@ def test_tokenizer_and_chat_template_equal_transformers(kind: str, files: dict[s
         assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True)
     conv = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
     for gen in (True, False):
-        assert ours.render_chat(conv, gen) == hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
-        assert ours.encode_chat(conv, gen) == hf.apply_chat_template(conv, add_generation_prompt=gen, return_dict=False)
+        assert ours.render_chat(conv, gen) == hf.apply_chat_template(
+            conv, tokenize=False, add_generation_prompt=gen
+        )
+        assert ours.encode_chat(conv, gen) == hf.apply_chat_template(
+            conv, add_generation_prompt=gen, return_dict=False
+        )
     assert ours.bos_token_id == hf.bos_token_id and ours.eos_token_ids == (hf.eos_token_id,)
 
 

@@ -26,14 +26,16 @@ SPECIALS += ["<|im_end|>", "<s>", "</s>", "[INST]", "[/INST]"]
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 LLAMA3 = """{% set loop_messages = messages %}{% for message in loop_messages %}\
-{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + \
-'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}\
-{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"""
+{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ \
+message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}\
+{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}\
+{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"""
 LLAMA2 = """{% if messages[0]['role'] == 'system' %}
     {% set loop_messages = messages[1:] %}
     {% set system_message = messages[0]['content'] %}
@@ -104,7 +106,11 @@ def _checkpoint(root: Path, name: str, template: str, as_file: bool = False) -> 
     out = root / name
     out.mkdir()
     tok.save(str(out / "tokenizer.json"))
-    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+    }
     if name == "llama3":
         cfg["bos_token"] = "<|begin_of_text|>"
     if as_file:
@@ -131,7 +137,9 @@ def test_random_checkpoints_carry_a_template_equal_to_transformers(tmp_path: Pat
 
     path = make_model(tmp_path / "m", "tiny", "qwen2")
     conv = CONVERSATIONS[1]
-    ids = AutoTokenizer.from_pretrained(path).apply_chat_template(conv, add_generation_prompt=True, return_dict=False)
+    ids = AutoTokenizer.from_pretrained(path).apply_chat_template(
+        conv, add_generation_prompt=True, return_dict=False
+    )
     assert Tokenizer.from_pretrained(path).encode_chat(conv) == ids
 
 

