@@ -53,14 +53,34 @@ def gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(gguf: Path) -> dict[str, list[int]]:
+def hf_tokenizer(gguf: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def test_tokenizer_and_chat_template_equal_transformers(gguf: Path, hf_tokenizer: Any) -> None:
+    from engine.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_pretrained(gguf)
+    texts = [*PROMPTS, "  Two spaces, 2024 digits,\ttabs\n\nand <|im_start|>specials<|im_end|> 日本 🚀", ""]
+    for text in texts:
+        assert ours.encode(text) == hf_tokenizer(text).input_ids, text
+    assert ours.bos_token_id not in ours.encode("Hello")  # SmolLM2 names a BOS but does not add it
+    for chat in CHATS:
+        want = hf_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+        assert ours.encode_chat(chat) == want
+
+
+@pytest.fixture(scope="module")
+def reference(gguf: Path, hf_tokenizer: Any) -> dict[str, list[int]]:
     """transformers' greedy ids, fp32, from its own GGUF loading and tokenizer; keyed by case name."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = hf_tokenizer
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     cases: dict[str, list[int]] = {p: tok(p).input_ids for p in PROMPTS}
     for i, chat in enumerate(CHATS):
