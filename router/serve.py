@@ -111,7 +111,8 @@ async def serve(
         raise
     addr = server.address
     log.info("listening on %s (backend %s, model %s)", addr, backend_name, backend.model_info().limits.name)
-    log.info('query it:  tandem generate "Hello" --server %s', addr)
+    log.info('query it:  tandem generate --chat "What is the capital of France?" --server %s', addr)
+    log.info('           tandem generate "Once upon a time" --server %s', addr)
     log.info('           grpcurl -plaintext -d \'{"text": "Hello"}\' %s tandem.v1.Tandem/Generate', addr)
     if backend_name == "engine" and rc.disaggregation != "never":
         log.info("disaggregation %r: the engine backend serves everything in-process", rc.disaggregation)
