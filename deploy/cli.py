@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "kv-bench": ("benchmarks.bench_kv_transfer", "paged-KV transfer microbenchmark over NIXL and ucxx"),
     "tier-bench": ("benchmarks.bench_tiers", "G2 / G3 block store throughput against their ceilings"),
-    "serve": ("deploy.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, demo model)"),
+    "serve": ("deploy.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, SmolLM2)"),
+    "fetch-model": ("deploy.fetch_model", "fetch the default model (SmolLM2-135M-Instruct) into the cache"),
     "bench pools": (
         "benchmarks.bench_pools",
         "inter-token latency of running decodes: colocated (never) vs disaggregated (always) pools",

@@ -214,7 +214,9 @@ class RaySection(_Strict):
 
 class TandemConfig(_Strict):
     version: Literal[1] = 1
-    model: str = Field(default="demo", min_length=1)  # "demo" (generated locally) or a checkpoint directory
+    # "smollm2" (SmolLM2-135M-Instruct, fetched on first use), "demo" (random tiny, made locally), a
+    # checkpoint directory or a GGUF file (engine.model_source)
+    model: str = Field(default="smollm2", min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     engine: EngineSection = EngineSection()
     pools: PoolsConfig = PoolsConfig()
@@ -236,7 +238,7 @@ class TandemConfig(_Strict):
 
 
 def default_config() -> TandemConfig:
-    """The embedded default: one prefill and one decode worker on this machine, the demo model,
+    """The embedded default: one prefill and one decode worker on this machine, SmolLM2-135M-Instruct,
     in-process metadata, tiers under ~/.cache/tandem/tiers, router on 127.0.0.1:50051."""
     return TandemConfig(
         pools=PoolsConfig(

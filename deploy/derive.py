@@ -32,15 +32,18 @@ KV_BACKEND = "nixl"
 
 
 def model_dir(cfg: TandemConfig) -> Path:
-    """The checkpoint directory: the demo one (made on first use) or ``cfg.model``."""
-    from engine.demo import demo_model_dir
+    """The checkpoint ``cfg.model`` names (engine/model_source.py): an alias's (SmolLM2 fetched, the
+    demo made, on first use), a checkpoint directory or a GGUF file."""
+    from engine.model_source import resolve_model
 
-    return demo_model_dir() if cfg.is_demo else Path(cfg.model).expanduser()
+    return resolve_model(cfg.model)
 
 
 def model_name(cfg: TandemConfig) -> str:
-    """What GetModelInfo calls the model: ``demo`` or the checkpoint directory's name."""
-    return "demo" if cfg.is_demo else Path(cfg.model).expanduser().name
+    """What GetModelInfo calls the model: the alias, or the path's last part."""
+    from engine.model_source import model_name as name_of
+
+    return name_of(cfg.model)
 
 
 def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = None) -> EngineConfig:

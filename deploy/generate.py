@@ -1,4 +1,6 @@
-"""``tandem generate``: run one prompt through the in-process engine and stream its text."""
+"""``tandem generate``: run one prompt (or a chat conversation) through the in-process engine and
+stream its text. ``--chat`` sends the prompt as a user message through the model's chat template,
+``--messages JSON`` a whole conversation; without ``--model`` the default model (SmolLM2) runs."""
 
 from __future__ import annotations
 
@@ -9,13 +11,28 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the demo checkpoint)")
+    p.add_argument(
+        "prompt", nargs="?", default=None, help="the prompt text (with --chat: the user's message)"
+    )
+    p.add_argument(
+        "--model", default=None, help="smollm2 (default), demo, a checkpoint directory or a GGUF file"
+    )
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
+    p.add_argument(
+        "--messages",
+        default=None,
+        metavar="JSON",
+        help='a conversation: [{"role": "user", "content": "..."}, ...]',
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], per output occurrence")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], once per output token")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
@@ -23,14 +40,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, metavar="HOST:PORT", help="stream from a tandem serve endpoint")
 
 
+def chat_messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """The conversation ``--chat`` / ``--system`` / ``--messages`` describe, or None for a plain
+    prompt; ValueError when they do not make one."""
+    if args.messages is not None:
+        try:
+            msgs = json.loads(args.messages)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--messages is not JSON: {e}") from None
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs
+        ):
+            raise ValueError('--messages must be a JSON list of {"role": str, "content": str}')
+        if args.prompt is not None:
+            msgs.append({"role": "user", "content": args.prompt})
+        return msgs
+    if args.prompt is None:
+        raise ValueError("give a prompt (or --messages)")
+    if not args.chat:
+        return None
+    msgs = [{"role": "system", "content": args.system}] if args.system else []
+    return [*msgs, {"role": "user", "content": args.prompt}]
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        args.chat_messages = chat_messages(args)
+    except ValueError as e:
+        print(f"tandem generate: {e}", file=sys.stderr)
+        return 2
     if args.server:
         from router.client import run_client
 
         return run_client(args)
-    from engine.demo import demo_model_dir
+    from engine.chat_template import ChatTemplateError
     from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.model_source import DEFAULT_MODEL, resolve_model
     from engine.sampling_params import SamplingParams
+    from engine.smollm2 import FetchError
 
     try:
         params = SamplingParams(
@@ -40,21 +88,31 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
             ignore_eos=args.ignore_eos,
+            repetition_penalty=args.repetition_penalty,
+            frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty,
         )
     except ValueError as e:
         print(f"tandem generate: {e}", file=sys.stderr)
         return 2
-    model = args.model
-    if model is None:
-        model = demo_model_dir()
-        if not args.json:
-            print(f"(demo checkpoint: {model})", file=sys.stderr)
+    try:
+        model = resolve_model(args.model or DEFAULT_MODEL)
+    except (FetchError, FileNotFoundError) as e:
+        print(f"tandem generate: {e}", file=sys.stderr)
+        return 1
+    if args.model is None and not args.json:
+        print(f"(model: {DEFAULT_MODEL}, {model})", file=sys.stderr)
     engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, attn_backend=args.attn_backend))
     try:
         t0 = time.perf_counter()
         try:
-            engine.add_request(args.prompt, params, request_id="cli")
-        except ValueError as e:
+            prompt: str | list[int] = args.prompt
+            if args.chat_messages is not None:
+                if engine.tokenizer is None:
+                    raise ValueError("this checkpoint has no tokenizer: a chat needs one")
+                prompt = engine.tokenizer.encode_chat(args.chat_messages)
+            engine.add_request(prompt, params, request_id="cli")
+        except (ValueError, ChatTemplateError) as e:
             print(f"tandem generate: {e}", file=sys.stderr)
             return 2
         token_ids: list[int] = []

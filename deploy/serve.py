@@ -1,7 +1,7 @@
 """``tandem serve``: load the configuration, build the backend, run the gRPC server until a signal.
 
 With no arguments: the embedded default (``deploy.config.default_config``): a local Ray cluster, one
-prefill and one decode worker (Ray actors, KV over NIXL), the demo checkpoint, in-process metadata, on
+prefill and one decode worker (Ray actors, KV over NIXL), SmolLM2-135M-Instruct, in-process metadata, on
 127.0.0.1:50051 (``--backend pools``: deploy/pools.py builds the workers, router/pools_backend.py
 routes over them, cache- and fabric-aware).
 ``--backend engine`` serves from one in-process engine instead (no Ray). ``--ray-address`` (or
@@ -27,7 +27,11 @@ BACKENDS = ("pools", "engine")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="deployment YAML (default: the embedded one)")
-    p.add_argument("--model", default=None, help="checkpoint directory (overrides the config's model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (default), demo, a checkpoint directory or a GGUF file (overrides the config's model)",
+    )
     p.add_argument("--host", default=None, help="address to bind (default: router.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: router.port, 50051; 0 = any free)")
     p.add_argument("--disaggregation", choices=["auto", "always", "never"], default=None)
@@ -110,7 +114,8 @@ async def serve(
         raise
     addr = server.address
     log.info("listening on %s (backend %s, model %s)", addr, backend_name, backend.model_info().limits.name)
-    log.info('query it:  tandem generate "Hello" --server %s', addr)
+    log.info('query it:  tandem generate --chat "What is the capital of France?" --server %s', addr)
+    log.info('           tandem generate "Once upon a time" --server %s', addr)
     log.info('           grpcurl -plaintext -d \'{"text": "Hello"}\' %s tandem.v1.Tandem/Generate', addr)
     if backend_name == "engine" and rc.disaggregation != "never":
         log.info("disaggregation %r: the engine backend serves everything in-process", rc.disaggregation)
@@ -139,7 +144,13 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"tandem serve: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(cfg, args.backend, args.grace, args.ray_address))
+    from engine.smollm2 import FetchError
+
+    try:
+        return asyncio.run(serve(cfg, args.backend, args.grace, args.ray_address))
+    except (FetchError, FileNotFoundError) as e:  # the model cannot be had: say why, no traceback
+        print(f"tandem serve: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

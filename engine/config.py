@@ -81,8 +81,13 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32") -> ModelConfig:
-        """Parse ``path/config.json`` (and ``path/generation_config.json`` if present)."""
+        """Parse ``path/config.json`` (and ``path/generation_config.json`` if present), or the
+        metadata of a GGUF file (``engine.gguf_loader``)."""
         path = Path(path)
+        if path.is_file():
+            from engine.gguf_loader import gguf_config, gguf_weights_id
+
+            return cls.from_dict(gguf_config(path), dtype=dtype, weights_id=gguf_weights_id(path))
         raw = json.loads((path / "config.json").read_text())
         gen_file = path / "generation_config.json"
         gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}

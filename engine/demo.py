@@ -19,7 +19,7 @@ BENCH_PRESET = "bench"  # compute dominates Python overhead (see engine.make_mod
 ARCH = "llama"
 SEED = 0
 # Bump when make_model's output changes, so stale cached checkpoints are not reused.
-VERSION = 1
+VERSION = 2  # 2: tokenizer_config.json has a chat template
 
 
 def tandem_home() -> Path:

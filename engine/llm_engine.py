@@ -92,8 +92,7 @@ class LLMEngine:
         )
         mc: ModelConfig = self.model.config
         self.model_config = mc
-        tok_file = Path(config.model) / "tokenizer.json"
-        self.tokenizer = Tokenizer.from_pretrained(config.model) if tok_file.exists() else None
+        self.tokenizer = Tokenizer.maybe_from_pretrained(config.model)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
             self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
@@ -212,6 +211,7 @@ class LLMEngine:
             [s.params for s in completing],
             [r.seed for r in reqs],
             [s.num_tokens for s in completing],  # the position of the token being sampled
+            [(s.prompt_token_ids, s.output_token_ids) for s in completing],
         )
         outputs: list[RequestOutput] = []
         for i, (seq, req) in enumerate(zip(completing, reqs, strict=True)):

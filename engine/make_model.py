@@ -8,7 +8,7 @@ complete checkpoint directory::
       generation_config.json            bos / eos ids
       model.safetensors                 or model-0000i-of-0000N.safetensors + model.safetensors.index.json
       tokenizer.json                    byte-level BPE trained on engine/data/corpus.txt
-      tokenizer_config.json, special_tokens_map.json
+      tokenizer_config.json, special_tokens_map.json   (with a plain-text chat template)
 
 Weights are written with torch + safetensors under the HF parameter names (transformers is only a
 test reference). Everything is a pure function of (preset, arch, seed, dtype, overrides): the same
@@ -110,6 +110,14 @@ def train_tokenizer(vocab_size: int, arch: str = "llama") -> Tokenizer:
     return tok
 
 
+# A plain-text chat template (the tiny vocabularies have no <|im_start|>), so chat requests run on the
+# random checkpoints too; it starts with bos_token as Llama-2's does.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def _write_tokenizer(out: Path, vocab_size: int, arch: str, max_len: int) -> None:
     tok = train_tokenizer(vocab_size, arch)
     (out / "tokenizer.json").write_text(tok.to_str(pretty=False), encoding="utf-8")
@@ -135,6 +143,7 @@ def _write_tokenizer(out: Path, vocab_size: int, arch: str, max_len: int) -> Non
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
         "added_tokens_decoder": added,
+        "chat_template": CHAT_TEMPLATE,
     }
     special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
     _write_json(out / "tokenizer_config.json", tok_cfg)

@@ -7,13 +7,17 @@ batch, continues with exactly the same tokens. Each random row gets its own ``to
 seeded with a stable mix of (seed, position), draws exponential noise ``E`` over the vocabulary and
 takes ``argmax(p / E)`` (the exponential-race form of the Gumbel-max trick: it samples from ``p``).
 
-Filtering order (per row): temperature, then top-k, then top-p on the renormalized remainder, then
-min-p (relative to the largest remaining probability). Logprobs are always those of the raw logits
-(before temperature and filtering), as vLLM reports them.
+Order (per row): penalties (:func:`apply_penalties`: repetition over prompt + output tokens, then
+frequency / presence over output tokens), temperature, top-k, top-p on the renormalized remainder,
+min-p (relative to the largest remaining probability). Greedy rows take the argmax after the
+penalties. Logprobs are always those of the raw logits (before penalties, temperature and
+filtering), as vLLM reports them by default. Penalties depend only on the sequence's own tokens, so
+a request gets the same ones on whichever worker samples it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +113,34 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     return out.scatter_(1, idx, vals.masked_fill(remove, float("-inf")))
 
 
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+) -> None:
+    """Penalize (S, V) float32 logits in place, row by row, for the rows whose params ask for it.
+
+    Repetition (transformers' ``RepetitionPenaltyLogitsProcessor``): every token of prompt + output,
+    logit / p when positive, logit * p when negative. Frequency and presence (OpenAI's): over the
+    output tokens, logit -= f * count(token) + p * (count(token) > 0)."""
+    vocab = logits.shape[1]
+    dev = logits.device
+    for i, p in enumerate(params):
+        if not p.penalized:
+            continue
+        row = logits[i]  # (V,) a view: written in place
+        if p.repetition_penalty != 1.0 and (prompts[i] or outputs[i]):
+            seen = torch.tensor([*prompts[i], *outputs[i]], dtype=torch.int64, device=dev)  # (N,)
+            score = row.gather(0, seen)
+            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+            row.scatter_(0, seen, score)  # repeated ids write the same value
+        if (p.frequency_penalty or p.presence_penalty) and outputs[i]:
+            out = torch.tensor(list(outputs[i]), dtype=torch.int64, device=dev)
+            counts = torch.bincount(out, minlength=vocab).to(row.dtype)  # (V,)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
 class Sampler:
     """Stateless: everything a draw depends on comes in through ``sample``'s arguments."""
 
@@ -118,20 +150,28 @@ class Sampler:
         params: list[SamplingParams],
         seeds: list[int],
         positions: list[int],
+        histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
     ) -> SampleOutput:
         """logits (S, V) float32, one row per sequence; seeds/positions per row (position = index
-        of the token being sampled in its sequence)."""
+        of the token being sampled in its sequence); histories per row, (prompt ids, output ids so
+        far), needed when a row's params ask for penalties."""
         num_rows, vocab = logits.shape
         if not (len(params) == len(seeds) == len(positions) == num_rows):
             raise ValueError("params, seeds and positions need one entry per logits row")
         logits = logits.float()
         dev = logits.device
         token_ids = [0] * num_rows
+        scores = logits  # what tokens are chosen from; logprobs stay those of the raw logits
+        if any(p.penalized for p in params):
+            if histories is None or len(histories) != num_rows:
+                raise ValueError("penalties need each row's (prompt, output) token ids")
+            scores = logits.clone()
+            apply_penalties(scores, params, [h[0] for h in histories], [h[1] for h in histories])
 
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy_rows:
-            rows = logits if len(greedy_rows) == num_rows else logits[torch.tensor(greedy_rows, device=dev)]
+            rows = scores if len(greedy_rows) == num_rows else scores[torch.tensor(greedy_rows, device=dev)]
             # torch.argmax returns the first maximal index: ties go to the lowest id.
             for row, tok in zip(greedy_rows, rows.argmax(dim=1).tolist(), strict=True):
                 token_ids[row] = tok
@@ -139,7 +179,7 @@ class Sampler:
             idx = torch.tensor(random_rows, device=dev)
             rp = [params[i] for i in random_rows]
             x = filter_logits(
-                logits[idx],
+                scores[idx],
                 torch.tensor([p.temperature for p in rp], dtype=torch.float32, device=dev),
                 torch.tensor([p.top_k for p in rp], dtype=torch.int64, device=dev),
                 torch.tensor([p.top_p for p in rp], dtype=torch.float32, device=dev),

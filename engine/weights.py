@@ -1,10 +1,11 @@
 """Loading a checkpoint's safetensors into the immutable weight types the forward pass reads.
 
 Owns the Hugging Face tensor names, single-file and sharded (``model.safetensors.index.json``)
-checkpoints, and dtype/device placement. safetensors maps the files into memory; a tensor whose file
-dtype already equals the run dtype (on CPU) is kept as that mmap-backed view, so weights are never
-copied twice, and only mismatching dtypes are converted. Projections are *not* fused: a fused q/k/v
-matmul would need a copy of every weight, and separate matmuls give transformers' numerics bit for bit.
+checkpoints (and GGUF files, through ``engine.gguf_loader``), and dtype/device placement.
+safetensors maps the files into memory; a tensor whose file dtype already equals the run dtype (on
+CPU) is kept as that mmap-backed view, so weights are never copied twice, and only mismatching
+dtypes are converted. Projections are *not* fused: a fused q/k/v matmul would need a copy of every
+weight, and separate matmuls give transformers' numerics bit for bit.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ class ModelWeights:
     lm_head: torch.Tensor  # (V, hidden); the embedding itself when tied
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint at ``path``, mmap-backed, keyed by its Hugging Face name."""
+def read_tensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint at ``path``, mmap-backed, keyed by its Hugging Face name (a GGUF
+    file's are dequantized, to ``dtype`` when given: ``engine.gguf_loader``)."""
     path = Path(path)
+    if path.is_file():
+        from engine.gguf_loader import read_gguf_tensors
+
+        return read_gguf_tensors(path, dtype or torch.float32)
     if (path / INDEX_FILE).exists():
         weight_map: dict[str, str] = json.loads((path / INDEX_FILE).read_text())["weight_map"]
         tensors: dict[str, torch.Tensor] = {}
@@ -64,8 +70,8 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(path: str | Path, config: ModelConfig, device: str | torch.device = "cpu") -> ModelWeights:
     """Read, check and place the checkpoint's weights for ``config`` (its dtype is the run dtype)."""
-    tensors = read_tensors(path)
     dtype = torch_dtype(config.dtype)
+    tensors = read_tensors(path, dtype)
     used: set[str] = set()
 
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -132,6 +132,11 @@ class Backend(Protocol):
         """Token ids of a prompt text; raises InvalidRequest if the model has no tokenizer."""
         ...
 
+    def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template; raises InvalidRequest
+        (field ``prompt.chat``) when the model has no tokenizer or template, or the template refuses."""
+        ...
+
     def generate(self, request: BackendRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the request's chunks; raises InvalidRequest (bad input, this request only) or
         BackendUnavailable. Closing the iterator cancels the request downstream."""
@@ -147,6 +152,19 @@ def finish_reason_name(reason: object | None) -> str | None:
     if reason is None:
         return None
     return str(getattr(reason, "value", reason))
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    """``tokenize_chat`` for a backend holding an ``engine.tokenizer.Tokenizer`` (or None)."""
+    from engine.chat_template import ChatTemplateError
+    from router.errors import InvalidRequest
+
+    if tokenizer is None:
+        raise InvalidRequest("prompt.chat", "this model has no tokenizer: send prompt token_ids")
+    try:
+        return list(tokenizer.encode_chat(messages, add_generation_prompt))
+    except ChatTemplateError as e:
+        raise InvalidRequest("prompt.chat", str(e)) from None
 
 
 def total_tokens(chunks: Sequence[Chunk]) -> list[int]:

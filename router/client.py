@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -37,8 +37,10 @@ _DISAGG = {
 
 
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | None = None,
     *,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    add_generation_prompt: bool | None = None,
     max_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float | None = None,
@@ -48,18 +50,26 @@ def build_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     logprobs: int | None = None,
+    repetition_penalty: float | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
     model: str = "",
     request_id: str = "",
     disaggregation: str | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; ``None`` leaves an optional field unset (the server's default applies)."""
+    """A GenerateRequest for a prompt (text or token ids) or a chat (``messages``: role/content
+    dicts); ``None`` leaves an optional field unset (the server's default applies)."""
     sampling = pb.SamplingParams(
         temperature=temperature,
         top_k=top_k,
         stop=list(stop),
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )
+    if repetition_penalty is not None:
+        sampling.repetition_penalty = repetition_penalty
     if max_tokens is not None:
         sampling.max_tokens = max_tokens
     if top_p is not None:
@@ -71,15 +81,19 @@ def build_request(
     req = pb.GenerateRequest(
         model=model, sampling=sampling, request_id=request_id, disaggregation=_DISAGG[disaggregation]
     )
-    if isinstance(prompt, str):
+    if messages is not None:
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        if add_generation_prompt is not None:
+            req.chat.add_generation_prompt = add_generation_prompt
+    elif isinstance(prompt, str):
         req.text = prompt
-    else:
+    elif prompt is not None:
         req.token_ids.ids.extend(prompt)
     return req
 
 
 def stream_generate(
-    address: str, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+    address: str, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None, **params: Any
 ) -> Iterator[pb.GenerateResponse]:
     """Stream one Generate call's responses; ``params`` are :func:`build_request`'s keywords.
     Raises ``grpc.RpcError`` with the server's status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
@@ -105,15 +119,20 @@ def run_client(args: argparse.Namespace) -> int:
     ttft: float | None = None
     last: pb.GenerateResponse | None = None
     try:
+        chat = g("chat_messages")
         for msg in stream_generate(
             args.server,
-            args.prompt,
+            None if chat is not None else args.prompt,
+            messages=chat,
             max_tokens=g("max_tokens"),
             temperature=g("temperature", 0.0) or 0.0,
             top_p=g("top_p"),
             top_k=g("top_k", 0) or 0,
             seed=g("seed"),
             ignore_eos=bool(g("ignore_eos", False)),
+            repetition_penalty=g("repetition_penalty"),
+            frequency_penalty=g("frequency_penalty", 0.0) or 0.0,
+            presence_penalty=g("presence_penalty", 0.0) or 0.0,
             timeout=g("timeout"),
         ):
             if ttft is None:

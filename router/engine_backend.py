@@ -38,6 +38,7 @@ from router.backend import (
     BackendRequest,
     Chunk,
     ChunkStats,
+    encode_chat,
     finish_reason_name,
     model_info,
 )
@@ -108,6 +109,9 @@ class EngineBackend:
         if tok is None:
             raise InvalidRequest("prompt", "this model has no tokenizer: send prompt token_ids")
         return tok.encode(text)
+
+    def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return encode_chat(self._engine.tokenizer, messages, add_generation_prompt)
 
     def load(self) -> BackendLoad:
         copy = dataclasses.replace(self._load)

@@ -45,7 +45,15 @@ from opentelemetry import trace
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
 from pool_runtime.handoff import FirstToken, PoolError, TokenChunk
 from pool_runtime.reports import TierUsage, WorkerLoad
-from router.backend import BackendLoad, BackendModelInfo, BackendRequest, Chunk, ChunkStats, model_info
+from router.backend import (
+    BackendLoad,
+    BackendModelInfo,
+    BackendRequest,
+    Chunk,
+    ChunkStats,
+    encode_chat,
+    model_info,
+)
 from router.coordinator import PoolRequest, Pools
 from router.cost_model import CostParams
 from router.errors import BackendUnavailable, InvalidRequest, Overloaded
@@ -140,6 +148,9 @@ class PoolsBackend:
         if self._tokenizer is None:
             raise InvalidRequest("prompt", "this model has no tokenizer: send prompt token_ids")
         return list(self._tokenizer.encode(text))
+
+    def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return encode_chat(self._tokenizer, messages, add_generation_prompt)
 
     def load(self) -> BackendLoad:
         workers = [dataclasses.replace(w, node=self._nodes.get(w.worker_id, "local")) for w in self._loads]
@@ -351,4 +362,4 @@ def cost_params(mc: Any, block_size: int) -> CostParams:
 def load_tokenizer(model_dir: Path) -> Any:
     from engine.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer.json").exists() else None
+    return Tokenizer.maybe_from_pretrained(model_dir)

@@ -1,6 +1,7 @@
 """The ``tandem.v1.Tandem`` gRPC servicer: validate, delegate to a Backend, convert. Nothing else.
 
-Generate: wire message -> ``GenerateInput`` -> ``check_request`` -> tokenize -> ``check_prompt_length``
+Generate: wire message -> ``GenerateInput`` -> ``check_request`` -> tokenize (a chat through the model's
+template) -> ``check_prompt_length``
 -> admission slot (bounded; full queue sheds) -> ``backend.generate`` -> one GenerateResponse per
 chunk, usage and timings on the last. Every failure leaves through :func:`map_errors`, the one place
 exceptions become status codes (see :mod:`router.errors`). A cancelled or expired call closes the
@@ -90,6 +91,12 @@ def to_input(req: pb.GenerateRequest) -> GenerateInput:
         model=req.model,
         prompt_text=req.text if kind == "text" else None,
         prompt_token_ids=list(req.token_ids.ids) if kind == "token_ids" else None,
+        prompt_chat=[{"role": m.role, "content": m.content} for m in req.chat.messages]
+        if kind == "chat"
+        else None,
+        add_generation_prompt=req.chat.add_generation_prompt
+        if req.chat.HasField("add_generation_prompt")
+        else True,
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         temperature=s.temperature,
         top_k=s.top_k,
@@ -100,6 +107,9 @@ def to_input(req: pb.GenerateRequest) -> GenerateInput:
         stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         logprobs=s.logprobs if s.HasField("logprobs") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+        frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
         request_id=req.request_id,
         disaggregation=_DISAGG_FROM_WIRE.get(req.disaggregation, f"<enum {req.disaggregation}>"),
     )
@@ -151,7 +161,9 @@ class TandemServicer(pb_grpc.TandemServicer):
         if not self.backend.load().alive:
             raise BackendUnavailable("no live backend worker")
         prompt = inp.prompt_token_ids
-        if prompt is None:
+        if inp.prompt_chat is not None:
+            prompt = self.backend.tokenize_chat(inp.prompt_chat, inp.add_generation_prompt)
+        elif prompt is None:
             prompt = self.backend.tokenize(inp.prompt_text or "")
         check_prompt_length(len(prompt), effective_max_tokens(inp, limits), limits)
         breq = BackendRequest(

@@ -42,6 +42,8 @@ class GenerateInput:
     model: str = ""
     prompt_text: str | None = None
     prompt_token_ids: Sequence[int] | None = None
+    prompt_chat: list[dict[str, str]] | None = None  # [{"role": ..., "content": ...}, ...]
+    add_generation_prompt: bool = True
     max_tokens: int | None = None
     temperature: float = 0.0
     top_k: int = 0
@@ -52,6 +54,9 @@ class GenerateInput:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     request_id: str = ""
     disaggregation: str | None = None  # "auto" | "always" | "never"; None = the server's default
 
@@ -117,12 +122,19 @@ def to_sampling_params(req: GenerateInput, limits: ModelLimits) -> SamplingParam
         stop=list(req.stop),
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
     )
 
 
 def _check_prompt(req: GenerateInput, limits: ModelLimits) -> None:
-    if req.prompt_text is not None and req.prompt_token_ids is not None:
-        raise ValidationError("prompt", "give either text or token_ids, not both")
+    given = [req.prompt_text is not None, req.prompt_token_ids is not None, req.prompt_chat is not None]
+    if sum(given) > 1:
+        raise ValidationError("prompt", "give one of text, token_ids or chat, not several")
+    if req.prompt_chat is not None:
+        _check_chat(req.prompt_chat)
+        return
     if req.prompt_token_ids is not None:
         ids = req.prompt_token_ids
         if len(ids) == 0:
@@ -142,6 +154,14 @@ def _check_prompt(req: GenerateInput, limits: ModelLimits) -> None:
         return
     if not req.prompt_text:
         raise ValidationError("prompt", "is empty")
+
+
+def _check_chat(messages: Sequence[Mapping[str, str]]) -> None:
+    if not messages:
+        raise ValidationError("prompt.chat.messages", "is empty")
+    for i, m in enumerate(messages):
+        if not m.get("role"):
+            raise ValidationError(f"prompt.chat.messages[{i}].role", "is empty")
 
 
 def _check_sampling(req: GenerateInput, limits: ModelLimits) -> None:
@@ -166,6 +186,17 @@ def _check_sampling(req: GenerateInput, limits: ModelLimits) -> None:
         raise ValidationError("sampling.min_p", f"must be in [0, 1], got {req.min_p}")
     if req.logprobs is not None and req.logprobs < 0:
         raise ValidationError("sampling.logprobs", f"must be >= 0, got {req.logprobs}")
+    if req.repetition_penalty is not None:
+        _check_finite("sampling.repetition_penalty", req.repetition_penalty)
+        if req.repetition_penalty <= 0:
+            raise ValidationError(
+                "sampling.repetition_penalty", f"must be > 0 (1 = off), got {req.repetition_penalty}"
+            )
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(req, name)
+        _check_finite(f"sampling.{name}", value)
+        if not -2.0 <= value <= 2.0:
+            raise ValidationError(f"sampling.{name}", f"must be in [-2, 2] (0 = off), got {value}")
     if any(t < 0 for t in req.stop_token_ids):
         raise ValidationError("sampling.stop_token_ids", "token ids must be >= 0")
     if any(s == "" for s in req.stop):

@@ -11,6 +11,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fetched models (SmolLM2, checked by SHA-256 when fetched) are the one thing shared with the user's
+# cache, so that `make smollm2` before the suite (CI) saves each session a 93 MB download.
+if "TANDEM_DOWNLOADS" not in os.environ:
+    _user_home = os.environ.get("TANDEM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+    os.environ["TANDEM_DOWNLOADS"] = os.path.join(_user_home, "downloads")
 # Demo checkpoints and KV tier files of a test session live in a fresh directory: no test reads the
 # user's cache, and no G3 block of an earlier run is ever served to this one.
 if "TANDEM_HOME" not in os.environ:

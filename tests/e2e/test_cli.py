@@ -41,7 +41,9 @@ def test_make_model_then_generate_json_matches_the_engine(tmp_path: Path) -> Non
 
 
 def test_generate_streams_text_from_the_demo_checkpoint(tmp_path: Path) -> None:
-    r = tandem("generate", "Once upon a time", "--max-tokens", "8", "--ignore-eos", home=tmp_path)
+    r = tandem(
+        "generate", "Once upon a time", "--model", "demo", "--max-tokens", "8", "--ignore-eos", home=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert "[8 tokens, length" in r.stderr
     assert (tmp_path / "models").is_dir()  # the demo checkpoint was made on first use, under TANDEM_HOME

@@ -99,3 +99,43 @@ def test_colocated_mode_equals_transformers(golden, pools) -> None:
     streams = asyncio.run(_collect(p, prompts, "never"))
     assert [[t for c in s for t in c.token_ids] for s in streams] == expected
     assert [w.used_blocks for w in asyncio.run(p.load())] == [0, 0]
+
+
+def test_penalties_disaggregated_equal_in_process_and_transformers(golden, pools) -> None:
+    # The prefill worker samples the first token (its penalties see the prompt), the decode worker the
+    # rest (prompt + output so far): the same tokens as one process, and as transformers' generate.
+    path, prompts, _ = golden
+    prompts = prompts[:3]
+    rep = SamplingParams(max_tokens=MAX_NEW, repetition_penalty=1.4)
+    mixed = SamplingParams(
+        max_tokens=MAX_NEW,
+        temperature=0.8,
+        seed=5,
+        repetition_penalty=1.2,
+        frequency_penalty=0.6,
+        presence_penalty=0.3,
+    )
+    engine = LLMEngine(EngineConfig(model=path, block_size=4))
+    want = {
+        name: [o.new_token_ids for o in engine.generate(prompts, sp)]
+        for name, sp in (("rep", rep), ("mixed", mixed))
+    }
+    engine.close()
+    ref = load_reference(path)
+    with torch.inference_mode():
+        for p, ids in zip(prompts, want["rep"], strict=True):
+            out = ref.generate(
+                torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.4
+            )
+            assert out[0, len(p) :].tolist() == ids
+
+    async def run(sp: SamplingParams, tag: str) -> list[list[int]]:
+        async def one(i: int, prompt: list[int]) -> list[int]:
+            req = PoolRequest(f"{tag}-{i}", prompt, sp, disaggregation="always")
+            return [t async for c in pools[0].submit(req) for t in c.token_ids]
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    assert asyncio.run(run(rep, "rep")) == want["rep"]
+    assert asyncio.run(run(mixed, "mixed")) == want["mixed"]
+    assert [w.used_blocks for w in asyncio.run(pools[0].load())] == [0, 0]

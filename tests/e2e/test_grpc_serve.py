@@ -47,7 +47,7 @@ def _serve_command() -> list[str]:
 class ManagedServer:
     """One ``tandem serve`` child: start -> wait for health -> use -> stop (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, log_path: Path, *extra: str) -> None:
+    def __init__(self, log_path: Path, *extra: str, ready_timeout: float = 90.0) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
         cmd = [*_serve_command(), "--port", "0", *extra]
@@ -55,7 +55,7 @@ class ManagedServer:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
-        self.address = self._wait_ready(timeout=90.0)
+        self.address = self._wait_ready(timeout=ready_timeout)
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

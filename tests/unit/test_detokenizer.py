@@ -36,13 +36,13 @@ def _stream(tok: Tokenizer, ids: list[int], prompt: list[int] | None = None, **k
 
 def test_text_splits_characters_across_tokens(tok: Tokenizer) -> None:
     # Precondition for the tests below: some token alone is half a character.
-    ids = tok.encode(TEXT, add_bos=False)
+    ids = tok.encode(TEXT, add_special_tokens=False)
     assert any("\ufffd" in tok.decode([i]) for i in ids)
     assert tok.decode(ids) == TEXT
 
 
 def test_deltas_never_split_a_character(tok: Tokenizer) -> None:
-    ids = tok.encode(TEXT, add_bos=False)
+    ids = tok.encode(TEXT, add_special_tokens=False)
     deltas, text = _stream(tok, ids)
     assert text == TEXT
     assert all("\ufffd" not in d for d in deltas)
@@ -51,7 +51,7 @@ def test_deltas_never_split_a_character(tok: Tokenizer) -> None:
 
 def test_prompt_context_and_special_tokens(tok: Tokenizer) -> None:
     prompt = tok.encode("Bonjour, ça va? ")
-    ids = tok.encode(TEXT, add_bos=False) + [tok.eos_token_ids[0]]
+    ids = tok.encode(TEXT, add_special_tokens=False) + [tok.eos_token_ids[0]]
     _, text = _stream(tok, ids, prompt)
     assert text == TEXT
     _, text = _stream(tok, ids, prompt, skip_special_tokens=False)
@@ -62,7 +62,9 @@ def test_prompt_context_and_special_tokens(tok: Tokenizer) -> None:
 def test_random_token_streams_match_full_decode(tok: Tokenizer, seed: int) -> None:
     rng = random.Random(seed)
     # Mix arbitrary ids (lone UTF-8 continuation bytes, specials) with well-formed multi-byte text.
-    pieces = tok.encode(rng.choice(TEXT.split(" ")) + " " + TEXT[rng.randrange(len(TEXT)) :], add_bos=False)
+    pieces = tok.encode(
+        rng.choice(TEXT.split(" ")) + " " + TEXT[rng.randrange(len(TEXT)) :], add_special_tokens=False
+    )
     ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 40))]
     ids[rng.randrange(len(ids) + 1) : 0] = pieces
     deltas, text = _stream(tok, ids)
@@ -73,7 +75,7 @@ def test_random_token_streams_match_full_decode(tok: Tokenizer, seed: int) -> No
 
 
 def test_incomplete_character_is_released_by_flush(tok: Tokenizer) -> None:
-    ids = tok.encode("ok 🚀", add_bos=False)
+    ids = tok.encode("ok 🚀", add_special_tokens=False)
     detok = IncrementalDetokenizer(tok, [])
     out = "".join(detok.step(i) for i in ids[:-1])
     assert out == "ok" or out == "ok "  # the emoji's first bytes are held
@@ -84,7 +86,7 @@ def test_incomplete_character_is_released_by_flush(tok: Tokenizer) -> None:
 
 def _spans_tokens(tok: Tokenizer, text: str, stop: str) -> bool:
     """True when `stop` starts inside one token of `text` and ends inside a later one."""
-    ids = tok.encode(text, add_bos=False)
+    ids = tok.encode(text, add_special_tokens=False)
     start = text.index(stop)
     end = start + len(stop)
     pos, first, last = 0, None, None
@@ -100,7 +102,7 @@ def _spans_tokens(tok: Tokenizer, text: str, stop: str) -> bool:
 
 @pytest.mark.parametrize("stop", ["END of", "語 is writ", "本語 is", "🚀 la", "aïv", "\n"])
 def test_stop_string_across_tokens_is_cut_exactly(tok: Tokenizer, stop: str) -> None:
-    ids = tok.encode(TEXT, add_bos=False)
+    ids = tok.encode(TEXT, add_special_tokens=False)
     if stop != "\n":
         assert _spans_tokens(tok, TEXT, stop)
     detok = IncrementalDetokenizer(tok, [], stop=[stop])
@@ -118,7 +120,7 @@ def test_stop_string_across_tokens_is_cut_exactly(tok: Tokenizer, stop: str) -> 
 
 def test_held_prefix_is_released_when_the_stop_does_not_complete(tok: Tokenizer) -> None:
     text = "The ENVELOPE. Then END"
-    ids = tok.encode(text, add_bos=False)
+    ids = tok.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tok, [], stop=["ENDING", "zzz"])
     emitted = "".join(detok.step(i) for i in ids)
     assert not detok.stopped
@@ -128,7 +130,7 @@ def test_held_prefix_is_released_when_the_stop_does_not_complete(tok: Tokenizer)
 
 
 def test_earliest_of_several_stops_wins(tok: Tokenizer) -> None:
-    ids = tok.encode(TEXT, add_bos=False)
+    ids = tok.encode(TEXT, add_special_tokens=False)
     _, text = _stream(tok, ids, stop=["ENVELOPE", "crème", "🚀"])
     assert text == TEXT[: TEXT.index("crème")]
     _, text = _stream(tok, ids, stop=["The café"])
@@ -140,5 +142,5 @@ def test_random_stops_match_find(tok: Tokenizer, seed: int) -> None:
     rng = random.Random(1000 + seed)
     start = rng.randrange(len(TEXT) - 4)
     stop = TEXT[start : start + rng.randrange(1, 5)]
-    _, text = _stream(tok, tok.encode(TEXT, add_bos=False), stop=[stop, "never appears"])
+    _, text = _stream(tok, tok.encode(TEXT, add_special_tokens=False), stop=[stop, "never appears"])
     assert text == TEXT[: TEXT.index(stop)]

@@ -67,7 +67,7 @@ def test_checkpoint_layout(tmp_path: Path, arch: str, preset: str) -> None:
         ids = tok.encode(text)
         assert ids[0] == 0 and max(ids) < cfg["vocab_size"]
         assert tok.decode(ids) == text
-        assert tok.encode(text, add_bos=False) == ids[1:]
+        assert tok.encode(text, add_special_tokens=False) == ids[1:]
     # Special-token text in the input maps to the special ids (as with AutoTokenizer).
     ids = tok.encode(SAMPLES[3])
     assert [i for i in ids if i < 4] == [0, 0, 1, 3]
@@ -188,7 +188,7 @@ def test_demo_model_dir_races(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert path.parent == tmp_path / "models"
     assert [p.name for p in (tmp_path / "models").iterdir()] == [path.name]  # temp dirs cleaned up
     assert Tokenizer.from_pretrained(path).vocab_size == PRESETS[demo.DEMO_PRESET]["vocab_size"]
-    assert path.name == "tiny-llama-s0-v1"
+    assert path.name == f"tiny-llama-s0-v{demo.VERSION}"
     assert demo.demo_model_dir() == path
 
 

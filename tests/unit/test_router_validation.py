@@ -42,6 +42,11 @@ def test_valid_request_resolves_model_and_builds_params() -> None:
     p = to_sampling_params(req, DEMO)
     assert (p.max_tokens, p.temperature, p.top_k, p.top_p, p.min_p, p.seed) == (8, 0.7, 5, 0.9, 0.1, 3)
     assert (p.stop, p.logprobs) == (["\n"], 2)
+    req = _req(repetition_penalty=1.3, frequency_penalty=-0.5, presence_penalty=2.0)
+    p = to_sampling_params(req, DEMO)
+    assert (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (1.3, -0.5, 2.0)
+    chat = _req(prompt_text=None, prompt_chat=[{"role": "user", "content": "hi"}])
+    assert check_request(chat, MODELS) is DEMO
 
 
 def test_unset_fields_take_defaults() -> None:
@@ -49,6 +54,7 @@ def test_unset_fields_take_defaults() -> None:
     assert check_request(req, MODELS) is DEMO
     p = to_sampling_params(req, DEMO)
     assert (p.max_tokens, p.top_p, p.temperature) == (16, 1.0, 0.0)
+    assert (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (1.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +65,23 @@ def test_unset_fields_take_defaults() -> None:
         ({"prompt_text": None, "prompt_token_ids": []}, "prompt.token_ids", "is empty"),
         ({"prompt_text": None, "prompt_token_ids": [1] * 129}, "prompt.token_ids", "129 tokens"),
         ({"prompt_text": None, "prompt_token_ids": [1, 1000]}, "prompt.token_ids", "token id 1000"),
-        ({"prompt_token_ids": [1]}, "prompt", "not both"),
+        ({"prompt_token_ids": [1]}, "prompt", "not several"),
+        ({"prompt_text": None, "prompt_chat": []}, "prompt.chat.messages", "is empty"),
+        (
+            {
+                "prompt_text": None,
+                "prompt_chat": [{"role": "user", "content": "a"}, {"role": "", "content": "b"}],
+            },
+            "prompt.chat.messages[1].role",
+            "is empty",
+        ),
+        ({"prompt_chat": [{"role": "user", "content": "a"}]}, "prompt", "not several"),
+        ({"repetition_penalty": 0.0}, "sampling.repetition_penalty", "must be > 0"),
+        ({"repetition_penalty": -1.0}, "sampling.repetition_penalty", "must be > 0"),
+        ({"repetition_penalty": math.inf}, "sampling.repetition_penalty", "finite"),
+        ({"frequency_penalty": 2.5}, "sampling.frequency_penalty", "[-2, 2]"),
+        ({"frequency_penalty": math.nan}, "sampling.frequency_penalty", "finite"),
+        ({"presence_penalty": -2.1}, "sampling.presence_penalty", "[-2, 2]"),
         ({"max_tokens": 0}, "sampling.max_tokens", "must be > 0, got 0"),
         ({"max_tokens": -3}, "sampling.max_tokens", "must be > 0, got -3"),
         ({"max_tokens": 65}, "sampling.max_tokens", "over this server's limit 64"),

@@ -24,45 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/tandem.proto\x12\ttandem.v1\"\x83\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x31\n\x0e\x64isaggregation\x18\x06 \x01(\x0e\x32\x19.tandem.v1.DisaggregationB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xa0\x02\n\x07Timings\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x03 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x15\n\rdecode_worker\x18\x05 \x01(\t\x12\x16\n\x0ekv_bytes_moved\x18\x06 \x01(\x04\x12\x15\n\rdisaggregated\x18\x07 \x01(\x08\x12\x18\n\x10predicted_ttft_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x62\x61\x63kend_time_s\x18\t \x01(\x01\x12\x1d\n\x15router_request_time_s\x18\n \x01(\x01\x12\x1b\n\x13router_token_time_s\x18\x0b \x01(\x01\"\xe9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x1a\n\x12max_context_length\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\"<\n\x14GetModelInfoResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\"\x16\n\x14GetServerInfoRequest\"\xa8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x14\n\x0cqueue_tokens\x18\x04 \x01(\x04\x12\x14\n\x0crunning_seqs\x18\x05 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x06 \x01(\r\x12\x13\n\x0bused_blocks\x18\x07 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x08 \x01(\r\"\xea\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\x12\x31\n\x0e\x64isaggregation\x18\x03 \x01(\x0e\x32\x19.tandem.v1.Disaggregation\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.tandem.v1.WorkerInfo\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x0e\n\x06queued\x18\x08 \x01(\r*~\n\x0e\x44isaggregation\x12\x1e\n\x1a\x44ISAGGREGATION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44ISAGGREGATION_AUTO\x10\x01\x12\x19\n\x15\x44ISAGGREGATION_ALWAYS\x10\x02\x12\x18\n\x14\x44ISAGGREGATION_NEVER\x10\x03*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xf4\x01\n\x06Tandem\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponse\x12R\n\rGetServerInfo\x12\x1f.tandem.v1.GetServerInfoRequest\x1a .tandem.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/tandem.proto\x12\ttandem.v1\"\xf0\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"n\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x0f.tandem.v1.ChatH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x31\n\x0e\x64isaggregation\x18\x06 \x01(\x0e\x32\x19.tandem.v1.DisaggregationB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xa0\x02\n\x07Timings\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x03 \x01(\x01\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x15\n\rdecode_worker\x18\x05 \x01(\t\x12\x16\n\x0ekv_bytes_moved\x18\x06 \x01(\x04\x12\x15\n\rdisaggregated\x18\x07 \x01(\x08\x12\x18\n\x10predicted_ttft_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x62\x61\x63kend_time_s\x18\t \x01(\x01\x12\x1d\n\x15router_request_time_s\x18\n \x01(\x01\x12\x1b\n\x13router_token_time_s\x18\x0b \x01(\x01\"\xe9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x1a\n\x12max_context_length\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\"<\n\x14GetModelInfoResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\"\x16\n\x14GetServerInfoRequest\"\xa8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x14\n\x0cqueue_tokens\x18\x04 \x01(\x04\x12\x14\n\x0crunning_seqs\x18\x05 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x06 \x01(\r\x12\x13\n\x0bused_blocks\x18\x07 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x08 \x01(\r\"\xea\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\x12\x31\n\x0e\x64isaggregation\x18\x03 \x01(\x0e\x32\x19.tandem.v1.Disaggregation\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.tandem.v1.WorkerInfo\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x0e\n\x06queued\x18\x08 \x01(\r*~\n\x0e\x44isaggregation\x12\x1e\n\x1a\x44ISAGGREGATION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44ISAGGREGATION_AUTO\x10\x01\x12\x19\n\x15\x44ISAGGREGATION_ALWAYS\x10\x02\x12\x18\n\x14\x44ISAGGREGATION_NEVER\x10\x03*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xf4\x01\n\x06Tandem\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponse\x12R\n\rGetServerInfo\x12\x1f.tandem.v1.GetServerInfoRequest\x1a .tandem.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISAGGREGATION']._serialized_start=2002
-  _globals['_DISAGGREGATION']._serialized_end=2128
-  _globals['_FINISHREASON']._serialized_start=2131
-  _globals['_FINISHREASON']._serialized_end=2280
+  _globals['_DISAGGREGATION']._serialized_start=2302
+  _globals['_DISAGGREGATION']._serialized_end=2428
+  _globals['_FINISHREASON']._serialized_start=2431
+  _globals['_FINISHREASON']._serialized_end=2580
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=297
-  _globals['_TOKENIDS']._serialized_start=299
-  _globals['_TOKENIDS']._serialized_end=322
-  _globals['_GENERATEREQUEST']._serialized_start=325
-  _globals['_GENERATEREQUEST']._serialized_end=541
-  _globals['_TOPLOGPROB']._serialized_start=543
-  _globals['_TOPLOGPROB']._serialized_end=590
-  _globals['_TOKENLOGPROBS']._serialized_start=592
-  _globals['_TOKENLOGPROBS']._serialized_end=678
-  _globals['_USAGE']._serialized_start=680
-  _globals['_USAGE']._serialized_end=760
-  _globals['_TIMINGS']._serialized_start=763
-  _globals['_TIMINGS']._serialized_end=1051
-  _globals['_GENERATERESPONSE']._serialized_start=1054
-  _globals['_GENERATERESPONSE']._serialized_end=1287
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1289
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1325
-  _globals['_MODELINFO']._serialized_start=1328
-  _globals['_MODELINFO']._serialized_end=1506
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1508
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1568
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1570
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1592
-  _globals['_WORKERINFO']._serialized_start=1595
-  _globals['_WORKERINFO']._serialized_end=1763
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1766
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2000
-  _globals['_TANDEM']._serialized_start=2283
-  _globals['_TANDEM']._serialized_end=2527
+  _globals['_SAMPLINGPARAMS']._serialized_end=406
+  _globals['_CHATMESSAGE']._serialized_start=408
+  _globals['_CHATMESSAGE']._serialized_end=452
+  _globals['_CHAT']._serialized_start=454
+  _globals['_CHAT']._serialized_end=564
+  _globals['_TOKENIDS']._serialized_start=566
+  _globals['_TOKENIDS']._serialized_end=589
+  _globals['_GENERATEREQUEST']._serialized_start=592
+  _globals['_GENERATEREQUEST']._serialized_end=841
+  _globals['_TOPLOGPROB']._serialized_start=843
+  _globals['_TOPLOGPROB']._serialized_end=890
+  _globals['_TOKENLOGPROBS']._serialized_start=892
+  _globals['_TOKENLOGPROBS']._serialized_end=978
+  _globals['_USAGE']._serialized_start=980
+  _globals['_USAGE']._serialized_end=1060
+  _globals['_TIMINGS']._serialized_start=1063
+  _globals['_TIMINGS']._serialized_end=1351
+  _globals['_GENERATERESPONSE']._serialized_start=1354
+  _globals['_GENERATERESPONSE']._serialized_end=1587
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1589
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1625
+  _globals['_MODELINFO']._serialized_start=1628
+  _globals['_MODELINFO']._serialized_end=1806
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1808
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1868
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1870
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1892
+  _globals['_WORKERINFO']._serialized_start=1895
+  _globals['_WORKERINFO']._serialized_end=2063
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2066
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2300
+  _globals['_TANDEM']._serialized_start=2583
+  _globals['_TANDEM']._serialized_end=2827
 # @@protoc_insertion_point(module_scope)
