@@ -77,6 +77,7 @@ class TPGroup:
             return cls.single(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
+            dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
             torch.cuda.set_device(dev)
         dist.init_process_group(
             backend,
@@ -160,7 +161,7 @@ class RankChannel:
 
     @classmethod
     def connect(cls, address: tuple[str, int], authkey: bytes, rank: int) -> RankChannel:
-        conn = Client(tuple(address), authkey=authkey)
+        conn = Client((str(address[0]), int(address[1])), authkey=authkey)
         conn.send(rank)
         return cls({0: conn})
 

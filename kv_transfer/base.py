@@ -110,7 +110,9 @@ class BaseReceiver:
         if any(h < 0 or n < 1 or h + n > self.pool.num_heads for h, n in parts):
             raise ValueError(f"head parts {list(parts)} outside the pool's {self.pool.num_heads} KV heads")
         if parts and sum(n for _, n in parts) != self.pool.num_heads:
-            raise ValueError(f"head parts {list(parts)} do not cover the pool's {self.pool.num_heads} KV heads")
+            raise ValueError(
+                f"head parts {list(parts)} do not cover the pool's {self.pool.num_heads} KV heads"
+            )
         self._failed.pop(request_id, None)
         self.book.reserve(request_id, block_ids, num_layers, time.monotonic() + deadline_s, parts)
         p = self.pool
@@ -312,9 +314,9 @@ class BaseSender:
             )
         if heads is not None and not (
             heads.count >= 1
-            and 0 <= heads.src
+            and heads.src >= 0
             and heads.src + heads.count <= src_heads
-            and 0 <= heads.dst
+            and heads.dst >= 0
             and heads.dst + heads.count <= dst_heads
         ):
             raise ValueError(f"{heads} outside source heads {src_heads} / destination heads {dst_heads}")

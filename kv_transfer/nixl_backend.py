@@ -191,7 +191,12 @@ def _block_descs(base: int, count: int, size: int, device_id: int, stride: int |
 
 
 def _slice_descs(
-    base: int, num_layers: int, num_blocks: int, layer_block_bytes: int, heads: tuple[int, int], num_heads: int
+    base: int,
+    num_layers: int,
+    num_blocks: int,
+    layer_block_bytes: int,
+    heads: tuple[int, int],
+    num_heads: int,
 ) -> np.ndarray:
     """Descriptors of heads ``[first, first + count)`` of every (layer, block, K/V) of a pool; index
     ``(layer * num_blocks + block) * 2 + kind``."""
@@ -241,7 +246,9 @@ class NixlSender(BaseSender):
         dl = self._local_slices.get(heads)
         if dl is None:
             p = self.pool
-            descs = _slice_descs(p.base_addr, p.num_layers, p.num_blocks, p.layer_block_bytes, heads, p.num_heads)
+            descs = _slice_descs(
+                p.base_addr, p.num_layers, p.num_blocks, p.layer_block_bytes, heads, p.num_heads
+            )
             descs[:, 2] = p.device_id
             dl = self._local_slices[heads] = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, p.mem_type)
         return dl
@@ -250,7 +257,12 @@ class NixlSender(BaseSender):
         dl = remote.slices.get(heads)
         if dl is None:
             descs = _slice_descs(
-                dest.base_addr, dest.num_layers, dest.pool_blocks, dest.layer_block_bytes, heads, dest.block_shape[1]
+                dest.base_addr,
+                dest.num_layers,
+                dest.pool_blocks,
+                dest.layer_block_bytes,
+                heads,
+                dest.block_shape[1],
             )
             descs[:, 2] = dest.device_id
             dl = remote.slices[heads] = self.agent.prep_xfer_dlist(remote.name, descs, dest.mem_type)
@@ -284,7 +296,6 @@ class NixlSender(BaseSender):
     ) -> None:
         p = self.pool
         remote = self._remotes[out.dest.receiver]
-        n = len(src)
         per_layer = header.payload_bytes // len(layers)  # bytes of one layer of the message
         step = max(1, CHUNK_BYTES // max(1, per_layer))  # layers per WRITE
         groups = [range(f, min(f + step, layers.stop)) for f in range(layers.start, layers.stop, step)]
@@ -348,7 +359,13 @@ class NixlSender(BaseSender):
         self._send_ready(out)  # what no WRITE carried (a one-WRITE message's own header) goes now
 
     def _post_one(
-        self, out: Outgoing, w: _Write, local_dl: Any, remote_dl: Any, local_idx: np.ndarray, remote_idx: np.ndarray
+        self,
+        out: Outgoing,
+        w: _Write,
+        local_dl: Any,
+        remote_dl: Any,
+        local_idx: np.ndarray,
+        remote_idx: np.ndarray,
     ) -> bool:
         """Post one WRITE carrying the headers of this request that are ready: complete WRITEs whose
         digest is known and whose header is unsent, then this WRITE's own if its digest is known."""

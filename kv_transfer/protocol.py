@@ -327,10 +327,14 @@ class ReservationBook:
         if busy:
             raise NoRoomError(f"blocks {busy} are reserved by another request")
         heads = sorted(parts)
-        if any(n < 1 for _, n in heads) or any(b[0] < a[0] + a[1] for a, b in zip(heads, heads[1:], strict=False)):
+        if any(n < 1 for _, n in heads) or any(
+            b[0] < a[0] + a[1] for a, b in zip(heads, heads[1:], strict=False)
+        ):
             raise ValueError(f"head parts {heads} are empty or overlap")
         starts = [h for h, _ in heads] or [0]
-        missing = {(layer, i, h) for layer in range(num_layers) for i in range(len(block_ids)) for h in starts}
+        missing = {
+            (layer, i, h) for layer in range(num_layers) for i in range(len(block_ids)) for h in starts
+        }
         r = Reservation(request_id, tuple(block_ids), num_layers, deadline, missing, parts=tuple(heads))
         self._by_id[request_id] = r
         for b in block_ids:

@@ -8,7 +8,6 @@ import xxhash
 
 from kv_transfer.factory import ucx_env
 from kv_transfer.protocol import (
-    head_regions,
     DIGEST_NAME,
     KIND_ACK,
     KIND_DATA,
@@ -21,6 +20,7 @@ from kv_transfer.protocol import (
     coalesce,
     decode_all,
     digest,
+    head_regions,
     paired_runs,
     region,
     regions,
