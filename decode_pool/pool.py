@@ -108,7 +108,8 @@ class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
     def rank_usage(self) -> list[dict[str, int]]:
         """Per rank: blocks under a KV lease on its receiver (rank 0 first; ``tandem status``, tests)."""
         with self._cv:
-            mine = {"rank": 0, "reserved_blocks": self.receiver.num_reserved_blocks, "sends_in_flight": 0}
+            reserved = self.receiver.num_reserved_blocks
+            mine = {"rank": 0, "pid": os.getpid(), "reserved_blocks": reserved, "sends_in_flight": 0}
         return [mine, *rank_usage(self.ranks)]
 
     # -- the tandem.decode span ----------------------------------------------------------------------

@@ -58,7 +58,7 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
     def rank_usage(self) -> list[dict[str, int]]:
         """Per rank: KV sends still in flight (rank 0 first; ``tandem status``, tests)."""
         return [
-            {"rank": 0, "reserved_blocks": 0, "sends_in_flight": self.sender.num_in_flight},
+            {"rank": 0, "pid": os.getpid(), "reserved_blocks": 0, "sends_in_flight": self.sender.num_in_flight},
             *rank_usage(self.ranks),
         ]
 
