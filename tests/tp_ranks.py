@@ -7,6 +7,7 @@ run them with a RankEngine — the same split the pools use, without Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import traceback
@@ -146,10 +147,8 @@ class RankProcesses:
 
     def close(self) -> None:
         for c in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.send(None)
-            except OSError:
-                pass
         for p in self.procs:
             p.join(20)
             if p.is_alive() and p.pid is not None:
