@@ -284,6 +284,7 @@ class DecodeWorker:
                 total_blocks=bm.num_blocks,
                 reserved_blocks=self.receiver.num_reserved_blocks,
                 cached_blocks=bm.num_cached_blocks,
+                tensor_parallel_size=self.kv_layout.tp_size,
             )
             store = self.tier_store
             if self.landing is not None and store is not None:

@@ -162,6 +162,7 @@ class PrefillWorker:
             free_blocks=bm.num_free_blocks,
             total_blocks=bm.num_blocks,
             cached_blocks=bm.num_cached_blocks,
+            tensor_parallel_size=self.kv_layout.tp_size,
         )
 
     def crash_after_layer(self, request_id: str, layer: int, rank: int = 0) -> None:
