@@ -18,6 +18,7 @@ Pure: imports no ray, torch or grpc, so the CLI can validate a file without star
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,11 +55,16 @@ class EngineSection(_Strict):
 
 
 class PoolConfig(_Strict):
-    """One pool's workers: how many, and the Ray resources / node labels each one asks for."""
+    """One pool's workers: how many, and the Ray resources / node labels each one asks for.
+
+    ``tensor_parallel_size`` > 1 splits each worker's model over that many processes (one per
+    device) on one node: ``num_cpus`` / ``num_gpus`` / ``resources`` are then per rank. It must
+    split the model's heads (checked against the checkpoint: :func:`check_model`)."""
 
     replicas: int = Field(default=1, ge=0)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     num_cpus: NonNegativeFloat = 1.0
-    num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA
+    num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA (per rank)
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # custom Ray resources
     node_labels: dict[str, str] = Field(default_factory=dict)  # Ray node labels the worker must match
 
@@ -233,6 +239,32 @@ class TandemConfig(_Strict):
     @property
     def is_demo(self) -> bool:
         return self.model == "demo"
+
+
+def check_model(cfg: TandemConfig, model_dir: str | Path) -> None:
+    """Raise ConfigError, naming the field, unless each pool's ``tensor_parallel_size`` splits the
+    checkpoint's heads (read from ``model_dir/config.json``; a directory without one is left to
+    the workers, which check again as they load)."""
+    from engine.tp_layout import check_tensor_parallel
+
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        return
+    raw = json.loads(path.read_text())
+    heads = int(raw["num_attention_heads"])
+    kv = int(raw.get("num_key_value_heads") or heads)
+    inter = raw.get("intermediate_size")
+    problems = []
+    for role in ("prefill", "decode"):
+        pool: PoolConfig = getattr(cfg.pools, role)
+        if pool.replicas == 0:
+            continue
+        try:
+            check_tensor_parallel(pool.tensor_parallel_size, heads, kv, int(inter) if inter else None)
+        except ValueError as e:
+            problems.append(f"pools.{role}.tensor_parallel_size: {e} ({model_dir})")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def default_config() -> TandemConfig:

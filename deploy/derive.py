@@ -75,12 +75,16 @@ def tier_config(cfg: TandemConfig) -> TierConfig | None:
 def worker_config(
     cfg: TandemConfig, pool: PoolConfig, worker_id: str, model: Path | None = None
 ) -> WorkerConfig:
-    """What worker ``worker_id`` of ``pool`` runs (on CUDA when the pool asks for GPUs)."""
+    """What worker ``worker_id`` of ``pool`` runs (on CUDA when the pool asks for GPUs). A
+    tensor-parallel worker runs G1 only: ``tiers.g2`` / ``g3`` are not built for it (each rank
+    would have to offload and onboard its heads in lockstep); ``tiers.g1`` is per rank."""
+    tp = pool.tensor_parallel_size
     return WorkerConfig(
         engine_config(cfg, pool.device, model),
         worker_id=worker_id,
-        tiers=tier_config(cfg),
+        tiers=tier_config(cfg) if tp == 1 else None,
         kv_backend=KV_BACKEND,
+        tensor_parallel_size=tp,
     )
 
 

@@ -101,7 +101,12 @@ class RankFollower:
         with self._lock:
             reserved = self.receiver.num_reserved_blocks if self.receiver is not None else 0
         in_flight = self.shard.num_in_flight if self.shard is not None else 0
-        return {"rank": self.rank, "pid": os.getpid(), "reserved_blocks": reserved, "sends_in_flight": in_flight}
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "reserved_blocks": reserved,
+            "sends_in_flight": in_flight,
+        }
 
     # -- the message loop
     def _serve(self) -> None:

@@ -36,7 +36,6 @@ from pool_runtime.config import WorkerConfig
 from pool_runtime.rank_follower import RankFollower
 from pool_runtime.rank_group import RankGroup
 
-PLACEMENT_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 600.0  # loading a shard of a big model takes a while
 T = TypeVar("T")
 _MIN_CPU = 0.001  # a bundle must ask for something: a rank that asks for nothing gets this
@@ -50,17 +49,11 @@ def rank_resources(spec: PoolSpec) -> dict[str, float]:
 
 
 def tp_placement_group(spec: PoolSpec, tp: int, **options: Any) -> PlacementGroup:
-    """The worker's placement group, ready; ``options``: a name, ``lifetime="detached"``."""
+    """The worker's placement group (not waited for: its actors start once Ray has placed it, and
+    the caller waits for them); ``options``: a name, ``lifetime="detached"``."""
     labels = [dict(spec.node_labels)] * tp if spec.node_labels else None
-    pg = placement_group(
-        [rank_resources(spec)] * tp, strategy="STRICT_PACK", bundle_label_selector=labels, **options
-    )
-    try:
-        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-    except BaseException:
-        remove_placement_group(pg)
-        raise
-    return pg
+    bundles = [rank_resources(spec)] * tp
+    return placement_group(bundles, strategy="STRICT_PACK", bundle_label_selector=labels, **options)
 
 
 def worker_options(spec: PoolSpec, pg: PlacementGroup | None) -> dict[str, Any]:
@@ -106,6 +99,15 @@ def remove_placement(pg: PlacementGroup | None) -> None:
     if pg is not None:
         with contextlib.suppress(Exception):
             remove_placement_group(pg)
+
+
+def remove_named_placement(worker_name: str) -> None:
+    """Remove a launched worker's placement group, if it has one (TP > 1)."""
+    try:
+        pg = ray.util.get_placement_group(placement_name(worker_name))
+    except ValueError:
+        return
+    remove_placement(pg)
 
 
 class FollowerActor(RankFollower):

@@ -57,10 +57,13 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
 
     def rank_usage(self) -> list[dict[str, int]]:
         """Per rank: KV sends still in flight (rank 0 first; ``tandem status``, tests)."""
-        return [
-            {"rank": 0, "pid": os.getpid(), "reserved_blocks": 0, "sends_in_flight": self.sender.num_in_flight},
-            *rank_usage(self.ranks),
-        ]
+        mine = {
+            "rank": 0,
+            "pid": os.getpid(),
+            "reserved_blocks": 0,
+            "sends_in_flight": self.sender.num_in_flight,
+        }
+        return [mine, *rank_usage(self.ranks)]
 
     def prefill(self, req: WorkRequest, grant: KVGrant, carrier: dict[str, str] | None = None) -> FirstToken:
         if not self.tracing.enabled:

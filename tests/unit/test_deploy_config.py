@@ -10,6 +10,7 @@ from deploy.config import (
     LOCAL_YAML,
     ConfigError,
     TandemConfig,
+    check_model,
     default_config,
     dump_config,
     load_config,
@@ -146,6 +147,10 @@ def _error(tmp_path: Path, text: str) -> str:
         ("routr: {port: 1}", "routr: Extra inputs are not permitted"),
         ("pools: {decode: {replica: 2}}", "pools.decode.replica: Extra inputs are not permitted"),
         ("version: 2", "version: Input should be 1"),
+        (
+            "pools: {decode: {tensor_parallel_size: 0}}",
+            "pools.decode.tensor_parallel_size: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_files_name_the_field(tmp_path: Path, text: str, needle: str) -> None:
@@ -177,3 +182,37 @@ def test_redis_and_sizes_accepted() -> None:
     assert cfg.metadata.is_redis
     assert cfg.tiers.g1.capacity == 1610612736
     assert cfg.tiers.g3 is None
+
+
+def _checkpoint_config(tmp_path: Path, **raw: int) -> Path:
+    import json
+
+    fields = {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, **raw}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    return tmp_path
+
+
+def test_tensor_parallel_size_is_checked_against_the_models_heads(tmp_path: Path) -> None:
+    ckpt = _checkpoint_config(tmp_path)
+    ok = parse_config(
+        {"pools": {"prefill": {"tensor_parallel_size": 2}, "decode": {"tensor_parallel_size": 4}}}
+    )
+    check_model(ok, ckpt)  # 2 divides the 2 KV heads; with 4 ranks each KV head is replicated twice
+    bad = parse_config(
+        {"pools": {"prefill": {"tensor_parallel_size": 3}, "decode": {"tensor_parallel_size": 8}}}
+    )
+    with pytest.raises(ConfigError) as info:
+        check_model(bad, ckpt)
+    assert str(info.value).splitlines() == [
+        f"pools.prefill.tensor_parallel_size: tensor_parallel_size 3 does not divide the model's 4 "
+        f"attention heads ({ckpt})",
+        f"pools.decode.tensor_parallel_size: tensor_parallel_size 8 does not divide the model's 4 "
+        f"attention heads ({ckpt})",
+    ]
+    (tmp_path / "odd").mkdir()
+    odd = _checkpoint_config(tmp_path / "odd", intermediate_size=130)  # splits in 2, not in 4
+    with pytest.raises(ConfigError, match="pools.decode.tensor_parallel_size: .*4 .* intermediate_size 130"):
+        check_model(ok, odd)
+    check_model(bad, tmp_path / "no-such-checkpoint")  # nothing to read here: the workers check
+    idle = parse_config({"pools": {"prefill": {"replicas": 0, "tensor_parallel_size": 3}}})
+    check_model(idle, ckpt)  # a pool without workers splits nothing
