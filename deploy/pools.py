@@ -247,7 +247,7 @@ def serve_backend(
     handles: list[Any] = []
 
     def stop() -> None:
-        shutdown(handles)
+        shutdown(handles, remove_placements=temp_dir is None)  # our own Ray goes next, with them
         if temp_dir is not None:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)

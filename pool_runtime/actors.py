@@ -103,14 +103,15 @@ class ActorIdentity:
         return node_name()
 
 
-def shutdown(handles: Sequence[Any]) -> None:
+def shutdown(handles: Sequence[Any], remove_placements: bool = True) -> None:
     """Kill the actors behind prefill or decode handles (no restart), and remove the placement
-    group of a tensor-parallel one (its follower ranks die with it)."""
+    group of a tensor-parallel one (its follower ranks die with it). ``remove_placements=False``
+    when the Ray cluster goes next anyway (a GCS already stopped would make the removal wait)."""
     from ray.util.placement_group import remove_placement_group
 
     for h in handles:
         ray.kill(h.actor, no_restart=True)
         pg = getattr(h, "placement", None)
-        if pg is not None:
+        if pg is not None and remove_placements:
             with contextlib.suppress(Exception):
                 remove_placement_group(pg)
