@@ -110,7 +110,7 @@ class Model:
         """(S, hidden) -> (S, vocab) fp32. With tensor parallelism every rank calls it (the
         vocabulary pieces are gathered): rank 0 gets the logits, the others an empty (S, 0)."""
         local = self.lm_head(hidden).float()  # (S, V/tp), padded on the last rank
-        if self.tp.size == 1:
+        if not self.tp.distributed:
             return local
         full = self.tp.gather_columns(local)  # rank 0: (S, tp * V/tp)
         if full is None:

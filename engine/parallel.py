@@ -50,11 +50,16 @@ class RankGroupBroken(RuntimeError):
 
 
 class TPGroup:
-    """This process's rank in a tensor-parallel group of ``size`` ranks (one process per rank)."""
+    """This process's rank in a tensor-parallel group of ``size`` ranks (one process per rank).
+    ``distributed``: a torch.distributed process group exists (else every collective is a no-op)."""
 
-    def __init__(self, rank: int, size: int, device: torch.device) -> None:
+    def __init__(
+        self, rank: int, size: int, device: torch.device, distributed: bool = False, backend: str = ""
+    ) -> None:
         self.rank, self.size, self.device = rank, size, device
-        self._closed = size == 1
+        self.distributed = distributed
+        self.backend = backend
+        self._closed = not distributed
 
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> TPGroup:
@@ -69,13 +74,15 @@ class TPGroup:
         init_method: str,
         device: str | torch.device = "cpu",
         timeout_s: float = COLLECTIVE_TIMEOUT_S,
+        backend: str | None = None,
     ) -> TPGroup:
         """Join the group at ``init_method`` (``tcp://host:port``, rank 0 listens); gloo for CPU
-        tensors, NCCL for CUDA ones. Blocks until all ``size`` ranks have joined."""
+        tensors, NCCL for CUDA ones. Blocks until all ``size`` ranks have joined. ``backend``
+        forces one (tests: gloo over CUDA tensors, or a real NCCL group of one rank)."""
         dev = torch.device(device)
-        if size == 1:
+        if size == 1 and backend is None:
             return cls.single(dev)
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
             torch.cuda.set_device(dev)
@@ -85,23 +92,26 @@ class TPGroup:
             rank=rank,
             world_size=size,
             timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if dev.type == "cuda" else None,
+            device_id=dev if backend == "nccl" else None,
         )
-        return cls(rank, size, dev)
+        return cls(rank, size, dev, distributed=True, backend=backend)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place; every rank gets the same floats."""
-        if self.size > 1:
+        if self.distributed:
             self._collective(dist.all_reduce, t)
         return t
 
     def gather_columns(self, t: torch.Tensor) -> torch.Tensor | None:
         """Rank 0: the ranks' (R, n) pieces side by side, (R, size * n); None on the other ranks."""
-        if self.size == 1:
+        if not self.distributed:
             return t
+        dev = t.device
+        if self.backend == "gloo":  # gloo gathers CPU tensors only
+            t = t.cpu()
         parts = [torch.empty_like(t) for _ in range(self.size)] if self.rank == 0 else None
         self._collective(dist.gather, t.contiguous(), parts, dst=0)
-        return torch.cat(parts, dim=1) if parts is not None else None
+        return torch.cat(parts, dim=1).to(dev) if parts is not None else None
 
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:

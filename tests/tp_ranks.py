@@ -69,7 +69,7 @@ def _generate(
 COMMANDS = {"logits": _logits, "generate": _generate}
 
 
-def serve(conn: Connection, rank: int, size: int, init_method: str, device: str) -> None:
+def serve(conn: Connection, rank: int, size: int, init_method: str, device: str, backend: str | None) -> None:
     import torch
 
     from engine.parallel import RankChannel, TPGroup
@@ -86,7 +86,7 @@ def serve(conn: Connection, rank: int, size: int, init_method: str, device: str)
     state["channel"] = chan
     if device == "cuda" and torch.cuda.device_count() >= size:
         device = state["device"] = f"cuda:{rank}"
-    state["tp"] = TPGroup.init(rank, size, init_method, device)
+    state["tp"] = TPGroup.init(rank, size, init_method, device, backend=backend)
     conn.send(("ok", "ready"))
     while True:
         try:
@@ -106,9 +106,10 @@ def serve(conn: Connection, rank: int, size: int, init_method: str, device: str)
 
 class RankProcesses:
     """``size`` spawned ranks of one group; ``call(name, **kw)`` runs a command on all of them at
-    once and returns rank 0's result."""
+    once and returns rank 0's result. ``device`` "cuda": each rank on its own GPU when there are
+    enough, else all on GPU 0 (then only with ``backend="gloo"``: NCCL refuses two ranks on one GPU)."""
 
-    def __init__(self, size: int = 2, device: str = "cpu") -> None:
+    def __init__(self, size: int = 2, device: str = "cpu", backend: str | None = None) -> None:
         from engine.parallel import free_port
 
         init = f"tcp://127.0.0.1:{free_port()}"
@@ -116,7 +117,7 @@ class RankProcesses:
         self.procs: list[Any] = []
         for rank in range(size):
             parent, child = _CTX.Pipe()
-            proc = _CTX.Process(target=serve, args=(child, rank, size, init, device), daemon=True)
+            proc = _CTX.Process(target=serve, args=(child, rank, size, init, device, backend), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
