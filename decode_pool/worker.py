@@ -155,7 +155,7 @@ class DecodeWorker:
 
     def _release_ranks(self, rid: str) -> None:
         if self.ranks is not None:
-            with contextlib.suppress(RankGroupBroken, RuntimeError):
+            with contextlib.suppress(RankGroupBroken, PoolError):
                 self.ranks.release(rid)
 
     def _fits_g1(self, num_prompt_tokens: int) -> bool:

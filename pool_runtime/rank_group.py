@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from engine.model_runner import StepInputs
 from engine.parallel import RankChannel, RankGroupBroken, TPGroup
 from kv_transfer.transport import KVDestination
-from pool_runtime.handoff import KVGrant
+from pool_runtime.handoff import KVGrant, PoolError
 
 ANSWER_TIMEOUT_S = 120.0  # longer than any finish (ack timeout) a follower may be waiting in
 T = TypeVar("T")
@@ -135,7 +135,7 @@ class RankGroup:
         self.followers = list(followers)  # opaque (Ray actor handles): kept alive with the group
         self.on_broken: Callable[[RankGroupBroken], None] | None = None
         self._on_close = on_close
-        self._shared: set[str] = set()  # requests whose grant the followers have
+        self._shared: dict[str, KVGrant] = {}  # the grant the followers have for each request
         self._lock = threading.RLock()
         self.broken: RankGroupBroken | None = None
         self._closed = False
@@ -147,27 +147,30 @@ class RankGroup:
         self, inputs: StepInputs, sends: Sequence[SendPlan] = (), grants: dict[str, KVGrant] | None = None
     ) -> None:
         """Publish one step (``runner.publish``); rank 0 runs its own forward right after."""
-        new = {rid: g for rid, g in (grants or {}).items() if rid not in self._shared}
+        new = {rid: g for rid, g in (grants or {}).items() if self._shared.get(rid) is not g}
         self._shared.update(new)
         self._send(Step(inputs, list(sends), new))
 
     def call(self, msg: Any, local: Callable[[], T]) -> tuple[T, list[Any]]:
         """Send ``msg``, run rank 0's own part (``local``) meanwhile, then collect the followers'
-        answers. Raises the first follower's error (as RuntimeError) after all have answered."""
+        answers. Raises the first follower's error (as PoolError) after all have answered."""
         with self._lock:
             self._send(msg)
             mine = local()
             answers: list[Answer] = self._gather()
         errors = [a.error for a in answers if a.error]
         if errors:
-            raise RuntimeError(errors[0])
+            raise PoolError(errors[0])
         return mine, [a.value for a in answers]
 
-    def finish(self, request_ids: list[str], timeout_s: float) -> dict[str, tuple[str, int]]:
-        """The followers' outcome per request: (error or "", bytes they sent)."""
+    def finish(
+        self, request_ids: list[str], timeout_s: float, local: Callable[[], None] = lambda: None
+    ) -> dict[str, tuple[str, int]]:
+        """Every rank waits for the commits of the decode ranks it wrote to (rank 0's own part:
+        ``local``); the other ranks' outcome per request: (first error or "", bytes they sent)."""
         for rid in request_ids:
-            self._shared.discard(rid)
-        _, answers = self.call(Finish(request_ids, timeout_s), lambda: None)
+            self._shared.pop(rid, None)
+        _, answers = self.call(Finish(request_ids, timeout_s), local)
         out: dict[str, tuple[str, int]] = {rid: ("", 0) for rid in request_ids}
         for per_rank in answers:
             for rid, (error, nbytes) in per_rank.items():
@@ -175,9 +178,12 @@ class RankGroup:
                 out[rid] = (prev_error or error, prev_bytes + nbytes)
         return out
 
-    def abandon(self, request_id: str, flush_timeout_s: float) -> None:
-        self._shared.discard(request_id)
-        self.call(Abandon(request_id, flush_timeout_s), lambda: None)
+    def abandon(
+        self, request_id: str, flush_timeout_s: float, local: Callable[[], None] = lambda: None
+    ) -> None:
+        """Every rank lets its posted writes of the request land, then drops them."""
+        self._shared.pop(request_id, None)
+        self.call(Abandon(request_id, flush_timeout_s), local)
 
     def reserve(
         self, msg: Reserve, local: Callable[[], KVDestination]

@@ -55,7 +55,7 @@ from kv_transfer.protocol import KVTransferError
 from pool_runtime.build import EvictionLog, build_engine, build_transport
 from pool_runtime.config import WorkerConfig
 from pool_runtime.handoff import FirstToken, KVGrant, PoolError, WorkRequest
-from pool_runtime.rank_group import Abandon, Finish, RankGroup, SendPlan
+from pool_runtime.rank_group import RankGroup, SendPlan
 from pool_runtime.reports import WorkerLoad
 from pool_runtime.tp_handoff import ShardSender, worker_layout
 
@@ -188,6 +188,9 @@ class PrefillWorker:
                 if isinstance(e, RankGroupBroken) and self.ranks is not None:
                     self.ranks.fail(e)  # a rank is gone: the worker cannot step again (the actor ends)
                 for job in list(self._jobs.values()):
+                    if self.ranks is not None and self.ranks.broken is None:
+                        with contextlib.suppress(Exception):  # the other ranks drop it too
+                            self.ranks.abandon(job.req.request_id, 0.0)
                     self._drop(job)
                     if not job.future.done():
                         job.future.set_exception(PoolError(f"prefill worker {self.worker_id} failed: {e!r}"))
@@ -280,10 +283,8 @@ class PrefillWorker:
         if self.ranks is None:
             finish_mine()
         else:  # every rank waits for the commits of the decode ranks it wrote to, at once
-            theirs = self.ranks.call(Finish([rid], self.config.ack_timeout_s), finish_mine)[1]
-            for per_rank in theirs:
-                rank_error, nbytes = per_rank[rid]
-                error, job.kv_bytes = error or rank_error, job.kv_bytes + nbytes
+            rank_error, nbytes = self.ranks.finish([rid], self.config.ack_timeout_s, finish_mine)[rid]
+            error, job.kv_bytes = error or rank_error, job.kv_bytes + nbytes
         self._jobs.pop(rid, None)
         if error:
             job.future.set_exception(
@@ -358,7 +359,7 @@ class PrefillWorker:
             self.shard.abandon(job.grant, timeout)
         else:
             with contextlib.suppress(RankGroupBroken):
-                self.ranks.call(Abandon(request_id, timeout), lambda: self.shard.abandon(job.grant, timeout))
+                self.ranks.abandon(request_id, timeout, lambda: self.shard.abandon(job.grant, timeout))
         self._drop(job)
         job.future.set_exception(Cancelled(f"{request_id}: cancelled"))
 
