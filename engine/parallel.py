@@ -32,7 +32,7 @@ import dataclasses
 import datetime
 import os
 import secrets
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Connection, Listener, wait
 from typing import Any
 
 import torch
@@ -205,6 +205,12 @@ class RankChannel:
             except (OSError, EOFError) as e:
                 raise RankGroupBroken(f"rank {rank} is gone: {e}") from e
         return out
+
+    def unasked(self) -> bool:
+        """Rank 0: whether a follower has sent something nobody asked for. Followers only answer,
+        so with no message in flight this means a connection closed: a follower died."""
+        conns = list(self._conns.values())
+        return bool(conns) and bool(wait(conns, timeout=0))
 
     def close(self) -> None:
         for conn in self._conns.values():

@@ -110,11 +110,13 @@ class RankFollower:
 
     # -- the message loop
     def _serve(self) -> None:
+        orphaned = False
         while not self._stop:
             try:
                 msg = self.channel.recv()
             except RankGroupBroken:
-                break  # rank 0 is gone: so is this worker
+                orphaned = True  # rank 0 is gone: so is this worker
+                break
             if isinstance(msg, Stop):
                 break
             if isinstance(msg, Step):
@@ -131,9 +133,12 @@ class RankFollower:
             try:
                 self.channel.send(answer)
             except RankGroupBroken:
+                orphaned = True
                 break
         self._stop = True
         self.close()
+        if orphaned:  # free this rank's bundle for the followers of rank 0's restart at once
+            os._exit(0)
 
     def _step(self, msg: Step) -> None:
         self._grants.update(msg.grants)

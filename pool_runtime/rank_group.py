@@ -29,7 +29,6 @@ import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from typing import Any, TypeVar
 
 from engine.model_runner import StepInputs
@@ -242,8 +241,7 @@ class RankGroup:
             try:
                 if self._closed:
                     return
-                conns = list(self.channel._conns.values())
-                if conns and wait(conns, timeout=0):
+                if self.channel.unasked():
                     with contextlib.suppress(RankGroupBroken):
                         self._broke(RankGroupBroken("a follower rank died (its connection closed)"))
                     return

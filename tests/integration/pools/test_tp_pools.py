@@ -292,3 +292,28 @@ def test_a_decode_rank_killed_mid_generation_resumes_elsewhere(pools: Pools, exp
     assert chunks[-1].error == "" and chunks[-1].worker_id == "decode-tp1-0"
     assert _tokens(chunks) == expected[tuple(prompt)]
     assert _all_returned(pools) == IDLE
+
+
+def test_rank_0_killed_takes_its_other_ranks_along(pools: Pools, expected: dict) -> None:
+    """Rank 0 of the TP2 decode worker dies mid-generation (its own crash hook): its follower, owned
+    by it, goes too, the request resumes on the TP1 decode worker, and the worker comes back as
+    two new processes with nothing held."""
+    import ray
+
+    d = _handle(pools, "decode-tp2-0")
+    before = {u["pid"] for u in _back(d)}
+    prompt = FAULT_PROMPTS[3]
+    ray.get(d.actor.crash_after_tokens.remote("kill-rank-0", 4))
+    req = PoolRequest(
+        "kill-rank-0",
+        prompt,
+        SamplingParams(max_tokens=LONG, seed=1),
+        prefill_worker="prefill-tp2-0",
+        decode_worker="decode-tp2-0",
+    )
+    chunks = asyncio.run(_stream(pools, req))
+    assert chunks[-1].error == "" and chunks[-1].worker_id == "decode-tp1-0"
+    assert _tokens(chunks) == expected[tuple(prompt)]
+    assert _all_returned(pools) == IDLE
+    after = {u["pid"] for u in _back(d)}
+    assert len(after) == 2 and not before & after
