@@ -18,7 +18,6 @@ Pure: imports no ray, torch or grpc, so the CLI can validate a file without star
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,7 +58,7 @@ class PoolConfig(_Strict):
 
     ``tensor_parallel_size`` > 1 splits each worker's model over that many processes (one per
     device) on one node: ``num_cpus`` / ``num_gpus`` / ``resources`` are then per rank. It must
-    split the model's heads (checked against the checkpoint: :func:`check_model`)."""
+    split the model's heads (checked against the checkpoint: deploy/derive.py ``check_model``)."""
 
     replicas: int = Field(default=1, ge=0)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
@@ -241,28 +240,23 @@ class TandemConfig(_Strict):
         return self.model == "demo"
 
 
-def check_model(cfg: TandemConfig, model_dir: str | Path) -> None:
-    """Raise ConfigError, naming the field, unless each pool's ``tensor_parallel_size`` splits the
-    checkpoint's heads (read from ``model_dir/config.json``; a directory without one is left to
-    the workers, which check again as they load)."""
+def check_tensor_parallel_sizes(
+    cfg: TandemConfig, num_heads: int, num_kv_heads: int, intermediate_size: int | None, model: str
+) -> None:
+    """Raise ConfigError, naming the field, unless each pool's ``tensor_parallel_size`` splits a
+    model of these heads (``model`` names it in the message; deploy/derive.py reads the numbers
+    from the checkpoint)."""
     from engine.tp_layout import check_tensor_parallel
 
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return
-    raw = json.loads(path.read_text())
-    heads = int(raw["num_attention_heads"])
-    kv = int(raw.get("num_key_value_heads") or heads)
-    inter = raw.get("intermediate_size")
     problems = []
     for role in ("prefill", "decode"):
         pool: PoolConfig = getattr(cfg.pools, role)
         if pool.replicas == 0:
             continue
         try:
-            check_tensor_parallel(pool.tensor_parallel_size, heads, kv, int(inter) if inter else None)
+            check_tensor_parallel(pool.tensor_parallel_size, num_heads, num_kv_heads, intermediate_size)
         except ValueError as e:
-            problems.append(f"pools.{role}.tensor_parallel_size: {e} ({model_dir})")
+            problems.append(f"pools.{role}.tensor_parallel_size: {e} ({model})")
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -4,6 +4,7 @@
 
     TandemConfig (deploy/config.py, the YAML)
       ├─ model_dir(cfg)                      the checkpoint ("demo": generated on first use)
+      ├─ check_model(cfg, model)             the pools' tensor_parallel_size against its heads
       ├─ engine_config(cfg, device)          EngineConfig: model, dtype, engine knobs, G1 = tiers.g1
       ├─ tier_config(cfg)                    TierConfig: G2 = tiers.g2, G3 = tiers.g3 under tiers.dir
       ├─ worker_config(cfg, pool, id)        WorkerConfig: the two above + this worker's transport
@@ -20,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deploy.config import PoolConfig, RouterConfig, TandemConfig
+from deploy.config import PoolConfig, RouterConfig, TandemConfig, check_tensor_parallel_sizes
 from engine.llm_engine import EngineConfig
 from memory_tiers.tier_store import TierConfig
 from pool_runtime.actors import PoolSpec
@@ -41,6 +42,19 @@ def model_dir(cfg: TandemConfig) -> Path:
 def model_name(cfg: TandemConfig) -> str:
     """What GetModelInfo calls the model: ``demo`` or the checkpoint directory's name."""
     return "demo" if cfg.is_demo else Path(cfg.model).expanduser().name
+
+
+def check_model(cfg: TandemConfig, model: Path) -> None:
+    """Raise ConfigError, naming the field, unless each pool's ``tensor_parallel_size`` splits the
+    checkpoint at ``model``; one that cannot be read here (``tandem launch`` from a machine without
+    it) is left to the workers, which check again as they load."""
+    from engine.config import ModelConfig
+
+    try:
+        mc = ModelConfig.from_pretrained(model, cfg.dtype)
+    except (OSError, KeyError, ValueError):  # absent or unreadable here: the workers will say
+        return
+    check_tensor_parallel_sizes(cfg, mc.num_heads, mc.num_kv_heads, mc.intermediate_size, str(model))
 
 
 def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = None) -> EngineConfig:

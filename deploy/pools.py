@@ -32,8 +32,8 @@ from typing import Any
 import ray
 
 from decode_pool.pool import DecodeActor, RayDecodeHandle
-from deploy.config import PoolConfig, TandemConfig, check_model
-from deploy.derive import model_dir, model_name, pool_spec, worker_config, worker_telemetry
+from deploy.config import PoolConfig, TandemConfig
+from deploy.derive import check_model, model_dir, model_name, pool_spec, worker_config, worker_telemetry
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore
 from pool_runtime.actors import PoolSpec, shutdown
 from pool_runtime.config import WorkerConfig

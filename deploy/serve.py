@@ -137,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = resolve_config(args)
         if args.backend == "pools":  # every pool's tensor_parallel_size against the model's heads
-            from deploy.config import check_model
-            from deploy.derive import model_dir
+            from deploy.derive import check_model, model_dir
 
             check_model(cfg, model_dir(cfg))
     except (ConfigError, ValueError) as e:

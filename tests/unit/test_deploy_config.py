@@ -10,7 +10,7 @@ from deploy.config import (
     LOCAL_YAML,
     ConfigError,
     TandemConfig,
-    check_model,
+    check_tensor_parallel_sizes,
     default_config,
     dump_config,
     load_config,
@@ -184,35 +184,34 @@ def test_redis_and_sizes_accepted() -> None:
     assert cfg.tiers.g3 is None
 
 
-def _checkpoint_config(tmp_path: Path, **raw: int) -> Path:
-    import json
-
-    fields = {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, **raw}
-    (tmp_path / "config.json").write_text(json.dumps(fields))
-    return tmp_path
-
-
-def test_tensor_parallel_size_is_checked_against_the_models_heads(tmp_path: Path) -> None:
-    ckpt = _checkpoint_config(tmp_path)
+def test_tensor_parallel_size_is_checked_against_the_models_heads() -> None:
     ok = parse_config(
         {"pools": {"prefill": {"tensor_parallel_size": 2}, "decode": {"tensor_parallel_size": 4}}}
     )
-    check_model(ok, ckpt)  # 2 divides the 2 KV heads; with 4 ranks each KV head is replicated twice
+    check_tensor_parallel_sizes(ok, 4, 2, 128, "m")  # 4 ranks: each of the 2 KV heads replicated twice
     bad = parse_config(
         {"pools": {"prefill": {"tensor_parallel_size": 3}, "decode": {"tensor_parallel_size": 8}}}
     )
     with pytest.raises(ConfigError) as info:
-        check_model(bad, ckpt)
+        check_tensor_parallel_sizes(bad, 4, 2, 128, "/models/m")
     assert str(info.value).splitlines() == [
-        f"pools.prefill.tensor_parallel_size: tensor_parallel_size 3 does not divide the model's 4 "
-        f"attention heads ({ckpt})",
-        f"pools.decode.tensor_parallel_size: tensor_parallel_size 8 does not divide the model's 4 "
-        f"attention heads ({ckpt})",
+        "pools.prefill.tensor_parallel_size: tensor_parallel_size 3 does not divide the model's 4 "
+        "attention heads (/models/m)",
+        "pools.decode.tensor_parallel_size: tensor_parallel_size 8 does not divide the model's 4 "
+        "attention heads (/models/m)",
     ]
-    (tmp_path / "odd").mkdir()
-    odd = _checkpoint_config(tmp_path / "odd", intermediate_size=130)  # splits in 2, not in 4
     with pytest.raises(ConfigError, match="pools.decode.tensor_parallel_size: .*4 .* intermediate_size 130"):
-        check_model(ok, odd)
-    check_model(bad, tmp_path / "no-such-checkpoint")  # nothing to read here: the workers check
+        check_tensor_parallel_sizes(ok, 4, 2, 130, "m")  # splits in 2, not in 4
     idle = parse_config({"pools": {"prefill": {"replicas": 0, "tensor_parallel_size": 3}}})
-    check_model(idle, ckpt)  # a pool without workers splits nothing
+    check_tensor_parallel_sizes(idle, 4, 2, 128, "m")  # a pool without workers splits nothing
+
+
+def test_check_model_reads_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+    from deploy.derive import check_model
+
+    with pytest.raises(
+        ConfigError, match=f"pools.decode.tensor_parallel_size: .*3 .* 4 attention heads \\({checkpoint}\\)"
+    ):
+        check_model(parse_config({"pools": {"decode": {"tensor_parallel_size": 3}}}), checkpoint)
+    check_model(parse_config({"pools": {"decode": {"tensor_parallel_size": 2}}}), checkpoint)
+    check_model(parse_config({"pools": {"decode": {"tensor_parallel_size": 3}}}), tmp_path / "elsewhere")
