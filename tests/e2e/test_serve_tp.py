@@ -151,3 +151,26 @@ def test_a_cancelled_stream_frees_its_blocks(served: tuple[ManagedServer, tuple[
 
     assert asyncio.run(main()) > 0  # the stream held blocks on decode-0 while it ran...
     assert _idle(server.address) == [("prefill-0", 0, 0, 0), ("decode-0", 0, 0, 0)]  # ...no more
+
+
+def test_a_split_that_does_not_fit_the_model_is_refused_before_anything_starts(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from tests.e2e.test_grpc_serve import REPO, _serve_command
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("pools:\n  prefill: {tensor_parallel_size: 3}\n")
+    out = subprocess.run(
+        [*_serve_command(), "--config", str(cfg), "--model", str(checkpoint)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "tandem serve: pools.prefill.tensor_parallel_size: tensor_parallel_size 3 does not divide the "
+        f"model's 4 attention heads ({checkpoint})"
+    )
