@@ -46,7 +46,8 @@ test-isa: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/pytest -q $(ISA_TESTS)
 
 # Every GPU test in one call (on a machine with a CUDA GPU and torch's CUDA build): the gpu-marked
-# tests, and the Triton kernel tests compiled for the GPU instead of interpreted.
+# tests (among them tests/integration/test_tp_gpu.py: tensor parallelism over NCCL, its two-GPU case
+# skipped on one GPU), and the Triton kernel tests compiled for the GPU instead of interpreted.
 test-gpu: $(STAMP)
 	TANDEM_GPU=1 $(BIN)/pytest -q -m gpu --durations=10
 	TANDEM_GPU=1 $(BIN)/pytest -q tests/unit/test_triton_kernels.py

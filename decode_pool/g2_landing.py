@@ -93,7 +93,9 @@ class HostLanding:
         return request_id in self._held
 
     # -- one request ------------------------------------------------------------------------------
-    def reserve(self, request_id: str, prompt_ids: list[int], lease_s: float) -> KVDestination | None:
+    def reserve(
+        self, request_id: str, prompt_ids: list[int], lease_s: float, parts: tuple[tuple[int, int], ...] = ()
+    ) -> KVDestination | None:
         """G2 slots and inbox blocks for the whole prompt, and the inbox destination; None (nothing
         changed) when either is short."""
         n = self.layout.blocks_for(len(prompt_ids))
@@ -104,7 +106,7 @@ class HostLanding:
             return None
         inbox_ids = [self._free.popleft() for _ in range(n)]
         try:
-            dest = self.receiver.reserve(request_id, inbox_ids, self.layout.num_layers, lease_s)
+            dest = self.receiver.reserve(request_id, inbox_ids, self.layout.num_layers, lease_s, parts)
         except BaseException:
             self._free.extend(inbox_ids)
             self.store.release_host(request_id)

@@ -7,11 +7,15 @@ Tracing (pool_runtime/tracing.py): each handle call that starts work passes the 
 the actor opens ``tandem.kv_reserve`` around ``reserve`` and one ``tandem.decode`` span per request
 from ``start`` / ``submit_local`` until ``take`` hands out its last chunk (or ``cancel``). With the
 tracer off nothing is opened and ``take`` does one dict check.
+
+Tensor parallel: as for prefill (prefill_pool/pool.py), a placement group per replica and follower
+ranks started by the actor; ``reserve`` passes on the prefill worker's KV layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +24,13 @@ import ray
 from opentelemetry import trace
 
 from decode_pool.worker import DecodeWorker
+from kv_transfer.heads import KVShardLayout
 from pool_runtime.actor_telemetry import ActorTelemetry
-from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.actors import ActorIdentity, PoolSpec, call
 from pool_runtime.config import WorkerConfig
 from pool_runtime.handoff import FirstToken, KVGrant, TokenChunk, WorkRequest
 from pool_runtime.reports import WorkerLoad
+from pool_runtime.tp_actors import placed_actor_class, rank_usage, start_rank_group
 from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 
 
@@ -41,20 +47,25 @@ class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
     def __init__(
         self, config: WorkerConfig, telemetry: TelemetryConfig | None = None, built_from: str = ""
     ) -> None:
-        super().__init__(config)
+        ranks = start_rank_group(config, self.role)
+        if ranks is not None:
+            ranks.on_broken = lambda e: os._exit(1)  # a rank is gone: Ray restarts the worker whole
+        super().__init__(config, ranks)
         self.built_from = built_from
         self.setup_tracing(telemetry)
         self._spans: dict[str, _DecodeSpan] = {}
         self._spans_lock = threading.Lock()
         self.start_loop()
 
-    def reserve(self, req: WorkRequest, carrier: dict[str, str] | None = None) -> KVGrant:
+    def reserve(
+        self, req: WorkRequest, source: KVShardLayout | None = None, carrier: dict[str, str] | None = None
+    ) -> KVGrant:
         if not self.tracing.enabled:
-            return super().reserve(req)
+            return super().reserve(req, source)
         with self.tracing.tracer.start_as_current_span(
             "tandem.kv_reserve", context=extract_context(carrier), attributes=self._attrs(req.request_id)
         ) as span:
-            grant = super().reserve(req)
+            grant = super().reserve(req, source)
             span.set_attribute("tandem.kv_reserve.blocks", len(grant.dest.block_ids))
             span.set_attribute("tandem.kv_reserve.cached_blocks", grant.num_cached_blocks)
         return grant
@@ -90,6 +101,16 @@ class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
         if self._spans:
             self._close(request_id, cancelled=True)
         return found
+
+    def layout(self) -> KVShardLayout:
+        return self.kv_layout
+
+    def rank_usage(self) -> list[dict[str, int]]:
+        """Per rank: blocks under a KV lease on its receiver (rank 0 first; ``tandem status``, tests)."""
+        with self._cv:
+            reserved = self.receiver.num_reserved_blocks
+            mine = {"rank": 0, "pid": os.getpid(), "reserved_blocks": reserved, "sends_in_flight": 0}
+        return [mine, *rank_usage(self.ranks)]
 
     # -- the tandem.decode span ----------------------------------------------------------------------
     def _attrs(self, request_id: str) -> dict[str, Any]:
@@ -134,12 +155,13 @@ class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
 
 
 class RayDecodeHandle:
-    def __init__(self, actor: Any, worker_id: str) -> None:
+    def __init__(self, actor: Any, worker_id: str, placement: Any = None) -> None:
         self.actor = actor
         self.worker_id = worker_id
+        self.placement = placement  # a tensor-parallel worker's placement group (removed with it)
 
-    async def reserve(self, req: WorkRequest) -> KVGrant:
-        return await call(self.actor.reserve.remote(req, inject_context()), self.worker_id)
+    async def reserve(self, req: WorkRequest, source: KVShardLayout | None = None) -> KVGrant:
+        return await call(self.actor.reserve.remote(req, source, inject_context()), self.worker_id)
 
     async def start(self, request_id: str, first: FirstToken) -> None:
         await call(self.actor.start.remote(request_id, first, inject_context()), self.worker_id)
@@ -168,12 +190,10 @@ def build_decode_pool(
 ) -> list[RayDecodeHandle]:
     """Start the replicas and wait until each has loaded its model and registered its KV pool;
     ``telemetry`` chooses the workers' span exporter (None: untraced)."""
-    cls = actor_class(DecodeActor, spec)
     handles = []
     for i in range(spec.replicas):
         wid = f"{prefix}-{i}"
-        handles.append(
-            RayDecodeHandle(cls.remote(dataclasses.replace(config, worker_id=wid), telemetry), wid)
-        )
+        cls, pg, cfg = placed_actor_class(DecodeActor, dataclasses.replace(config, worker_id=wid), spec)
+        handles.append(RayDecodeHandle(cls.remote(cfg, telemetry), wid, pg))
     ray.get([h.actor.ready.remote() for h in handles])
     return handles

@@ -20,6 +20,11 @@ tokens: the "equal" of a streaming generator, and cancel-safe). Every exit — f
 handoff, close — frees the request's blocks, so ``load().used_blocks`` and
 ``load().g2_used_blocks`` return to 0.
 
+Tensor parallel (``ranks``, pool_runtime/rank_group.py): this worker is rank 0 and decides; its other
+ranks hold leases on the same block ids in their own pools, receive their heads straight from the
+prefill ranks (``reserve`` is told the prefill worker's layout, checks it and plans the head parts
+each rank expects: kv_transfer/heads.py), and run every step rank 0 publishes.
+
 Thread model: every public method is thread-safe (one lock around engine and receiver); the loop
 thread (``start_loop``) polls the receiver and steps the engine; tests may call ``step`` by hand
 instead. Lifecycle: construct -> start_loop (or step by hand) -> serve -> close (idempotent).
@@ -27,6 +32,7 @@ instead. Lifecycle: construct -> start_loop (or step by hand) -> serve -> close 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -36,10 +42,12 @@ from dataclasses import dataclass, field
 
 from decode_pool.g2_landing import HostLanding
 from engine.llm_engine import RequestOutput
+from engine.parallel import RankGroupBroken
 from engine.sequence import Sequence
 from kv_transfer.base import idle
+from kv_transfer.heads import KVShardLayout
 from kv_transfer.protocol import NoRoomError
-from kv_transfer.transport import Completed
+from kv_transfer.transport import Completed, KVDestination
 from memory_tiers.metrics import TierMetrics
 from pool_runtime.build import EvictionLog, build_engine, build_transport
 from pool_runtime.config import WorkerConfig
@@ -52,7 +60,9 @@ from pool_runtime.handoff import (
     TokenChunk,
     WorkRequest,
 )
+from pool_runtime.rank_group import RankGroup, Reserve
 from pool_runtime.reports import WorkerLoad
+from pool_runtime.tp_handoff import rank_parts, worker_layout
 
 
 @dataclass(slots=True)
@@ -71,10 +81,15 @@ class _Stream:
 class DecodeWorker:
     role = "decode"
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, ranks: RankGroup | None = None) -> None:
         self.config = config
         self.worker_id = config.worker_id
-        self.engine, self.tier_store = build_engine(config)
+        self.ranks = ranks
+        self.engine, self.tier_store = build_engine(config, ranks.tp if ranks is not None else None)
+        tp = ranks.size if ranks is not None else 1
+        self.kv_layout: KVShardLayout = worker_layout(self.engine.model_config, config.engine.block_size, tp)
+        if ranks is not None:
+            self.engine.runner.publish = ranks.step
         self.evictions = EvictionLog(self.engine)
         self.block_size = config.engine.block_size
         self.num_layers = self.engine.kv_layout.num_layers
@@ -98,10 +113,13 @@ class DecodeWorker:
         self._closed = False
 
     # -- the handoff ----------------------------------------------------------------------------------
-    def reserve(self, req: WorkRequest) -> KVGrant:
+    def reserve(self, req: WorkRequest, source: KVShardLayout | None = None) -> KVGrant:
         """Hold blocks for ``req``'s prompt under a lease of ``config.lease_s`` and return where its
-        KV goes. Raises NoRoomError (backpressure: try elsewhere or later) or PoolError (bad input)."""
+        KV goes, on every rank. ``source``: the prefill worker's KV layout (None: this model on one
+        rank). Raises IncompatibleKV (the layouts cannot exchange KV), NoRoomError (backpressure:
+        try elsewhere or later) or PoolError (bad input)."""
         rid = req.request_id
+        parts = rank_parts(self.kv_layout, source, f"{rid}: decode worker {self.worker_id}")
         with self._cv:
             self._check_open()
             if rid in self._streams:
@@ -114,18 +132,31 @@ class DecodeWorker:
             except ValueError as e:
                 raise InvalidWorkRequest(f"{rid}: {e}") from e
             if seq is None:
-                return self._reserve_g2(req)
+                return self._reserve_g2(req, parts[0])
             skip = seq.num_cached_tokens // self.block_size
+            blocks, lease = seq.block_table[skip:], self.config.lease_s
+            rank_dests: list[KVDestination] = []
             try:
-                dest = self.receiver.reserve(
-                    rid, seq.block_table[skip:], self.num_layers, self.config.lease_s
-                )
+                if self.ranks is None:
+                    dest = self.receiver.reserve(rid, blocks, self.num_layers, lease, parts[0])
+                else:  # the same block ids on every rank, each rank expecting its own head parts
+                    mine = lambda: self.receiver.reserve(rid, blocks, self.num_layers, lease, parts[0])
+                    dest, rank_dests = self.ranks.reserve(
+                        Reserve(rid, blocks, self.num_layers, lease, parts), mine
+                    )
             except Exception:
+                self.receiver.release(rid)
+                self._release_ranks(rid)
                 self.engine.release_prompt(seq)
                 raise
             self._reserved[rid] = _Reserved(req, seq)
             self._streams[rid] = _Stream()
-            return KVGrant(rid, self.worker_id, dest, skip)
+            return KVGrant(rid, self.worker_id, dest, skip, tuple(rank_dests), self.kv_layout)
+
+    def _release_ranks(self, rid: str) -> None:
+        if self.ranks is not None:
+            with contextlib.suppress(RankGroupBroken, PoolError):
+                self.ranks.release(rid)
 
     def _fits_g1(self, num_prompt_tokens: int) -> bool:
         """Whether a new prompt may take G1 now: always when nothing waits in G2 (the engine
@@ -140,12 +171,12 @@ class DecodeWorker:
         claimed = sum(blocks_for(len(w.prompt_token_ids)) for w in in_g2)
         return self.engine.block_manager.num_free_blocks - claimed >= blocks_for(num_prompt_tokens)
 
-    def _reserve_g2(self, req: WorkRequest) -> KVGrant:
-        """G1 is short: land the prompt's KV in G2 (lock held)."""
+    def _reserve_g2(self, req: WorkRequest, parts: tuple[tuple[int, int], ...]) -> KVGrant:
+        """G1 is short: land the prompt's KV in G2 (lock held; one rank: no G2 with more)."""
         rid = req.request_id
         dest = None
         if self.landing is not None:
-            dest = self.landing.reserve(rid, req.prompt_token_ids, self.config.lease_s)
+            dest = self.landing.reserve(rid, req.prompt_token_ids, self.config.lease_s, parts)
         if dest is None:
             bm = self.engine.block_manager
             g2 = f" or {self.landing.room} G2 blocks" if self.landing is not None else ""
@@ -155,7 +186,7 @@ class DecodeWorker:
             )
         self._reserved[rid] = _Reserved(req, None)
         self._streams[rid] = _Stream()
-        return KVGrant(rid, self.worker_id, dest, 0)
+        return KVGrant(rid, self.worker_id, dest, 0, layout=self.kv_layout)
 
     def start(self, request_id: str, first: FirstToken) -> None:
         """The prefill worker reported the commit: the request joins the running batch with its
@@ -171,6 +202,11 @@ class DecodeWorker:
                 self._poll()  # the ack was sent from a poll; its Completed may still be queued
             if not r.committed:
                 raise PoolError(f"{request_id}: KV not committed on {self.worker_id}")
+            if self.ranks is not None and r.seq is not None:
+                missing = [i + 1 for i, ok in enumerate(self.ranks.commit(request_id)) if not ok]
+                if missing:
+                    self._release(request_id)
+                    raise PoolError(f"{request_id}: KV not committed on ranks {missing} of {self.worker_id}")
             del self._reserved[request_id]
             if r.seq is None:
                 self._parked[request_id] = (r.req, first)
@@ -248,6 +284,7 @@ class DecodeWorker:
                 total_blocks=bm.num_blocks,
                 reserved_blocks=self.receiver.num_reserved_blocks,
                 cached_blocks=bm.num_cached_blocks,
+                tensor_parallel_size=self.kv_layout.tp_size,
             )
             store = self.tier_store
             if self.landing is not None and store is not None:
@@ -275,6 +312,8 @@ class DecodeWorker:
                 try:
                     busy = self._step()
                 except Exception as e:  # a bug or a device error: end what is in flight, keep serving
+                    if isinstance(e, RankGroupBroken) and self.ranks is not None:
+                        self.ranks.fail(e)  # a rank is gone: no step can run again (the actor ends)
                     self._fail_all(f"decode worker {self.worker_id} failed: {e!r}")
                     continue
                 waiting_kv = bool(self._reserved)
@@ -350,6 +389,7 @@ class DecodeWorker:
             return False
         if r is not None and r.seq is not None:
             self.receiver.release(request_id)
+            self._release_ranks(request_id)
             self.engine.release_prompt(r.seq)
         elif self.landing is not None:
             self.landing.release(request_id)
@@ -414,3 +454,5 @@ class DecodeWorker:
                 self.landing.close()
             self.engine.close()
             self.receiver.close()
+        if self.ranks is not None:
+            self.ranks.close()

@@ -31,6 +31,7 @@ import ray
 from deploy.config import TandemConfig
 from deploy.pools import ROLES, digest_of, start_worker, worker_plans
 from deploy.router_actor import RouterActor
+from pool_runtime.tp_actors import remove_named_placement
 
 ROUTER = "router"
 WORKER_NAME = re.compile(r"^(prefill|decode)-(\d+)$")
@@ -69,6 +70,7 @@ def _kill(name: str, namespace: str) -> None:
     if actor is None:
         return
     ray.kill(actor, no_restart=True)
+    remove_named_placement(name)  # a tensor-parallel worker's ranks (their group is named after it)
     deadline = time.monotonic() + CALL_TIMEOUT_S
     while _get(name, namespace) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -112,7 +114,7 @@ def launch(
                 result.kept.append(name)
                 continue
             _kill(name, ns)
-        actor = start_worker(plan, name=name, namespace=ns, lifetime="detached")
+        actor, _ = start_worker(plan, name=name, namespace=ns, lifetime="detached")
         starting.append(actor.ready.remote())
         result.created.append(name)
     for name in named_actors(ns):

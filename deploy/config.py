@@ -54,11 +54,16 @@ class EngineSection(_Strict):
 
 
 class PoolConfig(_Strict):
-    """One pool's workers: how many, and the Ray resources / node labels each one asks for."""
+    """One pool's workers: how many, and the Ray resources / node labels each one asks for.
+
+    ``tensor_parallel_size`` > 1 splits each worker's model over that many processes (one per
+    device) on one node: ``num_cpus`` / ``num_gpus`` / ``resources`` are then per rank. It must
+    split the model's heads (checked against the checkpoint: deploy/derive.py ``check_model``)."""
 
     replicas: int = Field(default=1, ge=0)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     num_cpus: NonNegativeFloat = 1.0
-    num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA
+    num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA (per rank)
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # custom Ray resources
     node_labels: dict[str, str] = Field(default_factory=dict)  # Ray node labels the worker must match
 
@@ -235,6 +240,27 @@ class TandemConfig(_Strict):
     @property
     def is_demo(self) -> bool:
         return self.model == "demo"
+
+
+def check_tensor_parallel_sizes(
+    cfg: TandemConfig, num_heads: int, num_kv_heads: int, intermediate_size: int | None, model: str
+) -> None:
+    """Raise ConfigError, naming the field, unless each pool's ``tensor_parallel_size`` splits a
+    model of these heads (``model`` names it in the message; deploy/derive.py reads the numbers
+    from the checkpoint)."""
+    from engine.tp_layout import check_tensor_parallel
+
+    problems = []
+    for role in ("prefill", "decode"):
+        pool: PoolConfig = getattr(cfg.pools, role)
+        if pool.replicas == 0:
+            continue
+        try:
+            check_tensor_parallel(pool.tensor_parallel_size, num_heads, num_kv_heads, intermediate_size)
+        except ValueError as e:
+            problems.append(f"pools.{role}.tensor_parallel_size: {e} ({model})")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def default_config() -> TandemConfig:

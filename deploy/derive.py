@@ -4,6 +4,7 @@
 
     TandemConfig (deploy/config.py, the YAML)
       ├─ model_dir(cfg)                      the checkpoint ("demo": generated on first use)
+      ├─ check_model(cfg, model)             the pools' tensor_parallel_size against its heads
       ├─ engine_config(cfg, device)          EngineConfig: model, dtype, engine knobs, G1 = tiers.g1
       ├─ tier_config(cfg)                    TierConfig: G2 = tiers.g2, G3 = tiers.g3 under tiers.dir
       ├─ worker_config(cfg, pool, id)        WorkerConfig: the two above + this worker's transport
@@ -20,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deploy.config import PoolConfig, RouterConfig, TandemConfig
+from deploy.config import PoolConfig, RouterConfig, TandemConfig, check_tensor_parallel_sizes
 from engine.llm_engine import EngineConfig
 from memory_tiers.tier_store import TierConfig
 from pool_runtime.actors import PoolSpec
@@ -44,6 +45,19 @@ def model_name(cfg: TandemConfig) -> str:
     from engine.model_source import model_name as name_of
 
     return name_of(cfg.model)
+
+
+def check_model(cfg: TandemConfig, model: Path) -> None:
+    """Raise ConfigError, naming the field, unless each pool's ``tensor_parallel_size`` splits the
+    checkpoint at ``model``; one that cannot be read here (``tandem launch`` from a machine without
+    it) is left to the workers, which check again as they load."""
+    from engine.config import ModelConfig
+
+    try:
+        mc = ModelConfig.from_pretrained(model, cfg.dtype)
+    except (OSError, KeyError, ValueError):  # absent or unreadable here: the workers will say
+        return
+    check_tensor_parallel_sizes(cfg, mc.num_heads, mc.num_kv_heads, mc.intermediate_size, str(model))
 
 
 def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = None) -> EngineConfig:
@@ -78,12 +92,16 @@ def tier_config(cfg: TandemConfig) -> TierConfig | None:
 def worker_config(
     cfg: TandemConfig, pool: PoolConfig, worker_id: str, model: Path | None = None
 ) -> WorkerConfig:
-    """What worker ``worker_id`` of ``pool`` runs (on CUDA when the pool asks for GPUs)."""
+    """What worker ``worker_id`` of ``pool`` runs (on CUDA when the pool asks for GPUs). A
+    tensor-parallel worker runs G1 only: ``tiers.g2`` / ``g3`` are not built for it (each rank
+    would have to offload and onboard its heads in lockstep); ``tiers.g1`` is per rank."""
+    tp = pool.tensor_parallel_size
     return WorkerConfig(
         engine_config(cfg, pool.device, model),
         worker_id=worker_id,
-        tiers=tier_config(cfg),
+        tiers=tier_config(cfg) if tp == 1 else None,
         kv_backend=KV_BACKEND,
+        tensor_parallel_size=tp,
     )
 
 

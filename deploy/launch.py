@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         res = launch(cfg, address=args.address, port=args.port, timeout_s=args.timeout)
+    except ConfigError as e:  # a pool's tensor_parallel_size does not split the model
+        print(f"tandem launch: {e}", file=sys.stderr)
+        return 2
     except ConnectionError as e:
         print(f"tandem launch: cannot reach the Ray cluster: {e}", file=sys.stderr)
         return 1

@@ -33,10 +33,11 @@ import ray
 
 from decode_pool.pool import DecodeActor, RayDecodeHandle
 from deploy.config import PoolConfig, TandemConfig
-from deploy.derive import model_dir, model_name, pool_spec, worker_config, worker_telemetry
+from deploy.derive import check_model, model_dir, model_name, pool_spec, worker_config, worker_telemetry
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore
-from pool_runtime.actors import PoolSpec, actor_class, shutdown
+from pool_runtime.actors import PoolSpec, shutdown
 from pool_runtime.config import WorkerConfig
+from pool_runtime.tp_actors import placed_actor_class
 from pool_runtime.tracing import TelemetryConfig
 from prefill_pool.pool import PrefillActor, RayPrefillHandle
 from router.coordinator import Pools
@@ -75,9 +76,13 @@ class WorkerPlan:
 
 
 def worker_plans(cfg: TandemConfig, model: Path | None = None) -> list[WorkerPlan]:
-    """Every worker ``cfg`` describes, prefill first, named ``<role>-<i>``."""
+    """Every worker ``cfg`` describes, prefill first, named ``<role>-<i>``. Raises ConfigError when
+    a pool's tensor_parallel_size cannot split the model."""
     model = model if model is not None else model_dir(cfg)
+    check_model(cfg, model)
     telemetry = worker_telemetry(cfg)
+    if any(p.tensor_parallel_size > 1 and p.replicas for p in (cfg.pools.prefill, cfg.pools.decode)):
+        log.info("tensor-parallel workers keep their KV in G1 only (tiers.g2 / g3 are for one-rank workers)")
     plans = []
     for role, pool in (("prefill", cfg.pools.prefill), ("decode", cfg.pools.decode)):
         for i in range(pool.replicas):
@@ -87,16 +92,17 @@ def worker_plans(cfg: TandemConfig, model: Path | None = None) -> list[WorkerPla
     return plans
 
 
-def start_worker(plan: WorkerPlan, **options: Any) -> Any:
+def start_worker(plan: WorkerPlan, **options: Any) -> tuple[Any, Any]:
     """Create the worker's actor (returns at once; ``actor.ready`` answers once its model is
-    loaded). ``options`` adds Ray actor options: a name, a namespace, ``lifetime="detached"``."""
-    cls = actor_class(_ACTORS[plan.role], plan.spec, **options)
-    return cls.remote(plan.config, plan.telemetry, plan.digest)
+    loaded) and, for a tensor-parallel worker, the placement group its ranks run in (else None).
+    ``options`` adds Ray actor options: a name, a namespace, ``lifetime="detached"``."""
+    cls, pg, config = placed_actor_class(_ACTORS[plan.role], plan.config, plan.spec, **options)
+    return cls.remote(config, plan.telemetry, plan.digest), pg
 
 
-def handle(role: str, actor: Any, worker_id: str) -> Any:
-    """The coordinator's handle on a worker actor of ``role``."""
-    return _HANDLES[role](actor, worker_id)
+def handle(role: str, actor: Any, worker_id: str, placement: Any = None) -> Any:
+    """The coordinator's handle on a worker actor of ``role`` (``placement``: its ranks' group)."""
+    return _HANDLES[role](actor, worker_id, placement)
 
 
 def start_pools(cfg: TandemConfig, model: Path | None = None) -> tuple[list[Any], list[Any]]:
@@ -108,7 +114,10 @@ def start_pools(cfg: TandemConfig, model: Path | None = None) -> tuple[list[Any]
         sum(p.role == "prefill" for p in plans),
         sum(p.role == "decode" for p in plans),
     )
-    handles = [handle(p.role, start_worker(p), p.name) for p in plans]
+    handles = []
+    for p in plans:
+        actor, placement = start_worker(p)
+        handles.append(handle(p.role, actor, p.name, placement))
     try:
         ray.get([h.actor.ready.remote() for h in handles])
     except BaseException:
@@ -238,7 +247,7 @@ def serve_backend(
     handles: list[Any] = []
 
     def stop() -> None:
-        shutdown(handles)
+        shutdown(handles, remove_placements=temp_dir is None)  # our own Ray goes next, with them
         if temp_dir is not None:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)

@@ -141,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=fmt, stream=sys.stderr)
     try:
         cfg = resolve_config(args)
+        if args.backend == "pools":  # every pool's tensor_parallel_size against the model's heads
+            from deploy.derive import check_model, model_dir
+
+            check_model(cfg, model_dir(cfg))
     except (ConfigError, ValueError) as e:
         print(f"tandem serve: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ class WorkerStatus:
     g2_blocks: int = 0  # capacity; 0: no G2
     g3_used_bytes: int = 0
     g3_bytes: int = 0  # capacity; 0: no G3
+    tensor_parallel_size: int = 1  # ranks (processes) per worker
 
 
 @dataclass(slots=True)
@@ -72,6 +73,7 @@ def collect(namespace: str) -> ClusterStatus:
         w.state, w.node_id, w.node = "alive", node_id, node
         w.running, w.waiting, w.queue_tokens = load.running, load.waiting, load.queue_tokens
         w.used_blocks, w.total_blocks = load.used_blocks, load.total_blocks
+        w.tensor_parallel_size = load.tensor_parallel_size
         w.g2_used_blocks, w.g2_blocks, w.g3_used_bytes, w.g3_bytes = tiers
         st.workers.append(w)
     st.workers.sort(key=lambda w: (w.role != "prefill", int(w.name.rsplit("-", 1)[1])))
@@ -99,6 +101,7 @@ def format_table(st: ClusterStatus) -> str:
         "G1_USE",
         "G2_BLOCKS",
         "G3_MIB",
+        "TP",
     )
     rows = [cols]
     for w in st.workers:
@@ -107,7 +110,8 @@ def format_table(st: ClusterStatus) -> str:
         g3 = f"{w.g3_used_bytes / 2**20:.1f}/{w.g3_bytes / 2**20:.0f}" if w.g3_bytes else "-"
         rows.append(
             (w.role, w.name, w.node or "-", w.node_id[:12] or "-", w.state, str(w.running), str(w.waiting),
-             str(w.queue_tokens), f"{w.used_blocks}/{w.total_blocks}", use, g2, g3)
+             str(w.queue_tokens), f"{w.used_blocks}/{w.total_blocks}", use, g2, g3,
+             str(w.tensor_parallel_size))
         )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = [head, ""] + [

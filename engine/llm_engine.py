@@ -14,6 +14,10 @@ G2/G3 tiers the engine was given (engine/tiers.py: a Protocol; the engine never 
 
 Lifecycle: construct (loads weights, allocates the KV pool) -> ``add_request`` / ``step`` (or
 ``generate``) -> ``close`` (idempotent; aborts what is left so every block is returned).
+
+Tensor parallel (``tp``, engine/parallel.py): this engine is rank 0; it loads its shard and its
+heads' KV pool, schedules and samples for the whole group, and hands every step's inputs to
+``runner.publish`` so that the other ranks (engine/rank_engine.py) run the same step.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from pathlib import Path
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.model import load_model
+from engine.kv_layout import KVLayout
+from engine.model import Model, load_model
 from engine.model_runner import ModelRunner
+from engine.parallel import TPGroup
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -59,6 +65,22 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
 
 
+def max_model_len(config: EngineConfig, mc: ModelConfig) -> int:
+    return min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+
+
+def kv_pool(config: EngineConfig, model: Model) -> tuple[KVLayout, int]:
+    """The KV pool of an engine (of one rank: its KV heads) and its block count: ``num_blocks``, else
+    what ``kv_cache_bytes`` holds, capped at what ``max_num_seqs`` full-length sequences can use.
+    Every rank of a tensor-parallel worker holds as many KV heads, so all get the same count."""
+    layout = model.kv_layout(config.block_size)
+    num_blocks = config.num_blocks
+    if num_blocks is None:
+        needed = config.max_num_seqs * layout.blocks_for(max_model_len(config, model.config)) + 1
+        num_blocks = max(1, min(config.kv_cache_bytes // layout.block_bytes, needed))
+    return layout, num_blocks
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request (a streaming delta)."""
@@ -85,10 +107,12 @@ class LLMEngine:
     """``tiers`` (optional, engine/tiers.py): builds the G2/G3 tiers over this engine's KV pool;
     they are used only with the prefix cache on (evicted blocks have no hash without it)."""
 
-    def __init__(self, config: EngineConfig, tiers: TiersFactory | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, tiers: TiersFactory | None = None, tp: TPGroup | None = None
+    ) -> None:
         self.config = config
         self.model = load_model(
-            config.model, config.dtype, config.attn_backend, config.device, config.linear_backend
+            config.model, config.dtype, config.attn_backend, config.device, config.linear_backend, tp
         )
         mc: ModelConfig = self.model.config
         self.model_config = mc
@@ -96,15 +120,9 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
             self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
-        self.max_model_len = min(
-            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
-        )
-        layout = mc.kv_layout(config.block_size)
-        self.kv_layout = layout
-        num_blocks = config.num_blocks
-        if num_blocks is None:
-            needed = config.max_num_seqs * layout.blocks_for(self.max_model_len) + 1
-            num_blocks = max(1, min(config.kv_cache_bytes // layout.block_bytes, needed))
+        self.max_model_len = max_model_len(config, mc)
+        layout, num_blocks = kv_pool(config, self.model)
+        self.kv_layout = layout  # this rank's: only its KV heads when tensor parallel
         self.kv_cache = layout.allocate(num_blocks, config.device)
         self.tier_store: LowerTiers | None = None
         if tiers is not None and config.enable_prefix_caching:

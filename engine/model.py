@@ -8,10 +8,15 @@ the mutable KV cache (owned by the caller) are separate things.
 Numerics match transformers' Llama/Qwen2/Mistral modules: RMSNorm in fp32 cast back before the weight
 multiply, rotary cos/sin from fp32 angles (``engine.rope``), attention scale 1/sqrt(head_dim), the
 lm_head matmul in the run dtype and only then widened to fp32.
+
+Tensor parallel (``tp``, engine/parallel.py): the weights are this rank's shard, the heads and KV
+pool its own; the output and down projections are all-reduced and the LM head's vocabulary pieces
+gathered to rank 0. With ``tp=None`` (one rank) nothing changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +28,9 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.attention_backends import get_backend
 from engine.config import ModelConfig
 from engine.kernels.cpu_fused import FusedCpuOps, LayerOps, TorchLayerOps
-from engine.kv_layout import torch_dtype
+from engine.kv_layout import KVLayout, torch_dtype
 from engine.linear import Linear, make_linear, resolve
+from engine.parallel import ShardInfo, TPGroup, shard_info, shard_weights
 from engine.rope import RotaryTables
 from engine.weights import LayerWeights, ModelWeights, load_weights
 
@@ -40,10 +46,14 @@ class Model:
         attn_backend: str = "auto",
         device: str | torch.device = "cpu",
         linear_backend: str = "auto",
+        tp: TPGroup | None = None,
     ) -> None:
+        """``weights`` are already this rank's shard when ``tp`` has more than one rank."""
         self.config = config
         self.weights = weights
         self.device = torch.device(device)
+        self.tp = tp or TPGroup.single(self.device)
+        self.shard: ShardInfo = shard_info(config, self.tp.rank, self.tp.size)
         self.dtype = torch_dtype(config.dtype)
         self.attn: AttentionBackend = get_backend(attn_backend, device)
         self.rope = RotaryTables.build(config, self.dtype, self.device)  # cached once per model
@@ -56,6 +66,10 @@ class Model:
         self.ops: LayerOps = TorchLayerOps(self.rope, self.attn, config.head_dim)
         if getattr(self.attn, "kernel", False) and self.dtype == torch.float32 and self.device.type == "cpu":
             self.ops = FusedCpuOps.create(self.rope, config.head_dim) or self.ops
+
+    def kv_layout(self, block_size: int) -> KVLayout:
+        """This rank's KV pool layout: the checkpoint's, with only the KV heads this rank holds."""
+        return dataclasses.replace(self.config.kv_layout(block_size), num_kv_heads=self.shard.num_kv_heads)
 
     @torch.inference_mode()
     def forward(
@@ -71,29 +85,37 @@ class Model:
 
         ``on_layer(i)`` (optional) runs as soon as layer ``i``'s K/V are in ``kv_cache``, so a prefill
         worker can ship that layer while the next ones are computed."""
-        c = self.config
-        T, H, D, eps, ops = input_ids.shape[0], c.num_heads, c.head_dim, c.rms_norm_eps, self.ops
+        c, tp = self.config, self.tp
+        T, H, D, eps, ops = input_ids.shape[0], self.shard.num_heads, c.head_dim, c.rms_norm_eps, self.ops
         x = F.embedding(input_ids, self.weights.embed)  # (T, hidden), a fresh tensor
         state = ops.prepare(positions, meta.slot_mapping, kv_cache.shape[1] * kv_cache.shape[4])  # N * B
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to x
         for i, (w, lin) in enumerate(zip(self.weights.layers, self.layers, strict=True)):
             # attention block
             x, h = ops.add_rms_norm(x, delta, w.input_norm, eps)  # (T, hidden) each
-            q, k, v = lin.qkv(h)  # (T, H*D), (T, H_kv*D), (T, H_kv*D)
+            q, k, v = lin.qkv(h)  # (T, H*D), (T, H_kv*D), (T, H_kv*D): this rank's heads
             q = ops.rope_write_kv(q, k, v, state, kv_cache[i])  # (T, H, D)
             if on_layer is not None:
                 on_layer(i)
             o = self.attn.forward(q, kv_cache[i], meta, self.scale)  # (T, H, D)
             # SwiGLU MLP block
-            x, h = ops.add_rms_norm(x, lin.o(o.reshape(T, H * D)), w.post_norm, eps)
-            gate, up = lin.gate_up(h)  # (T, I) each, fresh outputs: in place is safe
-            delta = lin.down(F.silu(gate, inplace=True).mul_(up))  # (T, hidden)
+            attn_out = tp.all_reduce(lin.o(o.reshape(T, H * D)))  # (T, hidden), summed over ranks
+            x, h = ops.add_rms_norm(x, attn_out, w.post_norm, eps)
+            gate, up = lin.gate_up(h)  # (T, I/tp) each, fresh outputs: in place is safe
+            delta = tp.all_reduce(lin.down(F.silu(gate, inplace=True).mul_(up)))  # (T, hidden)
         return ops.add_rms_norm(x, delta, self.weights.norm, eps)[1]  # (T, hidden)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(S, hidden) -> (S, vocab) fp32."""
-        return self.lm_head(hidden).float()
+        """(S, hidden) -> (S, vocab) fp32. With tensor parallelism every rank calls it (the
+        vocabulary pieces are gathered): rank 0 gets the logits, the others an empty (S, 0)."""
+        local = self.lm_head(hidden).float()  # (S, V/tp), padded on the last rank
+        if not self.tp.distributed:
+            return local
+        full = self.tp.gather_columns(local)  # rank 0: (S, tp * V/tp)
+        if full is None:
+            return local[:, :0]
+        return full[:, : self.config.vocab_size]
 
 
 @dataclass(slots=True)
@@ -147,9 +169,12 @@ def load_model(
     attn_backend: str = "auto",
     device: str = "cpu",
     linear_backend: str = "auto",
+    tp: TPGroup | None = None,
 ) -> Model:
-    """Parse the config, map the weights and build the model (no KV cache: the caller allocates it
-    with ``model.config.kv_layout(block_size).allocate(num_blocks)``)."""
+    """Parse the config, map the weights (this rank's shard of them, with ``tp``) and build the model
+    (no KV cache: the caller allocates it with ``model.kv_layout(block_size).allocate(num_blocks)``)."""
     config = ModelConfig.from_pretrained(path, dtype=dtype)
     weights = load_weights(path, config, device=device)
-    return Model(config, weights, attn_backend=attn_backend, device=device, linear_backend=linear_backend)
+    if tp is not None and tp.size > 1:
+        weights = shard_weights(weights, config, tp.rank, tp.size)
+    return Model(config, weights, attn_backend, device, linear_backend, tp)

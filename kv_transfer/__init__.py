@@ -6,7 +6,9 @@
   UCX environment that picks its transport;
 - ``protocol``: headers, block-run coalescing, digests, the receiver's reservation book, the errors
   (pure);
-- ``pool``: a KV pool tensor's bytes as the backends address them;
+- ``heads``: which tensor-parallel rank sends which KV heads to which rank, and whether two
+  workers' layouts can exchange KV at all (pure);
+- ``pool``: a KV pool tensor's bytes as the backends address them (whole blocks or head slices);
 - ``base``: the lifecycle, deadline and ack rules every backend shares;
 - ``nixl_backend`` (default), ``ucxx_backend``, ``inprocess``: the three implementations.
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,11 @@ from kv_transfer.protocol import (
     Reservation,
     ReservationBook,
 )
-from kv_transfer.transport import Completed, Failed, KVDestination
+from kv_transfer.transport import Completed, Failed, HeadSlice, KVDestination
+
+# Failed requests a receiver remembers, so a sender whose pieces arrive after the failure (another
+# tensor-parallel rank of the same prefill) is told at once instead of waiting out its ack timeout.
+_REMEMBERED_FAILURES = 1024
 
 
 def idle(spins: int) -> None:
@@ -74,6 +79,7 @@ class BaseReceiver:
         self.book = ReservationBook(self.pool.num_blocks, capacity_blocks, max_requests)
         self.require_digest = True  # False only to measure the protocol without integrity (bench)
         self._results: list[Completed | Failed] = []
+        self._failed: OrderedDict[str, str] = OrderedDict()  # request id -> why, most recent last
         self._closed = False
 
     # -- backend hooks
@@ -91,12 +97,24 @@ class BaseReceiver:
 
     # -- public
     def reserve(
-        self, request_id: str, block_ids: list[int], num_layers: int, deadline_s: float
+        self,
+        request_id: str,
+        block_ids: list[int],
+        num_layers: int,
+        deadline_s: float,
+        parts: tuple[tuple[int, int], ...] = (),
     ) -> KVDestination:
         self._check_open()
         if num_layers != self.pool.num_layers:
             raise ValueError(f"{num_layers} layers asked, pool has {self.pool.num_layers}")
-        self.book.reserve(request_id, block_ids, num_layers, time.monotonic() + deadline_s)
+        if any(h < 0 or n < 1 or h + n > self.pool.num_heads for h, n in parts):
+            raise ValueError(f"head parts {list(parts)} outside the pool's {self.pool.num_heads} KV heads")
+        if parts and sum(n for _, n in parts) != self.pool.num_heads:
+            raise ValueError(
+                f"head parts {list(parts)} do not cover the pool's {self.pool.num_heads} KV heads"
+            )
+        self._failed.pop(request_id, None)
+        self.book.reserve(request_id, block_ids, num_layers, time.monotonic() + deadline_s, parts)
         p = self.pool
         return KVDestination(
             backend=self.backend,
@@ -160,17 +178,24 @@ class BaseReceiver:
         payload's actual digest (0 when ``check`` is False), after which the bytes are in place."""
         r = self.book.get(h.request_id)
         if r is None or r.committed:
-            return  # late message for a failed, released or finished request: drop it
-        r.sender = r.sender or sender
+            # late message for a failed, released or finished request: drop it, and tell a sender
+            # that has not heard of the failure yet (its pieces came after it)
+            why = self._failed.get(h.request_id)
+            if r is None and why is not None:
+                with contextlib.suppress(Exception):
+                    self._send_ack(sender, h.request_id, STATUS_FAILED, why)
+            return
+        if sender not in r.senders:
+            r.senders.append(sender)
         try:
-            self.book.check(r, h)
-            if h.dtype != self.pool.dtype or h.block_shape != self.pool.block_shape:
+            self.book.check(r, h, self.pool.num_heads)
+            p = self.pool
+            if h.dtype != p.dtype or (h.block_shape[0], *h.block_shape[2:]) != (2, *p.block_shape[2:]):
                 raise KVTransferError(
-                    f"{h.request_id}: payload is {h.dtype} {h.block_shape}, pool is {self.pool.dtype} "
-                    f"{self.pool.block_shape}"
+                    f"{h.request_id}: payload is {h.dtype} {h.block_shape}, pool is {p.dtype} {p.block_shape}"
                 )
             dst = r.block_ids[h.block_start : h.block_start + h.num_blocks]
-            regions = self.pool.regions(range(h.layer, h.layer + h.num_layers), dst)
+            regions = p.regions(range(h.layer, h.layer + h.num_layers), dst, h.heads)
             check = h.status != STATUS_NO_DIGEST
             if not check and self.require_digest:
                 raise KVTransferError(f"{h.request_id}: payload without a digest refused")
@@ -194,14 +219,18 @@ class BaseReceiver:
             self._results.append(
                 Completed(r.request_id, r.num_layers * len(r.block_ids) * self.pool.layer_block_bytes)
             )
-            self._send_ack(r.sender, r.request_id, STATUS_OK, "")
+            for s in r.senders:
+                self._send_ack(s, r.request_id, STATUS_OK, "")
 
     def _fail(self, r: Reservation, reason: str) -> None:
         self.book.drop(r.request_id)
         self._results.append(Failed(r.request_id, reason))
-        if r.sender:
+        self._failed[r.request_id] = reason
+        while len(self._failed) > _REMEMBERED_FAILURES:
+            self._failed.popitem(last=False)
+        for s in r.senders:
             with contextlib.suppress(Exception):  # the sender may be the one that died
-                self._send_ack(r.sender, r.request_id, STATUS_FAILED, reason)
+                self._send_ack(s, r.request_id, STATUS_FAILED, reason)
 
 
 @dataclass(slots=True)
@@ -239,8 +268,15 @@ class BaseSender:
         raise NotImplementedError
 
     def _post(
-        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+        self,
+        out: Outgoing,
+        header: Header,
+        layers: range,
+        src: Sequence[int],
+        dst: Sequence[int],
+        heads: HeadSlice | None,
     ) -> None:
+        """Move the payload; ``heads`` None: whole blocks, else that slice of each block's heads."""
         raise NotImplementedError
 
     def _progress(self) -> None:
@@ -262,18 +298,28 @@ class BaseSender:
         src_block_ids: list[int],
         block_offset: int = 0,
         num_layers: int = 1,
+        heads: HeadSlice | None = None,
     ) -> None:
+        """Post ``num_layers`` layers of ``src_block_ids`` (all their KV heads, or the ``heads``
+        slice) to the destination's blocks from ``block_offset`` on."""
         if self._closed:
             raise KVTransferError(f"sender {self.name} is closed")
         p = self.pool
-        if (dest.dtype, dest.block_shape, dest.layer_block_bytes) != (
-            p.dtype,
-            p.block_shape,
-            p.layer_block_bytes,
-        ):
+        (_, dst_heads, *dst_bd), (_, src_heads, *src_bd) = dest.block_shape, p.block_shape
+        if heads is not None and heads == HeadSlice(0, 0, src_heads) and dst_heads == src_heads:
+            heads = None  # every head: the whole-block path
+        if dest.dtype != p.dtype or dst_bd != src_bd or (heads is None and dst_heads != src_heads):
             raise ValueError(
                 f"destination holds {dest.dtype} {dest.block_shape}, source is {p.dtype} {p.block_shape}"
             )
+        if heads is not None and not (
+            heads.count >= 1
+            and heads.src >= 0
+            and heads.src + heads.count <= src_heads
+            and heads.dst >= 0
+            and heads.dst + heads.count <= dst_heads
+        ):
+            raise ValueError(f"{heads} outside source heads {src_heads} / destination heads {dst_heads}")
         if block_offset < 0 or block_offset + len(src_block_ids) > len(dest.block_ids):
             raise ValueError(
                 f"blocks {block_offset}+{len(src_block_ids)} outside the {len(dest.block_ids)} reserved"
@@ -290,6 +336,7 @@ class BaseSender:
         except Exception as e:
             self._out.pop(dest.request_id, None)
             raise KVTransferError(f"{dest.request_id}: cannot reach receiver {dest.receiver}: {e}") from e
+        count = src_heads if heads is None else heads.count
         header = Header(
             KIND_DATA,
             dest.request_id,
@@ -298,12 +345,13 @@ class BaseSender:
             block_start=block_offset,
             num_blocks=len(src_block_ids),
             dtype=p.dtype,
-            block_shape=p.block_shape,
-            payload_bytes=num_layers * len(src_block_ids) * p.layer_block_bytes,
+            block_shape=(2, count, *src_bd),  # type: ignore[arg-type]
+            payload_bytes=num_layers * len(src_block_ids) * p.layer_block_bytes * count // src_heads,
             status=STATUS_OK if self.digests else STATUS_NO_DIGEST,
+            head_start=0 if heads is None else heads.dst,
         )
         dst = dest.block_ids[block_offset : block_offset + len(src_block_ids)]
-        self._post(out, header, range(layer, layer + num_layers), src_block_ids, dst)
+        self._post(out, header, range(layer, layer + num_layers), src_block_ids, dst, heads)
         out.messages += 1
         self._progress()
         if out.error:

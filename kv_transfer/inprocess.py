@@ -14,7 +14,7 @@ import torch
 from kv_transfer import protocol
 from kv_transfer.base import BaseReceiver, BaseSender, Outgoing
 from kv_transfer.protocol import KIND_ACK, Header
-from kv_transfer.transport import KVDestination
+from kv_transfer.transport import HeadSlice, KVDestination
 
 _RECEIVERS: dict[str, InProcessReceiver] = {}
 _SENDERS: dict[str, InProcessSender] = {}
@@ -75,21 +75,29 @@ class InProcessSender(BaseSender):
             raise protocol.KVTransferError(f"receiver {dest.receiver} is not in this process (or is closed)")
 
     def _post(
-        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+        self,
+        out: Outgoing,
+        header: Header,
+        layers: range,
+        src: Sequence[int],
+        dst: Sequence[int],
+        heads: HeadSlice | None,
     ) -> None:
         rx = _RECEIVERS.get(out.dest.receiver)
         if rx is None:
             out.error = f"receiver {out.dest.receiver} closed"
             return
         p = self.pool
-        src_regions = p.regions(layers, src)
+        src_regions = p.regions(layers, src, None if heads is None else (heads.src, heads.count))
         dig = p.digest(src_regions) if self.digests else 0
+        ls = slice(layers.start, layers.stop)
+        hs = slice(None) if heads is None else slice(heads.src, heads.src + heads.count)
+        hd = slice(None) if heads is None else slice(heads.dst, heads.dst + heads.count)
         for s, d, n in protocol.paired_runs(src, dst):
-            rx.pool.kv[layers.start : layers.stop, d : d + n].copy_(
-                p.kv[layers.start : layers.stop, s : s + n]
-            )
+            # (layers, n, 2, heads, B, D)
+            rx.pool.kv[ls, d : d + n, :, hd].copy_(p.kv[ls, s : s + n, :, hs])
         if self.corrupt_after_digest:
-            rx.pool.flat[rx.pool.regions(layers, dst)[0][0]] ^= 0xFF
+            rx.pool.flat[rx.pool.regions(layers, dst, header.heads)[0][0]] ^= 0xFF
         rx.inbox.append((self.name, header.with_digest(dig)))
 
     def _progress(self) -> None:

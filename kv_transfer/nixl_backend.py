@@ -22,6 +22,11 @@ receiver is a HELLO notification carrying the sender's agent metadata, so the re
 The receiver must be polled continuously (a decode worker's loop): without it, connection setup
 and notifications stall and the sender's WRITEs never complete.
 
+Head slices (tensor-parallel workers, ``send_layer(heads=...)``): a rank writes only the KV heads
+it holds into the receiving rank that owns them. Both sides then get a second descriptor list per
+(first head, count), one descriptor per (layer, block, K/V) head slice, prepared at first use; a
+message is again one ``make_prepped_xfer`` by indices, so no rank packs or gathers anything.
+
 Caveat of one-sided writes: when the receiver fails a request (deadline, digest) it frees the
 blocks at once, but a stalled (not dead) sender may still WRITE into them later. Headers of such
 late messages are dropped, yet the bytes land. A caller that reuses freed blocks at once should
@@ -33,7 +38,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,7 +48,7 @@ from kv_transfer import protocol
 from kv_transfer.base import BaseReceiver, BaseSender, Outgoing
 from kv_transfer.pool import PoolView
 from kv_transfer.protocol import KIND_ACK, KIND_DATA, KIND_HELLO, Header, KVTransferError
-from kv_transfer.transport import KVDestination
+from kv_transfer.transport import HeadSlice, KVDestination
 
 
 def _agent(name: str) -> Any:
@@ -174,12 +179,30 @@ class _Remote:
     name: str  # the loaded agent's name
     dlist: Any  # prepped descriptor list of the receiver's pool, one descriptor per (layer, block)
     pool_blocks: int
+    # (first head, count) -> descriptor list of those heads, one per (layer, block, K/V)
+    slices: dict[tuple[int, int], Any] = field(default_factory=dict)
 
 
-def _block_descs(base: int, count: int, size: int, device_id: int) -> np.ndarray:
-    """(count, 3) descriptors (address, length, device) of ``count`` consecutive ``size``-byte blocks."""
-    addr = base + np.arange(count, dtype=np.uint64) * np.uint64(size)
+def _block_descs(base: int, count: int, size: int, device_id: int, stride: int | None = None) -> np.ndarray:
+    """(count, 3) descriptors (address, length, device) of ``count`` ``size``-byte pieces ``stride``
+    bytes apart (default: back to back)."""
+    addr = base + np.arange(count, dtype=np.uint64) * np.uint64(stride or size)
     return np.stack([addr, np.full_like(addr, size), np.full_like(addr, device_id)], axis=1)
+
+
+def _slice_descs(
+    base: int,
+    num_layers: int,
+    num_blocks: int,
+    layer_block_bytes: int,
+    heads: tuple[int, int],
+    num_heads: int,
+) -> np.ndarray:
+    """Descriptors of heads ``[first, first + count)`` of every (layer, block, K/V) of a pool; index
+    ``(layer * num_blocks + block) * 2 + kind``."""
+    half = layer_block_bytes // 2  # K or V of one block: (H_kv, B, D)
+    head = half // num_heads
+    return _block_descs(base + heads[0] * head, num_layers * num_blocks * 2, heads[1] * head, 0, half)
 
 
 class NixlSender(BaseSender):
@@ -216,7 +239,34 @@ class NixlSender(BaseSender):
             if p.np_flat is not None and protocol.DIGEST_RELEASES_GIL
             else None
         )
+        self._local_slices: dict[tuple[int, int], Any] = {}  # (first head, count) -> local dlist
         self.corrupt_after_digest = False  # test hook: flip one source byte after hashing it
+
+    def _local_slice(self, heads: tuple[int, int]) -> Any:
+        dl = self._local_slices.get(heads)
+        if dl is None:
+            p = self.pool
+            descs = _slice_descs(
+                p.base_addr, p.num_layers, p.num_blocks, p.layer_block_bytes, heads, p.num_heads
+            )
+            descs[:, 2] = p.device_id
+            dl = self._local_slices[heads] = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, p.mem_type)
+        return dl
+
+    def _remote_slice(self, remote: _Remote, dest: KVDestination, heads: tuple[int, int]) -> Any:
+        dl = remote.slices.get(heads)
+        if dl is None:
+            descs = _slice_descs(
+                dest.base_addr,
+                dest.num_layers,
+                dest.pool_blocks,
+                dest.layer_block_bytes,
+                heads,
+                dest.block_shape[1],
+            )
+            descs[:, 2] = dest.device_id
+            dl = remote.slices[heads] = self.agent.prep_xfer_dlist(remote.name, descs, dest.mem_type)
+        return dl
 
     def _connect(self, dest: KVDestination) -> None:
         if dest.receiver in self._remotes:
@@ -236,19 +286,33 @@ class NixlSender(BaseSender):
         self.agent.send_notif(name, Header(KIND_HELLO, "", text=self.name).encode() + self._md)
 
     def _post(
-        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+        self,
+        out: Outgoing,
+        header: Header,
+        layers: range,
+        src: Sequence[int],
+        dst: Sequence[int],
+        heads: HeadSlice | None,
     ) -> None:
         p = self.pool
         remote = self._remotes[out.dest.receiver]
-        n = len(src)
-        step = max(1, CHUNK_BYTES // max(1, n * p.layer_block_bytes))  # layers per WRITE
+        per_layer = header.payload_bytes // len(layers)  # bytes of one layer of the message
+        step = max(1, CHUNK_BYTES // max(1, per_layer))  # layers per WRITE
         groups = [range(f, min(f + step, layers.stop)) for f in range(layers.start, layers.stop, step)]
-        runs = protocol.coalesce(src)
-        chunks = [protocol.regions(g, runs, p.num_blocks, p.layer_block_bytes) for g in groups]
+        src_heads = None if heads is None else (heads.src, heads.count)
+        chunks = [p.regions(g, src, src_heads) for g in groups]
         lay = np.arange(layers.start, layers.stop, dtype=np.int64)[:, None]  # (l, 1)
-        # (l, n) descriptor indices, payload order (layer, then block)
-        local_idx = (lay * p.num_blocks + np.asarray(src, dtype=np.int64)[None, :]).astype(np.int32)
-        remote_idx = (lay * remote.pool_blocks + np.asarray(dst, dtype=np.int64)[None, :]).astype(np.int32)
+        s_ids, d_ids = np.asarray(src, dtype=np.int64)[None, :], np.asarray(dst, dtype=np.int64)[None, :]
+        local_dl, remote_dl = self._local, remote.dlist
+        # descriptor indices in payload order: (l, n) (layer, then block), or with a head slice
+        # (l, n, 2) (layer, block, then K/V)
+        local_idx = (lay * p.num_blocks + s_ids).astype(np.int32)
+        remote_idx = (lay * remote.pool_blocks + d_ids).astype(np.int32)
+        if heads is not None:
+            kind = np.arange(2, dtype=np.int32)[None, None, :]
+            local_idx, remote_idx = local_idx[..., None] * 2 + kind, remote_idx[..., None] * 2 + kind
+            local_dl = self._local_slice((heads.src, heads.count))
+            remote_dl = self._remote_slice(remote, out.dest, (heads.dst, heads.count))
         digests = _Digests(len(groups))
         first = 0
         if not self.digests:
@@ -281,24 +345,32 @@ class NixlSender(BaseSender):
                     num_blocks=header.num_blocks,
                     dtype=header.dtype,
                     block_shape=header.block_shape,
-                    payload_bytes=len(g) * n * p.layer_block_bytes,
+                    payload_bytes=len(g) * per_layer,
                     status=header.status,
+                    head_start=header.head_start,
                 )
             if hasher is None and not digests.ready(i):
                 digests.values[i] = p.digest(chunks[i])  # inline, just before the copy reads them
             rows = slice(g.start - layers.start, g.stop - layers.start)
             w = _Write(None, h, digests, i)
-            if not self._post_one(out, w, remote, local_idx[rows].reshape(-1), remote_idx[rows].reshape(-1)):
+            li, ri = local_idx[rows].reshape(-1), remote_idx[rows].reshape(-1)
+            if not self._post_one(out, w, local_dl, remote_dl, li, ri):
                 return
         self._send_ready(out)  # what no WRITE carried (a one-WRITE message's own header) goes now
 
     def _post_one(
-        self, out: Outgoing, w: _Write, remote: _Remote, local_idx: np.ndarray, remote_idx: np.ndarray
+        self,
+        out: Outgoing,
+        w: _Write,
+        local_dl: Any,
+        remote_dl: Any,
+        local_idx: np.ndarray,
+        remote_idx: np.ndarray,
     ) -> bool:
         """Post one WRITE carrying the headers of this request that are ready: complete WRITEs whose
         digest is known and whose header is unsent, then this WRITE's own if its digest is known."""
         try:
-            w.handle = self.agent.make_prepped_xfer("WRITE", self._local, local_idx, remote.dlist, remote_idx)
+            w.handle = self.agent.make_prepped_xfer("WRITE", local_dl, local_idx, remote_dl, remote_idx)
         except Exception as e:  # nixlRemoteDisconnectError and friends
             self._lost(out, f"NIXL WRITE to {out.dest.receiver} could not be created: {e}")
             return False
@@ -375,8 +447,10 @@ class NixlSender(BaseSender):
             self._forget(remote)
 
     def _forget(self, remote: _Remote) -> None:
-        with contextlib.suppress(Exception):
-            self.agent.release_dlist_handle(remote.dlist)
+        for dl in [remote.dlist, *remote.slices.values()]:
+            with contextlib.suppress(Exception):
+                self.agent.release_dlist_handle(dl)
+        remote.slices.clear()
         with contextlib.suppress(Exception):
             self.agent.remove_remote_agent(remote.name)
 
@@ -396,6 +470,7 @@ class NixlSender(BaseSender):
         for remote in self._remotes.values():
             self._forget(remote)
         self._remotes.clear()
-        with contextlib.suppress(Exception):
-            self.agent.release_dlist_handle(self._local)
+        for dl in [self._local, *self._local_slices.values()]:
+            with contextlib.suppress(Exception):
+                self.agent.release_dlist_handle(dl)
         self.agent.deregister_memory(self._reg)

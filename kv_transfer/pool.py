@@ -40,9 +40,23 @@ class PoolView:
         if not kv.is_cuda:
             huge_pages(self.base_addr, self.nbytes)
 
-    def regions(self, layers: range, block_ids: Sequence[int]) -> list[tuple[int, int]]:
-        """(offset, length) of each (layer, run of consecutive blocks), in payload order."""
-        return protocol.regions(layers, protocol.coalesce(block_ids), self.num_blocks, self.layer_block_bytes)
+    @property
+    def num_heads(self) -> int:
+        return self.block_shape[1]
+
+    def regions(
+        self, layers: range, block_ids: Sequence[int], heads: tuple[int, int] | None = None
+    ) -> list[tuple[int, int]]:
+        """(offset, length) of each (layer, run of consecutive blocks), in payload order; with
+        ``heads`` (first, count) short of all of them, of each (layer, block, K/V) head slice."""
+        if heads is None or heads == (0, self.num_heads):
+            runs = protocol.coalesce(block_ids)
+            return protocol.regions(layers, runs, self.num_blocks, self.layer_block_bytes)
+        if heads[0] < 0 or heads[1] < 1 or heads[0] + heads[1] > self.num_heads:
+            raise ValueError(f"heads {heads[0]}+{heads[1]} outside the pool's {self.num_heads}")
+        return protocol.head_regions(
+            layers, block_ids, heads, self.num_heads, self.num_blocks, self.layer_block_bytes
+        )
 
     def digest(self, regions: Sequence[tuple[int, int]]) -> int:
         if self.np_flat is not None:

@@ -5,12 +5,17 @@ Pure Python (no torch, no UCX), so every rule here is unit-tested on integers an
 A transfer moves one request's KV, layer by layer (or several layers per message, or a chunk of
 blocks per message for chunked prefill). Each message has a fixed-layout header and a payload::
 
-    header (struct, little-endian)                        payload
-    ┌────┬───┬────┬─────┬───────┬──────┬──────┬──────┬──────┬─────┐ ┌─────────────────────────┐
-    │magic│ver│kind│dtype│layer  │layers│block │blocks│shape │digest│ │ layer l: blocks[s:s+n]  │
-    │ u32 │u8 │ u8 │ u8  │ u32   │ u32  │start │ u32  │4×u32 │ u64  │ │ layer l+1: ...          │
-    └────┴───┴────┴─────┴───────┴──────┴──────┴──────┴──────┴─────┘ └─────────────────────────┘
+    header (struct, little-endian)                               payload
+    ┌────┬───┬────┬─────┬─────┬──────┬──────┬──────┬─────┬──────┬──────┐ ┌────────────────────────┐
+    │magic│ver│kind│dtype│layer│layers│block │blocks│head │shape │digest│ │ layer l: blocks[s:s+n] │
+    │ u32 │u8 │ u8 │ u8  │ u32 │ u32  │start │ u32  │start│4×u32 │ u64  │ │ layer l+1: ...         │
+    └────┴───┴────┴─────┴─────┴──────┴──────┴──────┴─────┴──────┴──────┘ └────────────────────────┘
     + payload_bytes u64, status u8, request id (u16 length + utf-8), text (u16 length + utf-8)
+
+A message carries all of a block's KV heads, or a slice of them (tensor-parallel workers: each
+sending rank writes the heads it holds into the receiving rank that owns them). ``shape`` is the
+payload's block, ``(2, heads in the message, B, D)``, and ``head start`` where they go in the
+receiver's block; a sliced payload is ordered layer, block, K/V, heads (kv_transfer/pool.py).
 
 With NIXL the payload travels by one-sided WRITE straight into the receiver's blocks and the header
 follows as a notification; with ucxx both travel in one tag message. The digest covers the
@@ -32,7 +37,7 @@ from typing import Any
 import xxhash
 
 MAGIC = 0x4B565431  # "KVT1"
-VERSION = 1
+VERSION = 2  # 2: head_start (head-sliced messages)
 
 KIND_DATA = 1  # header of a payload (layer range x block range)
 KIND_HELLO = 2  # first message from a sender to a receiver: text = sender's name, payload = its address
@@ -45,7 +50,7 @@ STATUS_NO_DIGEST = 2  # DATA sent without a digest (benchmarking only; receivers
 DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3, "uint8": 4}
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
-_FIXED = struct.Struct("<IBBBxIIII4IQQB")
+_FIXED = struct.Struct("<IBBBxIIIII4IQQB")
 
 
 class KVTransferError(RuntimeError):
@@ -73,11 +78,17 @@ class Header:
     block_start: int = 0  # index into the reservation's block list, not a block id
     num_blocks: int = 0
     dtype: str = "uint8"
-    block_shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # (2, H_kv, B, D) of one layer's block
+    block_shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # (2, heads sent, B, D) of one layer's block
     digest: int = 0
     payload_bytes: int = 0
     status: int = STATUS_OK
     text: str = ""  # HELLO: sender name; ACK: failure reason
+    head_start: int = 0  # the first KV head of the receiver's block these heads go to
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """(first head, count) in the receiver's block."""
+        return self.head_start, self.block_shape[1]
 
     def with_digest(self, digest: int, text: str | None = None) -> Header:
         """A copy carrying ``digest`` (and ``text``); cheaper than dataclasses.replace on the hot path."""
@@ -94,6 +105,7 @@ class Header:
             self.payload_bytes,
             self.status,
             self.text if text is None else text,
+            self.head_start,
         )
 
     def encode(self) -> bytes:
@@ -108,6 +120,7 @@ class Header:
             self.num_layers,
             self.block_start,
             self.num_blocks,
+            self.head_start,
             *self.block_shape,
             self.digest,
             self.payload_bytes,
@@ -121,7 +134,7 @@ class Header:
         buf = memoryview(buf)
         if len(buf) < _FIXED.size + 4:
             raise KVTransferError(f"message too short for a KV header ({len(buf)} bytes)")
-        magic, ver, kind, dcode, layer, nl, bstart, nb, s0, s1, s2, s3, digest, pbytes, status = (
+        magic, ver, kind, dcode, layer, nl, bstart, nb, hstart, s0, s1, s2, s3, digest, pbytes, status = (
             _FIXED.unpack_from(buf, 0)
         )
         if magic != MAGIC or ver != VERSION:
@@ -148,6 +161,7 @@ class Header:
             pbytes,
             status,
             text,
+            hstart,
         )
         return header, off
 
@@ -209,6 +223,32 @@ def regions(
     return [region(layer, first, n, num_blocks, layer_block_bytes) for layer in layers for first, n in runs]
 
 
+def head_regions(
+    layers: Iterable[int],
+    block_ids: Sequence[int],
+    heads: tuple[int, int],
+    num_heads: int,
+    num_blocks: int,
+    layer_block_bytes: int,
+) -> list[tuple[int, int]]:
+    """Regions of heads ``[start, start + count)`` of each (layer, block), K then V, in payload order.
+    A block ``(2, H_kv, B, D)`` keeps a head's B x D values together, so a head slice of K (or V) is
+    one piece, and a block's slice is two::
+
+        block b:  [ K h0 | K h1 | K h2 | K h3 | V h0 | V h1 | V h2 | V h3 ]    heads (2, 2):
+                                 └── K ──┘                   └── V ──┘      2 regions per block
+    """
+    start, count = heads
+    head_bytes = layer_block_bytes // (2 * num_heads)
+    out = []
+    for layer in layers:
+        for b in block_ids:
+            base = (layer * num_blocks + b) * layer_block_bytes
+            for kind in (0, 1):
+                out.append((base + (kind * num_heads + start) * head_bytes, count * head_bytes))
+    return out
+
+
 # The payload digest: xxh3-64. python-xxhash (4.x) releases the GIL while it hashes, so the NIXL
 # sender hashes on a thread beside its copy. Measured against CRC32C (the ``crc32c`` package, which
 # releases it too): the same ~16 GB/s from DRAM, but ~31 vs ~20 GB/s on cache-warm bytes, which is
@@ -238,9 +278,13 @@ class Reservation:
     block_ids: tuple[int, ...]
     num_layers: int
     deadline: float  # monotonic seconds
-    missing: set[tuple[int, int]] = field(default_factory=set)  # (layer, block index) not yet verified
-    sender: str = ""  # name of the sender that wrote to it, once known
+    # (layer, block index, first head of a part) not yet verified
+    missing: set[tuple[int, int, int]] = field(default_factory=set)
+    senders: list[str] = field(default_factory=list)  # every sender that wrote to it, in order
     committed: bool = False
+    # the head slices (first head, count) of every block that arrive apart, when several
+    # tensor-parallel ranks each send some of its heads; () = all heads in one piece
+    parts: tuple[tuple[int, int], ...] = ()
 
 
 class ReservationBook:
@@ -258,8 +302,14 @@ class ReservationBook:
         self._owner: dict[int, str] = {}  # block id -> request id
 
     def reserve(
-        self, request_id: str, block_ids: Sequence[int], num_layers: int, deadline: float
+        self,
+        request_id: str,
+        block_ids: Sequence[int],
+        num_layers: int,
+        deadline: float,
+        parts: Sequence[tuple[int, int]] = (),
     ) -> Reservation:
+        """``parts``: the head slices (first head, count) each block arrives in; () = all heads at once."""
         if request_id in self._by_id:
             raise KVTransferError(f"request {request_id!r} already has a reservation")
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
@@ -276,8 +326,16 @@ class ReservationBook:
         busy = [b for b in block_ids if b in self._owner]
         if busy:
             raise NoRoomError(f"blocks {busy} are reserved by another request")
-        missing = {(layer, i) for layer in range(num_layers) for i in range(len(block_ids))}
-        r = Reservation(request_id, tuple(block_ids), num_layers, deadline, missing)
+        heads = sorted(parts)
+        if any(n < 1 for _, n in heads) or any(
+            b[0] < a[0] + a[1] for a, b in zip(heads, heads[1:], strict=False)
+        ):
+            raise ValueError(f"head parts {heads} are empty or overlap")
+        starts = [h for h, _ in heads] or [0]
+        missing = {
+            (layer, i, h) for layer in range(num_layers) for i in range(len(block_ids)) for h in starts
+        }
+        r = Reservation(request_id, tuple(block_ids), num_layers, deadline, missing, parts=tuple(heads))
         self._by_id[request_id] = r
         for b in block_ids:
             self._owner[b] = request_id
@@ -286,8 +344,9 @@ class ReservationBook:
     def get(self, request_id: str) -> Reservation | None:
         return self._by_id.get(request_id)
 
-    def check(self, r: Reservation, h: Header) -> None:
-        """Raise unless ``h`` names layers and blocks inside reservation ``r``."""
+    def check(self, r: Reservation, h: Header, num_heads: int) -> None:
+        """Raise unless ``h`` names layers, blocks and a head part inside reservation ``r`` (a pool of
+        ``num_heads`` KV heads)."""
         if h.num_layers < 1 or h.layer + h.num_layers > r.num_layers:
             raise KVTransferError(
                 f"{r.request_id}: layers {h.layer}+{h.num_layers} outside 0..{r.num_layers - 1}"
@@ -297,12 +356,18 @@ class ReservationBook:
                 f"{r.request_id}: blocks {h.block_start}+{h.num_blocks} "
                 f"outside the {len(r.block_ids)} reserved"
             )
+        want = r.parts or ((0, num_heads),)
+        if h.heads not in want:
+            raise KVTransferError(
+                f"{r.request_id}: heads {h.head_start}+{h.block_shape[1]} are not one of the parts "
+                f"{list(want)} the receiver expects (head split mismatch)"
+            )
 
     def record(self, r: Reservation, h: Header) -> bool:
         """Mark the header's (layer, block) pieces verified; True when the whole request has arrived."""
         for layer in range(h.layer, h.layer + h.num_layers):
             for i in range(h.block_start, h.block_start + h.num_blocks):
-                r.missing.discard((layer, i))
+                r.missing.discard((layer, i, h.head_start))
         return not r.missing
 
     def expired(self, now: float) -> list[Reservation]:

@@ -13,6 +13,11 @@ A decode worker owns a :class:`KVReceiver` over its KV pool; a prefill worker ow
     (commit: the blocks belong to the decode worker)  ◀── ack ──────  returns; prefill frees its copy
     rx.release(rid)
 
+Tensor-parallel workers hold some KV heads per rank: a sender then writes the heads it holds
+(``HeadSlice``: its first head, the receiver's first head, how many) and the receiver is told at
+``reserve`` which head ``parts`` of each block arrive apart; it commits once every part of every
+block has been verified, and acks every sender that wrote to it.
+
 Any failure (digest mismatch, deadline, dead peer) frees the receiver's reservation and surfaces as
 ``Failed`` from ``poll`` on the decode side and :class:`~kv_transfer.protocol.KVTransferError` from
 ``finish`` on the prefill side; both keep serving other requests.
@@ -60,6 +65,16 @@ class KVDestination:
 
 
 @dataclass(frozen=True, slots=True)
+class HeadSlice:
+    """``count`` KV heads of every block: the sender's heads ``[src, src + count)`` go to the
+    receiver's ``[dst, dst + count)``."""
+
+    src: int
+    dst: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Completed:
     request_id: str
     nbytes: int
@@ -82,7 +97,12 @@ class KVReceiver(Protocol):
     def metadata(self) -> bytes: ...
 
     def reserve(
-        self, request_id: str, block_ids: list[int], num_layers: int, deadline_s: float
+        self,
+        request_id: str,
+        block_ids: list[int],
+        num_layers: int,
+        deadline_s: float,
+        parts: tuple[tuple[int, int], ...] = (),
     ) -> KVDestination: ...
 
     def poll(self) -> list[Completed | Failed]: ...
@@ -110,6 +130,7 @@ class KVSender(Protocol):
         src_block_ids: list[int],
         block_offset: int = 0,
         num_layers: int = 1,
+        heads: HeadSlice | None = None,
     ) -> None: ...
 
     def finish(self, dest: KVDestination, timeout_s: float) -> int: ...

@@ -27,7 +27,7 @@ import torch
 from kv_transfer.base import BaseReceiver, BaseSender, Outgoing
 from kv_transfer.pool import tensor_digest
 from kv_transfer.protocol import KIND_ACK, KIND_DATA, KIND_HELLO, Header, KVTransferError
-from kv_transfer.transport import KVDestination
+from kv_transfer.transport import HeadSlice, KVDestination
 
 TAG_HELLO = 0x4B5654_01
 TAG_DATA = 0x4B5654_02
@@ -214,10 +214,16 @@ class UcxxSender(BaseSender):
         return torch.empty(size, dtype=torch.uint8, device=self.pool.kv.device)
 
     def _post(
-        self, out: Outgoing, header: Header, layers: range, src: Sequence[int], dst: Sequence[int]
+        self,
+        out: Outgoing,
+        header: Header,
+        layers: range,
+        src: Sequence[int],
+        dst: Sequence[int],
+        heads: HeadSlice | None,
     ) -> None:
         p = self.pool
-        regions = p.regions(layers, src)
+        regions = p.regions(layers, src, None if heads is None else (heads.src, heads.count))
         hlen = len(header.with_digest(0, self.name).encode())
         start = -(-hlen // _ALIGN) * _ALIGN
         buf = self._buffer(start + header.payload_bytes)

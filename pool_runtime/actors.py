@@ -8,6 +8,7 @@ retried blindly — the coordinator decides).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,7 +103,15 @@ class ActorIdentity:
         return node_name()
 
 
-def shutdown(handles: Sequence[Any]) -> None:
-    """Kill the actors behind prefill or decode handles (no restart)."""
+def shutdown(handles: Sequence[Any], remove_placements: bool = True) -> None:
+    """Kill the actors behind prefill or decode handles (no restart), and remove the placement
+    group of a tensor-parallel one (its follower ranks die with it). ``remove_placements=False``
+    when the Ray cluster goes next anyway (a GCS already stopped would make the removal wait)."""
+    from ray.util.placement_group import remove_placement_group
+
     for h in handles:
         ray.kill(h.actor, no_restart=True)
+        pg = getattr(h, "placement", None)
+        if pg is not None and remove_placements:
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)

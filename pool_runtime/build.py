@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.llm_engine import LLMEngine
+from engine.parallel import TPGroup, default_threads
 from kv_transfer.factory import make_transport
 from kv_transfer.transport import KVTransport
 from memory_tiers.engine_tiers import EngineTiers
@@ -18,17 +19,21 @@ from memory_tiers.tier_store import TierStore
 from pool_runtime.config import WorkerConfig
 
 
-def build_engine(cfg: WorkerConfig) -> tuple[LLMEngine, TierStore | None]:
-    """The worker's engine and, when its config has G2 room, the tier store below the engine's G1
-    (G3 files under ``<tiers.disk_dir>/<worker_id>``, so workers sharing a disk never share files)."""
+def build_engine(cfg: WorkerConfig, tp: TPGroup | None = None) -> tuple[LLMEngine, TierStore | None]:
+    """The worker's engine (rank 0's, over ``tp``, for a tensor-parallel worker) and, when its config
+    has G2 room, the tier store below the engine's G1 (G3 files under ``<tiers.disk_dir>/<worker_id>``,
+    so workers sharing a disk never share files). A tensor-parallel worker has no G2/G3: each rank
+    would have to offload and onboard its heads in lockstep, which is not built."""
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
+    elif tp is not None and tp.size > 1 and cfg.engine.device == "cpu":
+        torch.set_num_threads(default_threads(tp.size))  # the ranks share the machine's cores
     tiers = None
-    if cfg.tiers is not None:
+    if cfg.tiers is not None and (tp is None or tp.size == 1):
         t = cfg.tiers
         disk_dir = str(Path(t.disk_dir) / cfg.worker_id) if t.disk_dir else None
         tiers = EngineTiers(dataclasses.replace(t, disk_dir=disk_dir), cfg.worker_id)
-    engine = LLMEngine(cfg.engine, tiers=tiers)
+    engine = LLMEngine(cfg.engine, tiers=tiers, tp=tp)
     return engine, tiers.store if tiers is not None else None
 
 

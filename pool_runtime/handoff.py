@@ -11,6 +11,12 @@ prefill worker. One request's handoff (ARCHITECTURE.md, "The KV handoff")::
                 ◀──────────────────────────────────── FirstToken ───── (only after the ack)
     start(FirstToken) ─────────▶ joins the running batch
     take() ◀──── TokenChunk* ─── continuous batching
+
+Tensor-parallel workers (pool_runtime/rank_group.py): ``reserve`` is told the prefill worker's
+:class:`~kv_transfer.heads.KVShardLayout` and refuses one it cannot take (:class:`IncompatibleKV`,
+before any block is held); the grant then holds one destination per decode rank and the decode
+worker's layout, from which every prefill rank finds the heads it sends where
+(kv_transfer/heads.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from kv_transfer.heads import KVShardLayout
 from kv_transfer.transport import KVDestination
 
 DISAGGREGATION_MODES = ("always", "never", "auto")
@@ -35,6 +42,11 @@ class PoolError(RuntimeError):
 
 class InvalidWorkRequest(PoolError):
     """A worker refused the request's input (the engine's own checks); retrying cannot help."""
+
+
+class IncompatibleKV(PoolError):
+    """The two workers' KV pools cannot exchange KV (another model, dtype, block size or head
+    layout): found when the decode worker reserves, before any block is held."""
 
 
 # TokenChunk.error_kind: why a stream ended with an error, for a router to pick a status code.
@@ -62,13 +74,21 @@ class KVGrant:
 
     The decode worker already holds the first ``num_cached_blocks`` blocks of the prompt (a prefix
     hit): ``dest.block_ids`` are the blocks after those, so the prefill worker sends its blocks
-    ``[num_cached_blocks, ...)`` to ``dest`` offsets ``[0, ...)``.
+    ``[num_cached_blocks, ...)`` to ``dest`` offsets ``[0, ...)``. A tensor-parallel decode worker
+    adds its other ranks' destinations (the same block ids, in each rank's own pool) and its layout.
     """
 
     request_id: str
     worker_id: str
-    dest: KVDestination
+    dest: KVDestination  # rank 0's
     num_cached_blocks: int = 0
+    rank_dests: tuple[KVDestination, ...] = ()  # ranks 1 .. D-1 of a tensor-parallel decode worker
+    layout: KVShardLayout | None = None  # the decode worker's; None: the sender's own, on one rank
+
+    @property
+    def dests(self) -> tuple[KVDestination, ...]:
+        """One destination per decode rank, rank order."""
+        return (self.dest, *self.rank_dests)
 
 
 @dataclass(slots=True)
@@ -81,7 +101,7 @@ class FirstToken:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     num_cached_tokens: int = 0  # prompt tokens the prefill worker served from its prefix cache
-    kv_bytes: int = 0  # bytes sent to the decode worker
+    kv_bytes: int = 0  # bytes sent to the decode worker (by every prefill rank)
     kv_transfer_start_ns: int = 0  # time.time_ns() when the first layer was posted; 0: nothing sent
     kv_transfer_s: float = 0.0  # first layer posted -> the decode worker's commit ack
     kv_layers: int = 0  # distinct layers sent

@@ -42,3 +42,4 @@ class WorkerLoad:
     g2_total_blocks: int = 0
     # Where it runs: the node's name as the topology keys it (deploy/pools.py); "local" in-process
     node: str = "local"
+    tensor_parallel_size: int = 1  # ranks (processes, devices) its model is split over

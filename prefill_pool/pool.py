@@ -8,21 +8,28 @@ Tracing (pool_runtime/tracing.py): ``prefill`` carries the caller's trace contex
 ``tandem.prefill`` (queued + computed, until the decode worker's commit ack) and, from the worker's
 :class:`~pool_runtime.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
 commit ack: bytes, layers, GB/s).
+
+Tensor parallel (``config.tensor_parallel_size`` > 1): each replica is a placement group of one
+bundle per rank, the actor in bundle 0, which starts its follower ranks as it starts
+(pool_runtime/tp_actors.py); a rank that dies ends the actor, and Ray restarts the worker whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import ray
 from opentelemetry import trace
 
+from kv_transfer.heads import KVShardLayout
 from pool_runtime.actor_telemetry import ActorTelemetry
-from pool_runtime.actors import ActorIdentity, PoolSpec, actor_class, call
+from pool_runtime.actors import ActorIdentity, PoolSpec, call
 from pool_runtime.config import WorkerConfig
 from pool_runtime.handoff import FirstToken, KVGrant, WorkRequest
 from pool_runtime.reports import WorkerLoad
+from pool_runtime.tp_actors import placed_actor_class, rank_usage, start_rank_group
 from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 from prefill_pool.worker import PrefillWorker
 
@@ -36,10 +43,27 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
     def __init__(
         self, config: WorkerConfig, telemetry: TelemetryConfig | None = None, built_from: str = ""
     ) -> None:
-        super().__init__(config)
+        ranks = start_rank_group(config, self.role)
+        if ranks is not None:
+            ranks.on_broken = lambda e: os._exit(1)  # a rank is gone: Ray restarts the worker whole
+        super().__init__(config, ranks)
         self.built_from = built_from
         self.setup_tracing(telemetry)
         self.start_loop()
+
+    def layout(self) -> KVShardLayout:
+        """This worker's KV layout (model, dtype, block size, heads over its ranks)."""
+        return self.kv_layout
+
+    def rank_usage(self) -> list[dict[str, int]]:
+        """Per rank: KV sends still in flight (rank 0 first; ``tandem status``, tests)."""
+        mine = {
+            "rank": 0,
+            "pid": os.getpid(),
+            "reserved_blocks": 0,
+            "sends_in_flight": self.sender.num_in_flight,
+        }
+        return [mine, *rank_usage(self.ranks)]
 
     def prefill(self, req: WorkRequest, grant: KVGrant, carrier: dict[str, str] | None = None) -> FirstToken:
         if not self.tracing.enabled:
@@ -70,9 +94,17 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
 
 
 class RayPrefillHandle:
-    def __init__(self, actor: Any, worker_id: str) -> None:
+    def __init__(self, actor: Any, worker_id: str, placement: Any = None) -> None:
         self.actor = actor
         self.worker_id = worker_id
+        self.placement = placement  # a tensor-parallel worker's placement group (removed with it)
+        self._layout: KVShardLayout | None = None
+
+    async def kv_layout(self) -> KVShardLayout:
+        """The worker's KV layout (asked once: a restarted worker is built from the same config)."""
+        if self._layout is None:
+            self._layout = await call(self.actor.layout.remote(), self.worker_id)
+        return self._layout
 
     async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken:
         return await call(self.actor.prefill.remote(req, grant, inject_context()), self.worker_id)
@@ -114,12 +146,10 @@ def build_prefill_pool(
 ) -> list[RayPrefillHandle]:
     """Start the replicas and wait until each has loaded its model; ``telemetry`` chooses the
     workers' span exporter (None: untraced)."""
-    cls = actor_class(PrefillActor, spec)
     handles = []
     for i in range(spec.replicas):
         wid = f"{prefix}-{i}"
-        handles.append(
-            RayPrefillHandle(cls.remote(dataclasses.replace(config, worker_id=wid), telemetry), wid)
-        )
+        cls, pg, cfg = placed_actor_class(PrefillActor, dataclasses.replace(config, worker_id=wid), spec)
+        handles.append(RayPrefillHandle(cls.remote(cfg, telemetry), wid, pg))
     ray.get([h.actor.ready.remote() for h in handles])
     return handles

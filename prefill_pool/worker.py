@@ -19,6 +19,11 @@ not sent. Nothing reuses a finished request's blocks before its ack (ARCHITECTUR
 only thread that allocates blocks (new requests, onboarding, the next schedule) is the one waiting
 for the ack, and it waits before its next step.
 
+Tensor parallel (``ranks``, pool_runtime/rank_group.py): this worker is rank 0. Each step's inputs
+and the blocks it sends go to the other ranks before the forward; every rank sends the KV heads it
+holds to the decode ranks that own them (pool_runtime/tp_handoff.py), and a request's first token
+is returned only once every rank's writes are committed.
+
 Thread model: ``submit`` and ``cancel`` are thread-safe (they queue a command); everything else —
 engine, sender — is touched only by the thread calling ``step`` (the loop thread from
 ``start_loop``, or a test stepping by hand). Lifecycle: construct -> start_loop (or step by hand)
@@ -40,14 +45,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from engine.model_runner import StepInputs
+from engine.parallel import RankGroupBroken
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from kv_transfer.base import BaseSender
+from kv_transfer.heads import KVShardLayout
 from kv_transfer.protocol import KVTransferError
 from pool_runtime.build import EvictionLog, build_engine, build_transport
 from pool_runtime.config import WorkerConfig
 from pool_runtime.handoff import FirstToken, KVGrant, PoolError, WorkRequest
+from pool_runtime.rank_group import RankGroup, SendPlan
 from pool_runtime.reports import WorkerLoad
+from pool_runtime.tp_handoff import ShardSender, worker_layout
 
 _TOMBSTONES = 4096  # cancelled request ids remembered, to refuse a prefill that arrives after its cancel
 
@@ -86,15 +96,22 @@ class _Faults:
 class PrefillWorker:
     role = "prefill"
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, ranks: RankGroup | None = None) -> None:
         self.config = config
         self.worker_id = config.worker_id
-        self.engine, self.tier_store = build_engine(config)
+        self.ranks = ranks
+        self.engine, self.tier_store = build_engine(config, ranks.tp if ranks is not None else None)
         self.evictions = EvictionLog(self.engine)
         self.block_size = config.engine.block_size
         self.num_layers = self.engine.kv_layout.num_layers
+        tp = ranks.size if ranks is not None else 1
+        self.kv_layout: KVShardLayout = worker_layout(self.engine.model_config, self.block_size, tp)
         # every backend's sender is a BaseSender, which also has flush() (not in the KVSender protocol)
         self.sender = cast(BaseSender, build_transport(config).sender(self.engine.kv_cache))
+        self.shard = ShardSender(self.sender, self.kv_layout, rank=0)  # the heads rank 0 sends
+        self._step_plans: list[_Plan] = []
+        if ranks is not None:
+            self.engine.runner.publish = self._publish
         self._jobs: dict[str, _Job] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancels, oldest first
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -145,11 +162,17 @@ class PrefillWorker:
             free_blocks=bm.num_free_blocks,
             total_blocks=bm.num_blocks,
             cached_blocks=bm.num_cached_blocks,
+            tensor_parallel_size=self.kv_layout.tp_size,
         )
 
-    def crash_after_layer(self, request_id: str, layer: int) -> None:
-        """Test hook: SIGKILL this process right after ``layer`` of ``request_id`` is sent."""
-        self.faults.crash_after_layer[request_id] = layer
+    def crash_after_layer(self, request_id: str, layer: int, rank: int = 0) -> None:
+        """Test hook: SIGKILL this process (or tensor-parallel rank ``rank``'s) right after ``layer``
+        of ``request_id`` is sent."""
+        if rank == 0:
+            self.faults.crash_after_layer[request_id] = layer
+        else:
+            assert self.ranks is not None, "a one-rank worker has no rank > 0"
+            self.ranks.crash_after_layer(rank, request_id, layer)
 
     # -- the loop -------------------------------------------------------------------------------------
     def start_loop(self) -> None:
@@ -162,7 +185,12 @@ class PrefillWorker:
             try:
                 busy = self.step()
             except Exception as e:  # a bug or a device error: fail what is in flight, keep serving
+                if isinstance(e, RankGroupBroken) and self.ranks is not None:
+                    self.ranks.fail(e)  # a rank is gone: the worker cannot step again (the actor ends)
                 for job in list(self._jobs.values()):
+                    if self.ranks is not None and self.ranks.broken is None:
+                        with contextlib.suppress(Exception):  # the other ranks drop it too
+                            self.ranks.abandon(job.req.request_id, 0.0)
                     self._drop(job)
                     if not job.future.done():
                         job.future.set_exception(PoolError(f"prefill worker {self.worker_id} failed: {e!r}"))
@@ -178,7 +206,7 @@ class PrefillWorker:
 
         def on_batch(out: SchedulerOutput) -> Callable[[int], None] | None:
             nonlocal plans
-            plans = todo = self._plan(out)
+            plans = todo = self._step_plans = self._plan(out)
             if not todo:
                 return None
             return lambda layer: self._send_layer(todo, layer)
@@ -207,6 +235,18 @@ class PrefillWorker:
                 plans.append(_Plan(job, lo, hi))
         return plans
 
+    def _publish(self, inputs: StepInputs) -> None:
+        """Rank 0 of a tensor-parallel worker: this step, and what every rank sends after each layer."""
+        assert self.ranks is not None
+        sends = [
+            SendPlan(
+                p.job.req.request_id, p.job.seq.block_table[p.lo : p.hi], p.lo - p.job.grant.num_cached_blocks
+            )
+            for p in self._step_plans
+            if not p.job.error
+        ]
+        self.ranks.step(inputs, sends, {s.request_id: self._jobs[s.request_id].grant for s in sends})
+
     def _send_layer(self, plans: list[_Plan], layer: int) -> None:
         for p in plans:
             job = p.job
@@ -216,13 +256,9 @@ class PrefillWorker:
                 job.kv_start_ns = time.time_ns()
             job.kv_layers.add(layer)
             try:
-                self.sender.send_layer(
-                    job.grant.dest,
-                    layer,
-                    job.seq.block_table[p.lo : p.hi],
-                    block_offset=p.lo - job.grant.num_cached_blocks,
+                job.kv_bytes += self.shard.send_layer(
+                    job.grant, layer, job.seq.block_table[p.lo : p.hi], p.lo - job.grant.num_cached_blocks
                 )
-                job.kv_bytes += (p.hi - p.lo) * self.engine.kv_layout.layer_block_bytes
             except (KVTransferError, ValueError) as e:
                 job.error = str(e)
             if self.faults.crash_after_layer.get(job.req.request_id) == layer:
@@ -233,11 +269,22 @@ class PrefillWorker:
         worker's commit ack, then answer the caller."""
         rid = job.req.request_id
         error = job.error
-        if not error:
+
+        def finish_mine() -> None:
+            nonlocal error
+            if error:
+                self.shard.abandon(job.grant, 0.0)
+                return
             try:
-                self.sender.finish(job.grant.dest, self.config.ack_timeout_s)
+                self.shard.finish(job.grant, self.config.ack_timeout_s)
             except KVTransferError as e:
                 error = str(e)
+
+        if self.ranks is None:
+            finish_mine()
+        else:  # every rank waits for the commits of the decode ranks it wrote to, at once
+            rank_error, nbytes = self.ranks.finish([rid], self.config.ack_timeout_s, finish_mine)[rid]
+            error, job.kv_bytes = error or rank_error, job.kv_bytes + nbytes
         self._jobs.pop(rid, None)
         if error:
             job.future.set_exception(
@@ -305,13 +352,14 @@ class PrefillWorker:
         job = self._jobs.get(request_id)
         if job is None:
             return
-        if job.kv_bytes:
-            # Let posted writes land before the decode worker reuses the blocks, then drop the
-            # request's sender state (finish with no time left abandons it).
-            with contextlib.suppress(KVTransferError):
-                self.sender.flush(job.grant.dest, self.config.ack_timeout_s)
-            with contextlib.suppress(KVTransferError):
-                self.sender.finish(job.grant.dest, 0.0)
+        # Let posted writes land before the decode worker reuses the blocks, then drop the
+        # request's sender state (finish with no time left abandons it), on every rank.
+        timeout = self.config.ack_timeout_s
+        if self.ranks is None:
+            self.shard.abandon(job.grant, timeout)
+        else:
+            with contextlib.suppress(RankGroupBroken):
+                self.ranks.abandon(request_id, timeout, lambda: self.shard.abandon(job.grant, timeout))
         self._drop(job)
         job.future.set_exception(Cancelled(f"{request_id}: cancelled"))
 
@@ -328,3 +376,5 @@ class PrefillWorker:
             self._cancel(rid)
         self.sender.close()
         self.engine.close()
+        if self.ranks is not None:
+            self.ranks.close()

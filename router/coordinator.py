@@ -10,7 +10,7 @@ This is the API a router backend calls::
 
 Per request (``always``, or ``auto`` with a long prompt)::
 
-    decode.reserve ─▶ prefill.prefill ─▶ decode.start ─▶ decode.take ... (finished)
+    pick prefill ─▶ decode.reserve(its KV layout) ─▶ prefill.prefill ─▶ decode.start ─▶ decode.take ...
                        │ dead / failed: decode.cancel, reserve again, next prefill worker
     decode dead at any point: resume on the next decode worker from prompt + tokens streamed so far
     (same seed: the sampler's (seed, position) rule continues the stream identically)
@@ -41,6 +41,7 @@ from typing import Protocol, TypeVar
 from opentelemetry import trace
 
 from engine.sampling_params import SamplingParams
+from kv_transfer.heads import KVShardLayout
 from kv_transfer.protocol import KVTransferError, NoRoomError
 from pool_runtime.handoff import (
     DISAGGREGATION_MODES,
@@ -61,6 +62,12 @@ log = logging.getLogger(__name__)
 class PrefillHandle(Protocol):
     worker_id: str
 
+    async def kv_layout(self) -> KVShardLayout | None:
+        """Its KV pool's layout (model, dtype, block size, heads over its tensor-parallel ranks),
+        which the decode worker checks and plans the handoff by; None: the decode worker's model
+        on one rank."""
+        ...
+
     async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken: ...
 
     async def cancel(self, request_id: str) -> None: ...
@@ -71,7 +78,7 @@ class PrefillHandle(Protocol):
 class DecodeHandle(Protocol):
     worker_id: str
 
-    async def reserve(self, req: WorkRequest) -> KVGrant: ...
+    async def reserve(self, req: WorkRequest, source: KVShardLayout | None = None) -> KVGrant: ...
 
     async def start(self, request_id: str, first: FirstToken) -> None: ...
 
@@ -267,12 +274,19 @@ class Pools:
         dead_prefill: set[str] = set()
         last_error = ""
         while live.prefill_attempts < self.max_attempts:
-            grant = await d.reserve(work)
-            if live.cancelled:  # the cancel may have reached d before the reservation did
-                raise _CallerCancelled
             p = self._pick(self.prefill, self._rr_prefill, dead_prefill, live.req.prefill_worker)
             if p is None:
                 break
+            try:
+                layout = await p.kv_layout()
+            except WorkerDied as e:
+                dead_prefill.add(p.worker_id)
+                last_error = f"prefill on {p.worker_id} failed: {e}"
+                continue
+            # d checks that it can take p's KV (IncompatibleKV: a clear error, nothing held)
+            grant = await d.reserve(work, layout)
+            if live.cancelled:  # the cancel may have reached d before the reservation did
+                raise _CallerCancelled
             live.prefill_attempts += 1
             live.prefill = p
             try:

@@ -15,6 +15,15 @@ of the model (:class:`CostParams`) and the price of the two kinds of route (ARCH
     overlap       = overlap_fraction * min(prefill, transfer)   (layer-wise streaming hides part)
     admission(d)  = d.decode_step_s when d is decoding, else 0  (joins at the next step boundary)
 
+Tensor parallel workers (``tensor_parallel_size``): a worker of TP = N prefills ``tp_speedup(N) =
+1 + (N - 1) * tp_scaling`` times as fast as one rank (each extra rank adds ``tp_scaling`` of one:
+the rest goes to the two all-reduces per layer) when its rate is not reported; its KV is split
+by heads, and every (sending rank, receiving rank) pair writes its own heads over its own link, so
+a handoff moves ``kv_bytes / streams(p, d)`` per stream, ``streams = min(kv ranks(p), kv ranks(d))``
+(``kv ranks(w) = min(w's TP, num_kv_heads)``: replicated heads are sent once)::
+
+    transfer = handoff_overhead + link_time(kv bytes per rank, link(p, d))
+
 A worker's cached prefix counts whole blocks and never the last prompt token: the first sampled
 token needs that token's logits, so at least one token is always computed.
 """
@@ -40,8 +49,9 @@ class Candidate:
     queue_tokens: int = 0  # prompt tokens waiting to be prefilled there
     running_seqs: int = 0  # sequences decoding there
     free_blocks: Mapping[str, int] = field(default_factory=dict)  # tier name ("G1", "G2", "G3") -> blocks
-    prefill_tokens_per_s: float = 0.0  # 0: unknown, CostParams.default_prefill_tokens_per_s is used
+    prefill_tokens_per_s: float = 0.0  # 0: unknown, default_prefill_tokens_per_s * tp_speedup is used
     decode_step_s: float = 0.0  # one decode iteration at the current batch; 0: unknown
+    tensor_parallel_size: int = 1  # processes (devices) the worker's model is split over
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -66,6 +76,7 @@ class Candidate:
             free_blocks={str(k): int(v) for k, v in dict(report.get("free_blocks", {})).items()},
             prefill_tokens_per_s=float(report.get("prefill_tokens_per_s", 0.0)),
             decode_step_s=float(report.get("decode_step_s", 0.0)),
+            tensor_parallel_size=int(report.get("tensor_parallel_size", 1)),
         )
 
 
@@ -85,6 +96,8 @@ class CostParams:
     overlap_fraction: float = 0.0  # of min(prefill, transfer) hidden by layer-wise streaming
     handoff_overhead_s: float = 0.0  # reserve RPC + transfer setup, paid once per disaggregated request
     room_tiers: tuple[str, ...] = ("G1", "G2")  # tiers a reservation may allocate in
+    tp_scaling: float = 0.8  # prefill speed each extra tensor-parallel rank adds, in ranks
+    num_kv_heads: int = 0  # the model's; 0: unknown (every rank counts as a stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +114,7 @@ class Quote:
     admission_s: float
     cached_tokens: int  # reused at the worker that prefills
     kv_bytes: int  # moved between workers
+    kv_bytes_per_rank: int = 0  # of those, what one (sending rank, receiving rank) stream carries
 
     @property
     def disaggregated(self) -> bool:
@@ -125,8 +139,25 @@ def has_kv_room(req: RoutingRequest, d: Candidate, params: CostParams) -> bool:
     return free >= blocks_needed(req, d, params)
 
 
+def tp_speedup(tp: int, params: CostParams) -> float:
+    """How many times one rank's prefill speed a worker of ``tp`` ranks has."""
+    return 1.0 + (max(1, tp) - 1) * params.tp_scaling
+
+
+def kv_streams(p: Candidate, d: Candidate, params: CostParams) -> int:
+    """Parallel KV streams of a handoff from ``p`` to ``d``: each rank writes its own heads."""
+
+    def kv_ranks(w: Candidate) -> int:
+        tp = max(1, w.tensor_parallel_size)
+        return min(tp, params.num_kv_heads) if params.num_kv_heads > 0 else tp
+
+    return max(1, min(kv_ranks(p), kv_ranks(d)))
+
+
 def _rate(w: Candidate, params: CostParams) -> float:
-    return w.prefill_tokens_per_s if w.prefill_tokens_per_s > 0 else params.default_prefill_tokens_per_s
+    if w.prefill_tokens_per_s > 0:
+        return w.prefill_tokens_per_s
+    return params.default_prefill_tokens_per_s * tp_speedup(w.tensor_parallel_size, params)
 
 
 def price_colocated(req: RoutingRequest, d: Candidate, params: CostParams) -> Quote:
@@ -147,7 +178,8 @@ def price_disaggregated(
     # The decode worker reuses its own cached prefix on reserve, so only what it lacks moves.
     d_cached = min(req.cached_blocks.get(d.worker_id, 0), len(req.block_hashes)) * params.block_size
     kv_bytes = max(0, req.num_prompt_tokens - d_cached) * params.kv_bytes_per_token
-    transfer_s = params.handoff_overhead_s + topology.transfer_time_s(kv_bytes, p.worker_id, d.worker_id)
+    per_rank = -(-kv_bytes // kv_streams(p, d, params))  # the streams move their heads side by side
+    transfer_s = params.handoff_overhead_s + topology.transfer_time_s(per_rank, p.worker_id, d.worker_id)
     overlap_s = params.overlap_fraction * min(prefill_s, transfer_s)
     admission_s = d.decode_step_s if d.running_seqs > 0 else 0.0
     ttft = queue_s + prefill_s + transfer_s - overlap_s + admission_s
@@ -162,4 +194,5 @@ def price_disaggregated(
         admission_s,
         cached,
         kv_bytes,
+        per_rank,
     )

@@ -338,6 +338,7 @@ class PoolsBackend:
                     "running_seqs": w.running,
                     "free_blocks": {"G1": w.free_blocks, "G2": w.g2_free_blocks},
                     "used_blocks": w.used_blocks,
+                    "tensor_parallel_size": w.tensor_parallel_size,
                 },
             )
 
@@ -355,7 +356,10 @@ def cost_params(mc: Any, block_size: int) -> CostParams:
     """The cost model's constants for a model (``engine.config.ModelConfig``)."""
     per_token = mc.kv_layout(block_size).block_bytes // block_size
     return CostParams(
-        kv_bytes_per_token=per_token, block_size=block_size, handoff_overhead_s=HANDOFF_OVERHEAD_S
+        kv_bytes_per_token=per_token,
+        block_size=block_size,
+        handoff_overhead_s=HANDOFF_OVERHEAD_S,
+        num_kv_heads=mc.num_kv_heads,
     )
 
 

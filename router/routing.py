@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from engine.block_hash import BlockHash, hash_blocks
 from memory_tiers.metadata import BlockEvent, EventKind, MetadataStore, Tier, prefix_lengths
 from pool_runtime.reports import WorkerLoad
-from router.cost_model import Candidate, CostParams, RoutingRequest
+from router.cost_model import Candidate, CostParams, RoutingRequest, tp_speedup
 from router.policies import RouteDecision, RoutingContext, get_policy
 from router.topology import Topology
 
@@ -73,7 +73,7 @@ class Router:
         out = []
         for r in reports:
             running = max(r.running + r.waiting, self._in_flight[r.worker_id])
-            rate = self.params.default_prefill_tokens_per_s
+            rate = self.params.default_prefill_tokens_per_s * tp_speedup(r.tensor_parallel_size, self.params)
             if r.role == "decode":
                 rate /= 1 + running
             out.append(
@@ -84,6 +84,7 @@ class Router:
                     running_seqs=running,
                     free_blocks={"G1": r.free_blocks, "G2": r.g2_free_blocks},
                     prefill_tokens_per_s=rate,
+                    tensor_parallel_size=r.tensor_parallel_size,
                 )
             )
         return out

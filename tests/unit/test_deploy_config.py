@@ -10,6 +10,7 @@ from deploy.config import (
     LOCAL_YAML,
     ConfigError,
     TandemConfig,
+    check_tensor_parallel_sizes,
     default_config,
     dump_config,
     load_config,
@@ -146,6 +147,10 @@ def _error(tmp_path: Path, text: str) -> str:
         ("routr: {port: 1}", "routr: Extra inputs are not permitted"),
         ("pools: {decode: {replica: 2}}", "pools.decode.replica: Extra inputs are not permitted"),
         ("version: 2", "version: Input should be 1"),
+        (
+            "pools: {decode: {tensor_parallel_size: 0}}",
+            "pools.decode.tensor_parallel_size: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_files_name_the_field(tmp_path: Path, text: str, needle: str) -> None:
@@ -177,3 +182,36 @@ def test_redis_and_sizes_accepted() -> None:
     assert cfg.metadata.is_redis
     assert cfg.tiers.g1.capacity == 1610612736
     assert cfg.tiers.g3 is None
+
+
+def test_tensor_parallel_size_is_checked_against_the_models_heads() -> None:
+    ok = parse_config(
+        {"pools": {"prefill": {"tensor_parallel_size": 2}, "decode": {"tensor_parallel_size": 4}}}
+    )
+    check_tensor_parallel_sizes(ok, 4, 2, 128, "m")  # 4 ranks: each of the 2 KV heads replicated twice
+    bad = parse_config(
+        {"pools": {"prefill": {"tensor_parallel_size": 3}, "decode": {"tensor_parallel_size": 8}}}
+    )
+    with pytest.raises(ConfigError) as info:
+        check_tensor_parallel_sizes(bad, 4, 2, 128, "/models/m")
+    assert str(info.value).splitlines() == [
+        "pools.prefill.tensor_parallel_size: tensor_parallel_size 3 does not divide the model's 4 "
+        "attention heads (/models/m)",
+        "pools.decode.tensor_parallel_size: tensor_parallel_size 8 does not divide the model's 4 "
+        "attention heads (/models/m)",
+    ]
+    with pytest.raises(ConfigError, match="pools.decode.tensor_parallel_size: .*4 .* intermediate_size 130"):
+        check_tensor_parallel_sizes(ok, 4, 2, 130, "m")  # splits in 2, not in 4
+    idle = parse_config({"pools": {"prefill": {"replicas": 0, "tensor_parallel_size": 3}}})
+    check_tensor_parallel_sizes(idle, 4, 2, 128, "m")  # a pool without workers splits nothing
+
+
+def test_check_model_reads_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+    from deploy.derive import check_model
+
+    with pytest.raises(
+        ConfigError, match=f"pools.decode.tensor_parallel_size: .*3 .* 4 attention heads \\({checkpoint}\\)"
+    ):
+        check_model(parse_config({"pools": {"decode": {"tensor_parallel_size": 3}}}), checkpoint)
+    check_model(parse_config({"pools": {"decode": {"tensor_parallel_size": 2}}}), checkpoint)
+    check_model(parse_config({"pools": {"decode": {"tensor_parallel_size": 3}}}), tmp_path / "elsewhere")

@@ -267,6 +267,7 @@ def test_the_status_table() -> None:
             "G1_USE",
             "G2_BLOCKS",
             "G3_MIB",
+            "TP",
         ],
         [
             "prefill",
@@ -281,8 +282,9 @@ def test_the_status_table() -> None:
             "25.0%",
             "3/128",
             "1.5/64",
+            "1",
         ],
-        ["decode", "decode-0", "-", "-", "unreachable", "0", "0", "0", "0/0", "-", "-", "-"],
+        ["decode", "decode-0", "-", "-", "unreachable", "0", "0", "0", "0/0", "-", "-", "-", "1"],
     ]
     assert [lines[3][i:].split()[0] for i in starts] == [
         "prefill-0",

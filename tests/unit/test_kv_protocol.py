@@ -20,6 +20,7 @@ from kv_transfer.protocol import (
     coalesce,
     decode_all,
     digest,
+    head_regions,
     paired_runs,
     region,
     regions,
@@ -164,12 +165,41 @@ def test_book_coverage_completes_on_last_piece() -> None:
     chunk = Header(KIND_DATA, "a", layer=0, num_layers=1, block_start=0, num_blocks=2)
     assert book.record(r, chunk) is False
     assert book.record(r, Header(KIND_DATA, "a", layer=0, block_start=2, num_blocks=1)) is False
-    assert sorted(r.missing) == [(1, 0), (1, 1), (1, 2)]
+    assert sorted(r.missing) == [(1, 0, 0), (1, 1, 0), (1, 2, 0)]  # (layer, block index, first head)
     assert book.record(r, Header(KIND_DATA, "a", layer=1, block_start=0, num_blocks=3)) is True
     with pytest.raises(KVTransferError, match="layers 1\\+2 outside 0..1"):
-        book.check(r, Header(KIND_DATA, "a", layer=1, num_layers=2, num_blocks=1))
+        book.check(r, Header(KIND_DATA, "a", layer=1, num_layers=2, num_blocks=1), 4)
     with pytest.raises(KVTransferError, match="blocks 2\\+2 outside the 3 reserved"):
-        book.check(r, Header(KIND_DATA, "a", block_start=2, num_blocks=2))
+        book.check(r, Header(KIND_DATA, "a", block_start=2, num_blocks=2), 4)
+
+
+def test_book_head_parts_each_arrive() -> None:
+    """A block whose heads come from two tensor-parallel ranks commits only when both halves are in."""
+    book = ReservationBook(num_blocks=8)
+    r = book.reserve("a", [3, 4], 1, deadline=10.0, parts=[(2, 2), (0, 2)])
+    assert r.parts == ((0, 2), (2, 2))
+    low = Header(KIND_DATA, "a", num_blocks=2, block_shape=(2, 2, 16, 8), head_start=0)
+    high = Header(KIND_DATA, "a", num_blocks=2, block_shape=(2, 2, 16, 8), head_start=2)
+    book.check(r, low, 4)
+    assert book.record(r, low) is False
+    assert sorted(r.missing) == [(0, 0, 2), (0, 1, 2)]
+    book.check(r, high, 4)
+    assert book.record(r, high) is True
+    with pytest.raises(KVTransferError, match="head split mismatch"):
+        book.check(r, Header(KIND_DATA, "a", num_blocks=1, block_shape=(2, 4, 16, 8)), 4)  # all 4 heads
+    whole = book.reserve("b", [5], 1, deadline=10.0)
+    book.check(whole, Header(KIND_DATA, "b", num_blocks=1, block_shape=(2, 4, 16, 8)), 4)
+    with pytest.raises(KVTransferError, match="not one of the parts \\[\\(0, 4\\)\\]"):
+        book.check(whole, Header(KIND_DATA, "b", num_blocks=1, block_shape=(2, 2, 16, 8)), 4)
+    with pytest.raises(ValueError, match="overlap"):
+        book.reserve("c", [6], 1, deadline=1.0, parts=[(0, 3), (2, 2)])
+
+
+def test_head_regions_k_then_v_per_block() -> None:
+    # pool (L=2, N=4, 2, H=4, B, D) with 16-byte heads: a block is 2 * 4 * 16 = 128 bytes
+    got = head_regions(range(1, 2), [2, 0], (1, 2), num_heads=4, num_blocks=4, layer_block_bytes=128)
+    base2, base0 = (1 * 4 + 2) * 128, (1 * 4 + 0) * 128
+    assert got == [(base2 + 16, 32), (base2 + 64 + 16, 32), (base0 + 16, 32), (base0 + 64 + 16, 32)]
 
 
 def test_book_expiry_skips_committed() -> None:

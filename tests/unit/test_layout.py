@@ -66,6 +66,8 @@ PURE = (
     "engine.scheduler",
     "engine.sequence",
     "engine.sampling_params",
+    "engine.tp_layout",
+    "kv_transfer.heads",
     "memory_tiers.slot_index",
     "memory_tiers.metadata",
     "pool_runtime.handoff",

@@ -36,6 +36,9 @@ class FakePrefill:
         self.fail = fail
         self.calls: list[tuple[Any, ...]] = []
 
+    async def kv_layout(self) -> None:
+        return None
+
     async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken:
         self.calls.append(("prefill", req.request_id, len(req.prompt_token_ids), grant.worker_id))
         if self.fail is not None:
@@ -59,7 +62,7 @@ class FakeDecode:
         self.live: dict[str, list[int]] = {}  # rid -> [next position, tokens left]
         self.gate: asyncio.Event | None = None  # when set, reserve waits for it
 
-    async def reserve(self, req: WorkRequest) -> KVGrant:
+    async def reserve(self, req: WorkRequest, source: Any = None) -> KVGrant:
         self.calls.append(("reserve", req.request_id, len(req.prompt_token_ids), req.params.max_tokens))
         if self.gate is not None:
             await self.gate.wait()

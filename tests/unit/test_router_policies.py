@@ -192,6 +192,29 @@ def test_worker_rate_overrides_default_and_full_hit_keeps_one_token() -> None:
     assert q.ttft_s == pytest.approx(0.1 + 1 / 4000, rel=1e-12)
 
 
+def test_tensor_parallel_prefill_is_priced_faster_and_its_kv_moves_in_parallel_streams() -> None:
+    """A TP2 prefill worker: 1 + 0.8 = 1.8 ranks' speed; a TP2 -> TP2 handoff of a model with 2 KV
+    heads moves half the bytes per stream; replicated KV heads (TP4, 2 heads) add no stream."""
+    ctx = _ctx(SAME_NODE, kv_bytes_per_token=100_000, num_kv_heads=2)
+    req = _req(512)  # 512 tokens: 51.2 MB of KV, 5.12 ms over shm at 10 GB/s
+    p1, p2 = _w("p1", "prefill"), _w("p2", "prefill", tensor_parallel_size=2)
+    d1, d2 = _w("d1", "decode"), _w("d2", "decode", tensor_parallel_size=2)
+    one = price_disaggregated(req, p1, d1, ctx.topology, ctx.params)
+    assert (one.prefill_s, one.transfer_s) == pytest.approx((0.512, 0.00512), rel=1e-12)
+    assert one.kv_bytes_per_rank == 51_200_000
+    two = price_disaggregated(req, p2, d2, ctx.topology, ctx.params)
+    assert two.prefill_s == pytest.approx(0.512 / 1.8, rel=1e-12)
+    assert (two.kv_bytes, two.kv_bytes_per_rank) == (51_200_000, 25_600_000)
+    assert two.transfer_s == pytest.approx(0.00256, rel=1e-12)
+    # TP2 -> TP1: one receiving rank, one stream, whatever the sender's split
+    assert price_disaggregated(req, p2, d1, ctx.topology, ctx.params).kv_bytes_per_rank == 51_200_000
+    p4 = _w("p4", "prefill", tensor_parallel_size=4)  # 2 KV heads on 4 ranks: 2 distinct holders
+    assert price_disaggregated(req, p4, d2, ctx.topology, ctx.params).kv_bytes_per_rank == 25_600_000
+    d = cost_model(req, [p1, p2, d1], ctx)
+    assert (d.prefill_worker, d.decode_worker) == ("p2", "d1")  # the faster prefill wins
+    assert Candidate.from_report("d2", "decode", {"tensor_parallel_size": 2}).tensor_parallel_size == 2
+
+
 def test_round_robin_order() -> None:
     workers = [
         _w("d3", "decode"),

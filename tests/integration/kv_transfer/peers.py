@@ -17,7 +17,7 @@ import torch
 from engine.kv_layout import KVLayout
 from kv_transfer.factory import make_transport
 from kv_transfer.protocol import KVTransferError
-from kv_transfer.transport import Completed, KVDestination
+from kv_transfer.transport import Completed, HeadSlice, KVDestination
 
 
 @dataclass
@@ -71,9 +71,15 @@ def set_chunk_bytes(state: State, nbytes: int) -> int:
     return prev
 
 
-def reserve(state: State, request_id: str, block_ids: list[int], deadline_s: float) -> KVDestination:
+def reserve(
+    state: State,
+    request_id: str,
+    block_ids: list[int],
+    deadline_s: float,
+    parts: tuple[tuple[int, int], ...] = (),
+) -> KVDestination:
     assert state.layout is not None
-    return state.rx.reserve(request_id, block_ids, state.layout.num_layers, deadline_s)
+    return state.rx.reserve(request_id, block_ids, state.layout.num_layers, deadline_s, parts)
 
 
 def poll_until(state: State, request_ids: list[str], timeout_s: float) -> dict[str, tuple[str, str]]:
@@ -115,6 +121,7 @@ def send(
     timeout_s: float = 20.0,
     corrupt: bool = False,
     chunk_blocks: int = 0,
+    heads: list[tuple[int, int, int]] | None = None,
 ) -> list[tuple[str, Any]]:
     """Send each dests[i] the source blocks src[i], interleaving requests layer by layer
     (mode "layer"), or all layers in one message (mode "whole"); chunk_blocks > 0 cuts each
@@ -131,10 +138,11 @@ def send(
                 tx.send_layer(d, 0, s, num_layers=num_layers)
         else:
             for layer in layers if layers is not None else range(num_layers):
-                for d, s in zip(dests, src, strict=True):
+                for i, (d, s) in enumerate(zip(dests, src, strict=True)):
                     step = chunk_blocks or len(s)
+                    hs = HeadSlice(*heads[i]) if heads is not None else None
                     for off in range(0, len(s), step):
-                        tx.send_layer(d, layer, s[off : off + step], block_offset=off)
+                        tx.send_layer(d, layer, s[off : off + step], block_offset=off, heads=hs)
     except KVTransferError as e:  # a failed send fails (and cleans up) its request at once
         return [("err", f"{type(e).__name__}: {e}")] * len(dests)
     finally:
@@ -158,6 +166,12 @@ def num_in_flight(state: State) -> int:
 def read_src(state: State, block_ids: list[int]) -> bytes:
     assert state.kv is not None
     return bytes(state.kv[:, block_ids].contiguous().view(torch.uint8).numpy())
+
+
+def read_heads(state: State, block_ids: list[int], first: int, count: int) -> bytes:
+    """Heads ``[first, first + count)`` of the blocks, all layers: (L, n, 2, count, B, D) bytes."""
+    assert state.kv is not None
+    return bytes(state.kv[:, block_ids, :, first : first + count].contiguous().view(torch.uint8).numpy())
 
 
 def pid(state: State) -> int:
@@ -186,6 +200,7 @@ COMMANDS = {
         send,
         num_in_flight,
         read_src,
+        read_heads,
         pid,
         close,
     )

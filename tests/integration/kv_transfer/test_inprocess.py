@@ -10,7 +10,7 @@ import torch
 from engine.kv_layout import KVLayout
 from kv_transfer.factory import make_transport
 from kv_transfer.protocol import DeadlineExceededError, DigestMismatchError, KVTransferError, NoRoomError
-from kv_transfer.transport import Completed, Failed
+from kv_transfer.transport import Completed, Failed, HeadSlice
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +136,56 @@ def test_payload_without_digest_is_refused_unless_allowed() -> None:
         tx.send_layer(dest, 0, [3], num_layers=LAYOUT.num_layers)
         assert tx.finish(dest, timeout_s=5.0) == 1
         assert torch.equal(dst[:, 0].view(torch.int16), src[:, 3].view(torch.int16))
+
+
+def _half_pools() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two one-head senders (the ranks of a two-rank prefill worker) and a two-head receiver."""
+    half = KVLayout(num_layers=3, num_kv_heads=1, head_dim=8, block_size=4, dtype="float16")
+    a, b = half.allocate(8), half.allocate(8)
+    for t in (a, b):
+        t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8))
+    return a, b, LAYOUT.allocate(16)
+
+
+def test_two_senders_fill_the_head_halves_and_both_get_the_ack() -> None:
+    t = make_transport("inprocess")
+    a, b, dst = _half_pools()
+    with t.receiver(dst) as rx, t.sender(a) as ta, t.sender(b) as tb:
+        dest = rx.reserve("r", [5, 2], LAYOUT.num_layers, deadline_s=5.0, parts=((0, 1), (1, 1)))
+        ta.send_layer(dest, 0, [1, 6], num_layers=3, heads=HeadSlice(0, 0, 1))
+        assert rx.poll() == []  # head 1 of every block still missing
+        tb.send_layer(dest, 0, [1, 6], num_layers=3, heads=HeadSlice(0, 1, 1))
+        assert ta.finish(dest, timeout_s=5.0) == 1 and tb.finish(dest, timeout_s=5.0) == 1
+        assert rx.poll() == [Completed("r", 3 * 2 * LAYOUT.layer_block_bytes)]
+        bits = lambda t: t.contiguous().view(torch.int16)  # random bytes: NaNs compare by bits
+        assert torch.equal(bits(dst[:, [5, 2], :, 0:1]), bits(a[:, [1, 6]]))
+        assert torch.equal(bits(dst[:, [5, 2], :, 1:2]), bits(b[:, [1, 6]]))
+
+
+def test_a_slice_that_is_not_a_reserved_part_fails_the_handoff_for_every_sender() -> None:
+    """One rank's bad piece fails the request; the other rank, whose pieces arrive after the
+    failure, is told at once (a FAILED ack) instead of waiting out its ack timeout."""
+    t = make_transport("inprocess")
+    a, b, dst = _half_pools()
+    with t.receiver(dst) as rx, t.sender(a) as ta, t.sender(b) as tb:
+        dest = rx.reserve("r", [5], LAYOUT.num_layers, deadline_s=5.0, parts=((0, 1), (1, 1)))
+        ta.corrupt_after_digest = True
+        ta.send_layer(dest, 0, [1], num_layers=3, heads=HeadSlice(0, 0, 1))
+        (failed,) = rx.poll()
+        assert isinstance(failed, Failed) and "digest mismatch" in failed.reason
+        assert rx.num_reserved_blocks == 0
+        tb.send_layer(dest, 0, [1], num_layers=3, heads=HeadSlice(0, 1, 1))
+        start = time.monotonic()
+        with pytest.raises(DigestMismatchError, match="receiver failed the handoff: digest mismatch"):
+            tb.finish(dest, timeout_s=30.0)
+        assert time.monotonic() - start < 5.0
+        with pytest.raises(DigestMismatchError):
+            ta.finish(dest, timeout_s=5.0)
+        dest = rx.reserve("s", [5], LAYOUT.num_layers, deadline_s=5.0, parts=((0, 1), (1, 1)))
+        with pytest.raises(ValueError, match="outside source heads 1"):
+            tb.send_layer(dest, 0, [1], heads=HeadSlice(1, 0, 1))
+        tb.send_layer(dest, 0, [1], num_layers=3, heads=HeadSlice(0, 0, 1))
+        tb.send_layer(dest, 0, [1], num_layers=3, heads=HeadSlice(0, 1, 1))
+        assert tb.finish(dest, timeout_s=5.0) == 2
+        with pytest.raises(ValueError, match="do not cover the pool's 2 KV heads"):
+            rx.reserve("t", [6], LAYOUT.num_layers, deadline_s=5.0, parts=((0, 1),))

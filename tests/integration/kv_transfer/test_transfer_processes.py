@@ -26,16 +26,58 @@ def _setup(rx: Peer, tx: Peer, layout: dict[str, Any], dtype: str, rx_blocks: in
 
 
 def _transfer(
-    rx: Peer, tx: Peer, rids: list[str], dst: list[list[int]], src: list[list[int]], **send_kw: Any
+    rx: Peer,
+    tx: Peer,
+    rids: list[str],
+    dst: list[list[int]],
+    src: list[list[int]],
+    parts: tuple[tuple[int, int], ...] = (),
+    **send_kw: Any,
 ):
     dests = [
-        rx.call("reserve", request_id=r, block_ids=d, deadline_s=30.0) for r, d in zip(rids, dst, strict=True)
+        rx.call("reserve", request_id=r, block_ids=d, deadline_s=30.0, parts=parts)
+        for r, d in zip(rids, dst, strict=True)
     ]
     rx.post("poll_until", request_ids=rids, timeout_s=60.0)
     tx.post("send", dests=dests, src=src, **send_kw)
     sent = tx.result()
     got = rx.result()
     return sent, got
+
+
+def test_head_slices_land_at_their_offsets(pair: tuple[Peer, Peer]) -> None:
+    """Tensor-parallel handoffs: a sender holding 2 KV heads fills both halves of a 4-head receiver
+    block (as two prefill ranks each do for a one-rank decode worker), each half its own part of the
+    reservation, and the request commits only once both halves of every block are verified; then
+    the reverse, a 4-head sender writing its upper heads into a 2-head receiver (one rank of a
+    two-rank decode worker), from a one-rank prefill."""
+    rx, tx = pair
+    lay2 = {**SMALL, "num_kv_heads": 2, "dtype": "float32"}
+    lay4 = {**SMALL, "num_kv_heads": 4, "dtype": "float32"}
+    rx.post("setup_receiver", layout=lay4, num_blocks=32)
+    tx.post("setup_sender", layout=lay2, num_blocks=16, seed=5)
+    rx.result(), tx.result()
+    src, dst = [3, 4, 9], [20, 7, 8]
+    dest = rx.call("reserve", request_id="q", block_ids=dst, deadline_s=30.0, parts=((0, 2), (2, 2)))
+    rx.post("poll_until", request_ids=["q"], timeout_s=2.0)
+    sent = tx.call("send", dests=[dest], src=[src], heads=[(0, 2, 2)], finish=False)
+    assert sent == [("ok", 0)]
+    assert rx.result() == {"q": ("pending", "")}  # only the upper half of each block is in
+    rx.post("poll_until", request_ids=["q"], timeout_s=60.0)
+    assert tx.call("send", dests=[dest], src=[src], heads=[(0, 0, 2)])[0][0] == "ok"
+    assert rx.result() == {"q": ("completed", "")}
+    theirs = tx.call("read_heads", block_ids=src, first=0, count=2)
+    assert rx.call("read_heads", block_ids=dst, first=0, count=2) == theirs
+    assert rx.call("read_heads", block_ids=dst, first=2, count=2) == theirs
+    assert rx.call("release", request_ids=["q"]) == 0
+
+    rx.post("setup_receiver", layout=lay2, num_blocks=32)
+    tx.post("setup_sender", layout=lay4, num_blocks=16, seed=6)
+    rx.result(), tx.result()
+    sent, got = _transfer(rx, tx, ["r"], [dst], [src], heads=[(2, 0, 2)])
+    assert sent[0][0] == "ok" and got == {"r": ("completed", "")}
+    assert rx.call("read_blocks", block_ids=dst) == tx.call("read_heads", block_ids=src, first=2, count=2)
+    assert rx.call("release", request_ids=["r"]) == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

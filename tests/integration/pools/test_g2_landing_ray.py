@@ -1,6 +1,8 @@
 """G2 landing through the Ray pools over NIXL: a decode actor whose G1 holds one of two concurrent
 prompts takes the other's KV in host memory (a second NIXL agent over its inbox), onboards it once
-the first finishes, and both outputs equal the single engine's; every in-use count returns to zero."""
+the first finishes, and both outputs equal the single engine's; every in-use count returns to zero.
+Run with a one-rank prefill worker and with a TP = 2 one, whose two ranks each write their half of
+every block's heads into the inbox."""
 
 from __future__ import annotations
 
@@ -41,13 +43,21 @@ def reference(ckpt: Path, prompts: list[list[int]]) -> tuple[list[list[int]], in
     return [o.new_token_ids for o in outs], block_bytes
 
 
-@pytest.fixture(scope="module")
-def cluster(ckpt: Path, reference, ray_cluster) -> Iterator[tuple[list, list]]:  # noqa: F811
+@pytest.fixture(scope="module", params=[1, 2], ids=["prefill-tp1", "prefill-tp2"])
+def cluster(
+    request: pytest.FixtureRequest,
+    ckpt: Path,
+    reference,
+    ray_cluster,  # noqa: F811
+) -> Iterator[tuple[list, list]]:
     engine = EngineConfig(model=ckpt, block_size=4, num_blocks=64, max_num_batched_tokens=8)
-    cfg = WorkerConfig(engine, kv_backend="nixl", ack_timeout_s=20)
+    cfg = WorkerConfig(engine, kv_backend="nixl", ack_timeout_s=20, tensor_parallel_size=request.param)
     # G1: 14 blocks, the 41-token prompt takes 11 and the 30-token one needs 8; G2: 16 blocks
     decode_cfg = dataclasses.replace(
-        cfg, engine=dataclasses.replace(engine, num_blocks=14), tiers=TierConfig(host_bytes=16 * reference[1])
+        cfg,
+        engine=dataclasses.replace(engine, num_blocks=14),
+        tiers=TierConfig(host_bytes=16 * reference[1]),
+        tensor_parallel_size=1,
     )
     with running_pools(cfg, PoolSpec(replicas=1, num_cpus=0.25), decode_cfg=decode_cfg) as pools:
         yield pools
