@@ -47,10 +47,7 @@ class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
     def __init__(
         self, config: WorkerConfig, telemetry: TelemetryConfig | None = None, built_from: str = ""
     ) -> None:
-        ranks = start_rank_group(config, self.role)
-        if ranks is not None:
-            ranks.on_broken = lambda e: os._exit(1)  # a rank is gone: Ray restarts the worker whole
-        super().__init__(config, ranks)
+        super().__init__(config, start_rank_group(config, self.role))
         self.built_from = built_from
         self.setup_tracing(telemetry)
         self._spans: dict[str, _DecodeSpan] = {}

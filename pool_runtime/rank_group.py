@@ -118,7 +118,7 @@ class Answer:
 class RankGroup:
     """Rank 0's handle on its group. Thread-safe: one message (and its answers) at a time.
 
-    ``on_broken`` (set by the actor) runs once when the group breaks; by default the error is
+    ``on_broken`` (set by start_rank_group: the actor exits) runs once when the group breaks; by default the error is
     only raised to the caller."""
 
     def __init__(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -128,7 +129,8 @@ class FollowerActor(RankFollower):
 
 def start_rank_group(config: WorkerConfig, role: str) -> RankGroup | None:
     """Called by rank 0's actor as it starts: create the followers (in this actor's placement
-    group, else pinned to this node), join the group with them and return it (None for TP = 1)."""
+    group, else pinned to this node), join the group with them and return it (None for TP = 1).
+    Once a rank is gone the actor's process exits, so Ray restarts the worker whole."""
     n = config.tensor_parallel_size
     if n == 1:
         return None
@@ -172,7 +174,9 @@ def start_rank_group(config: WorkerConfig, role: str) -> RankGroup | None:
         stop()
         channel.close()
         raise
-    return RankGroup(tp, channel, followers, on_close=stop)
+    group = RankGroup(tp, channel, followers, on_close=stop)
+    group.on_broken = lambda e: os._exit(1)
+    return group
 
 
 def _unless_one_dies(fn: Callable[[], T], ready: list[Any]) -> T:
