@@ -118,8 +118,8 @@ class Answer:
 class RankGroup:
     """Rank 0's handle on its group. Thread-safe: one message (and its answers) at a time.
 
-    ``on_broken`` (set by start_rank_group: the actor exits) runs once when the group breaks; by default the error is
-    only raised to the caller."""
+    ``on_broken`` runs once when the group breaks (``start_rank_group`` sets it to end the actor's
+    process); by default the error is only raised to the caller."""
 
     def __init__(
         self,
