@@ -28,7 +28,6 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from engine.chat_template import ChatTemplate
 from engine.gguf_loader import open_gguf
-from engine.tokenizer import Tokenizer
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -202,14 +201,15 @@ def build_gguf_tokenizer(metadata: dict[str, Any]) -> tuple[_HFTokenizer, dict[s
     return tok, specials
 
 
-def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
-    """``engine.tokenizer.Tokenizer`` for a GGUF file."""
+def load_gguf_tokenizer(path: str | Path) -> tuple[Any, ...]:
+    """The arguments of ``engine.tokenizer.Tokenizer`` for a GGUF file (``Tokenizer.from_pretrained``
+    builds it: importing the class here would make the two modules a circle)."""
     md = open_gguf(path).metadata
     tok, specials = build_gguf_tokenizer(md)
     bos_id = md.get("tokenizer.ggml.bos_token_id")
     eos_id = md.get("tokenizer.ggml.eos_token_id")
     template = md.get("tokenizer.chat_template")
-    return Tokenizer(
+    return (
         tok,
         int(bos_id) if bos_id is not None else None,
         (int(eos_id),) if eos_id is not None else (),

@@ -95,7 +95,7 @@ class Tokenizer:
         if root.is_file():
             from engine.gguf_tokenizer import load_gguf_tokenizer
 
-            return load_gguf_tokenizer(root)
+            return cls(*load_gguf_tokenizer(root))
         tok = _HFTokenizer.from_file(str(root / "tokenizer.json"))
         tok_cfg = _read_json(root / "tokenizer_config.json")
         gen_cfg = _read_json(root / "generation_config.json")
