@@ -155,7 +155,8 @@ def _check_loopback(address: str) -> None:
 
 def _start_local_server(model: str | None, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m deploy.serve --port 0`` in its own process group; returns it once it listens."""
-    cmd = [sys.executable, "-m", "deploy.serve", "--port", "0"] + (["--model", model] if model else [])
+    cmd = [sys.executable, "-m", "deploy.serve", "--port", "0", "--http-port", "0"]
+    cmd += ["--model", model] if model else []
     log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120

@@ -35,7 +35,7 @@ from router.servicer import TandemServicer
 from router.telemetry import Telemetry, setup_telemetry
 
 if TYPE_CHECKING:
-    from router.http.app import HttpOptions
+    from router.http.options import HttpOptions
     from router.http.server import HttpServer
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@
 - ``generation``: one completions / chat completions request: its choices, JSON or SSE events
 - ``openai``: OpenAI's request and response shapes <-> Tandem's (pure)
 - ``schemas``: the request bodies as pydantic models; ``errors``: statuses and OpenAI error objects
+- ``options``: HttpOptions (host, port, body limit), importable without FastAPI
 - ``server``: uvicorn on the running event loop (start, stop with a grace period)
 
 Only this package imports FastAPI, Starlette, uvicorn or pydantic in the router

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -48,23 +47,15 @@ from router.http.errors import (
 )
 from router.http.generation import Generation
 from router.http.openai import Plan, chat_messages, chat_plan, completion_plan, model_card
+from router.http.options import HttpOptions
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.metrics import CONTENT_TYPE
 from router.validation import ValidationError
 
+__all__ = ["HttpOptions", "build_app"]
 ARRIVAL = "tandem.arrival"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it; never reaches the client
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class HttpOptions:
-    """The HTTP front door of a server (deploy/config.py's ``router.http``)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: the OS picks a free port
-    max_request_bytes: int = 8 << 20  # a larger body: 413
-    model_root: str = ""  # what /v1/models reports as the model's root (its source)
 
 
 def build_app(front: FrontDoor, options: HttpOptions) -> FastAPI:

@@ -50,7 +50,8 @@ class ManagedServer:
     def __init__(self, log_path: Path, *extra: str, ready_timeout: float = 90.0) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
-        cmd = [*_serve_command(), "--port", "0", *extra]
+        # both front doors on free ports: a fixed one would clash with other servers on the machine
+        cmd = [*_serve_command(), "--port", "0", "--http-port", "0", *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env

@@ -312,7 +312,9 @@ def test_packages_keep_out_of_what_is_not_theirs() -> None:
 
 def test_the_http_libraries_stay_at_the_http_edge() -> None:
     """The rule above, checked to bite: the HTTP app may import FastAPI, the servicer may not."""
-    assert "fastapi" in external("router.http.app") and not external("router.http.app") & _kept_out("router.http.app")
+    assert "fastapi" in external("router.http.app") and not external("router.http.app") & _kept_out(
+        "router.http.app"
+    )
     assert {"fastapi", "uvicorn", "pydantic"} <= _kept_out("router.servicer")
     assert {"fastapi", "starlette", "uvicorn", "pydantic"} <= _kept_out("engine.llm_engine")
     assert "fastapi" in _kept_out("deploy.serve") and "pydantic" not in _kept_out("deploy.config")
