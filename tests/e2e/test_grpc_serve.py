@@ -57,6 +57,20 @@ class ManagedServer:
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         self.address = self._wait_ready(timeout=ready_timeout)
+        self.http_url = None if "--no-http" in extra else self._http_url()
+
+    def _http_url(self, timeout: float = 20.0) -> str:
+        """The OpenAI API's URL, logged just after the gRPC address."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(
+                r"OpenAI-compatible HTTP on (http://\S+:\d+)", self.log_path.read_text(errors="replace")
+            )
+            if m:
+                return m.group(1)
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"tandem serve logged no HTTP address; log tail:\n{self.tail()}")
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
