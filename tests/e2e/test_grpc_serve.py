@@ -384,6 +384,23 @@ def test_bench_serve_smoke(server: ManagedServer, tmp_path: Path) -> None:
     assert _wait_idle(server.address).used_blocks == 0
 
 
+def test_bench_serve_runs_both_front_doors_side_by_side(server: ManagedServer) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.bench_serve", "--server", server.address, "--protocol", "both"]
+    cmd += ["--http-server", str(server.http_url), "--num-requests", "6", "--output-len", "fixed:5"]
+    cmd += ["--prompt-len", "fixed:7", "--warmup", "2", "--no-reference", "--json"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["protocol"] == "both" and doc["host"]
+    for name, run in doc["by_protocol"].items():
+        assert (run["requests"], run["ok"], run["errors"], run["output_tokens"]) == (6, 6, {}, 30), name
+        assert run["prompt_tokens"] == 42
+        # the server's own timings came back through both front doors
+        assert 0 < run["router_overhead"]["per_request_s"]["p50"] < 1.0, name
+        assert len(run["itl_s"]) == 4 and run["ttft_s"]["p50"] > 0
+    assert _wait_idle(server.address).used_blocks == 0
+
+
 def test_serve_rejects_a_bad_config_naming_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("router:\n  max_queue: 0\n")

@@ -372,7 +372,8 @@ def test_a_client_that_disconnects_releases_its_request() -> None:
                         r.close()
                     else:
                         task.cancel()
-                await _until(lambda: len(backend.closed) == closed + 1 and server.admission.in_flight == 0)
+                released = lambda n=closed: len(backend.closed) == n + 1 and not server.admission.in_flight  # noqa: E731
+                await _until(released)
                 assert backend.closed[-1] == backend.requests[-1].request_id
                 assert server.admission.in_flight == 0
             backend.gate.set()
