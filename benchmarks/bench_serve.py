@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     first = next(iter(summaries))
     results = runs[first][0]
     # one protocol: its summary; both: each under by_protocol (the plot shows the first, gRPC)
-    summary = summaries[first] if len(summaries) == 1 else {"by_protocol": summaries}
+    summary: dict[str, Any] = summaries[first] if len(summaries) == 1 else {"by_protocol": summaries}
     from engine.kernels.native import describe_host
 
     summary["host"] = describe_host()
