@@ -15,8 +15,9 @@ server, shared by both front doors), backend, cancel path and telemetry. A clien
 releases its request: a streamed one when Starlette cancels the response stream, a non-streamed one
 through :func:`_unless_disconnected`, which cancels the request when the connection closes first.
 
-The edge (:class:`_Edge`, plain ASGI, outermost) stamps each request's arrival before anything
-parses it (router overhead counts from there) and refuses bodies over ``max_request_bytes`` (413).
+The edge (:class:`_Edge`, plain ASGI, outermost) stamps each request's arrival when its whole body
+is in, before anything parses it (router overhead counts from there), and refuses bodies over
+``max_request_bytes`` (413).
 Authentication and TLS (issue 17) hang here too: add middleware or a dependency in ``build_app``.
 """
 
@@ -215,7 +216,7 @@ async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[T]
 
 
 class _Edge:
-    """Plain ASGI, outermost: stamps the arrival time; a body over the limit is a 413."""
+    """Plain ASGI, outermost: stamps the arrival time (the body complete); a body over the limit is a 413."""
 
     def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
         self.app = app
@@ -240,6 +241,10 @@ class _Edge:
                 seen += len(message.get("body", b""))
                 if seen > self.limit:  # a chunked body without a length: caught while reading it
                     raise BodyTooLarge(self.limit)
+                if not message.get("more_body", False):
+                    # the whole request is here (as gRPC's handler gets a whole message): the router's
+                    # time counts from now, not while the client was still sending
+                    scope[ARRIVAL] = time.monotonic()
             return message
 
         await self.app(scope, counted, send)
