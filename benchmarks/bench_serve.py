@@ -1,6 +1,8 @@
 """``tandem bench serve``: a bounded load generator against a Tandem server on loopback, through
 its gRPC endpoint, its OpenAI HTTP API (``--protocol http``, benchmarks/serve_http.py) or both, one
-after the other in one run (``--protocol both``: the same workload, the same server, side by side).
+after the other in one run (``--protocol both``: the same server, the same workload distributions,
+side by side; each front door gets its own seeded draw, so the second does not find the first's
+prompts in the prefix cache).
 
 Sends a seeded workload (benchmarks/serve_workload.py: fixed or Poisson arrivals, prompt/output length
 distributions, optional shared prefixes) with ``ignore_eos`` so output lengths are exact, and
@@ -237,33 +239,37 @@ def run(args: argparse.Namespace) -> int:
             proc, address, http_url = _start_local_server(args.model or "demo", Path(tmp.name) / "serve.log")
             print(f"(local server on {address}, {http_url})", file=sys.stderr)
         info = _model_info(address)
-        workload = make_workload(
-            args.num_requests,
-            vocab_size=info.vocab_size,
-            prompt_len=prompt_len,
-            output_len=output_len,
-            rate=args.rate,
-            arrival=args.arrival,
-            shared_prefix_len=args.shared_prefix_len,
-            num_prefixes=args.num_prefixes,
-            exclude_ids=list(info.eos_token_ids),
-            seed=args.seed,
-        )
-        too_long = [r for r in workload if len(r.prompt_token_ids) + r.max_tokens > info.max_context_length]
+        protocols = ("grpc", "http") if args.protocol == "both" else (args.protocol,)
+
+        def workload_of(n: int, seed: int, rate: float = math.inf) -> list[BenchRequest]:
+            return make_workload(
+                n, vocab_size=info.vocab_size, prompt_len=prompt_len, output_len=output_len,
+                rate=rate, arrival=args.arrival, shared_prefix_len=args.shared_prefix_len,
+                num_prefixes=args.num_prefixes, exclude_ids=list(info.eos_token_ids), seed=seed,
+            )  # fmt: skip
+
+        # Each front door gets its own draw of the same distributions (seed, seed + 1000): the second
+        # run must not find the first one's prompts in the prefix cache.
+        workloads = {
+            p: workload_of(args.num_requests, args.seed + 1000 * i, args.rate)
+            for i, p in enumerate(protocols)
+        }
+        too_long = [
+            r
+            for w in workloads.values()
+            for r in w
+            if len(r.prompt_token_ids) + r.max_tokens > info.max_context_length
+        ]
         if too_long:
             print(f"tandem bench serve: {len(too_long)} requests exceed the context length", file=sys.stderr)
             return 2
-        protocols = ("grpc", "http") if args.protocol == "both" else (args.protocol,)
         # Warm-up, not measured: every front door's connections, and the server's first requests
         # (each one after the other would otherwise pay for the first one's).
-        warm = make_workload(
-            args.warmup, vocab_size=info.vocab_size, prompt_len=prompt_len, output_len=output_len,
-            exclude_ids=list(info.eos_token_ids), seed=args.seed + 1,
-        )  # fmt: skip
+        warm = workload_of(args.warmup, args.seed + 1) if args.warmup else []
         runs: dict[str, tuple[list[RequestResult], float]] = {}
         for phase in ("warm-up", "run") if args.warmup else ("run",):
             for protocol in protocols:
-                load = warm if phase == "warm-up" else workload
+                load = warm if phase == "warm-up" else workloads[protocol]
                 if protocol == "grpc":
                     runs[protocol] = asyncio.run(run_load(address, load, args.max_duration))
                 else:
@@ -298,8 +304,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_reference and (args.model or args.server is None):
         from engine.model_source import resolve_model
 
-        ref = reference_throughput(resolve_model(args.model or "demo"), workload)
-        for s in summaries.values():
+        for protocol, s in summaries.items():  # each front door's own prompts, offline
+            ref = reference_throughput(resolve_model(args.model or "demo"), workloads[protocol])
             s["reference"] = ref
             s["ratio_vs_reference"] = s["output_throughput_tok_s"] / ref["output_throughput_tok_s"]
     tmp.cleanup()
