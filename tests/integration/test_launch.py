@@ -212,9 +212,10 @@ def test_launch_places_pools_serves_is_idempotent_and_stops(
     # the launched router serves the OpenAI API beside gRPC, on the port its YAML gives (0: any)
     http = out["http"]
     assert http.startswith("http://127.0.0.1:") and st["router"]["http_url"] == http
-    body = json.loads(
-        urllib.request.urlopen(http + "/v1/completions", _completion(PROMPTS[0]), timeout=60).read()
+    req = urllib.request.Request(
+        http + "/v1/completions", _completion(PROMPTS[0]), headers={"Content-Type": "application/json"}
     )
+    body = json.loads(urllib.request.urlopen(req, timeout=60).read())
     assert body["choices"][0]["text"] == _text(checkpoint, reference[PROMPTS[0]])
     assert body["usage"]["completion_tokens"] == MAX_NEW
 

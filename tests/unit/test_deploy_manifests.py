@@ -221,6 +221,7 @@ def test_the_status_table() -> None:
         "tandem",
         {
             "address": "10.0.0.1:50051",
+            "http_url": "http://10.0.0.1:8000",
             "serving": True,
             "in_flight": 2,
             "policy": "cost_model",
@@ -248,7 +249,8 @@ def test_the_status_table() -> None:
     )
     lines = format_table(st).splitlines()
     assert lines[:2] == [
-        "router   10.0.0.1:50051  serving=True  in_flight=2  policy=cost_model  node=abababababab",
+        "router   10.0.0.1:50051  http=http://10.0.0.1:8000  serving=True  in_flight=2  policy=cost_model"
+        "  node=abababababab",
         "",
     ]
     # columns aligned: each starts where its header does
