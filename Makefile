@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROMPT  ?= The quick brown fox
 
-.PHONY: install serve generate bench-serve test test-fast test-isa test-gpu lint format proto bench bench-engine clean
+.PHONY: install serve generate bench-serve bench-http test test-fast test-isa test-gpu lint format proto bench bench-engine clean
 
 # Create .venv and install Tandem with its test tools (torch==2.13.0 resolves to the CPU build on disk).
 $(STAMP): pyproject.toml
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: serve the gRPC Generate endpoint on the embedded default (127.0.0.1:50051, SmolLM2 fetched
-# on first use). Ask it: .venv/bin/tandem generate --server 127.0.0.1:50051 --chat "What is the capital of France?"
+# The main job: serve the gRPC Generate endpoint (127.0.0.1:50051) and the OpenAI-compatible HTTP API
+# (127.0.0.1:8000) on the embedded default (SmolLM2 fetched on first use). Ask it:
+#   .venv/bin/tandem generate --server 127.0.0.1:50051 --chat "What is the capital of France?"
+#   curl 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+#     -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 serve: $(STAMP)
 	$(BIN)/tandem serve
 
@@ -28,6 +31,20 @@ generate: $(STAMP)
 # Load generator against a running server (throughput, TTFT, inter-token latency; table + PNG).
 bench-serve: $(STAMP)
 	$(BIN)/tandem bench serve
+
+# A real benchmark client, guidellm (its own venv, .venv-bench: its dependencies are not Tandem's),
+# unmodified, against tandem serve's OpenAI HTTP API (Ray pools, demo checkpoint); writes its report
+# and Tandem's token-count check to bench-results/http/ (BENCH_HTTP_ARGS: e.g. --streams 8 --requests 96).
+BENCH_VENV := .venv-bench
+BENCH_HTTP_ARGS ?=
+$(BENCH_VENV)/.installed:
+	test -d $(BENCH_VENV) || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q "guidellm==0.8.1" "torch==2.13.0"
+	touch $@
+
+bench-http: $(STAMP) $(BENCH_VENV)/.installed
+	$(BIN)/tandem bench guidellm --client $(BENCH_VENV)/bin/guidellm --out bench-results/http $(BENCH_HTTP_ARGS)
 
 # The whole test suite (unit, integration, e2e; gpu tests skip without a GPU).
 test: $(STAMP)
@@ -86,4 +103,4 @@ smollm2: $(STAMP)
 	$(BIN)/tandem fetch-model smollm2
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -1,12 +1,17 @@
-"""``tandem bench serve``: a bounded load generator against a Tandem gRPC endpoint on loopback.
+"""``tandem bench serve``: a bounded load generator against a Tandem server on loopback, through
+its gRPC endpoint, its OpenAI HTTP API (``--protocol http``, benchmarks/serve_http.py) or both, one
+after the other in one run (``--protocol both``: the same server, the same workload distributions,
+side by side; each front door gets its own seeded draw, so the second does not find the first's
+prompts in the prefix cache).
 
 Sends a seeded workload (benchmarks/serve_workload.py: fixed or Poisson arrivals, prompt/output length
 distributions, optional shared prefixes) with ``ignore_eos`` so output lengths are exact, and
 reports throughput plus TTFT, inter-token latency (client-side chunk gaps) and end-to-end latency
 p50/p90/p99 as a table, ``--json`` and a ``--plot`` PNG. The router's own overhead comes from the
-timings the server reports on each last message: ``router_request_time_s`` (before the backend)
-and ``router_token_time_s`` (backend produced a chunk -> router handed it to gRPC), against
-``backend_time_s``, the backend's own span.
+timings the server reports on each last message (gRPC's Timings; HTTP's ``return_timings``):
+``router_request_time_s`` (before the backend: parsing, validation, tokenizing) and
+``router_token_time_s`` (backend produced a chunk -> the front door handed it to its transport),
+against ``backend_time_s``, the backend's own span. The host's CPU is printed with the figures.
 
 Without ``--server`` it starts ``tandem serve`` (deploy.serve) on a free loopback port for the run
 and, as the reference, runs the same prompts offline through an in-process LLMEngine afterwards:
@@ -32,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve_report import RequestResult, format_table, summarize, write_plot
+from benchmarks.serve_report import RequestResult, format_comparison, format_table, summarize, write_plot
 from benchmarks.serve_workload import BenchRequest, make_workload, parse_length
 
 MAX_REQUESTS = 10_000
@@ -41,6 +46,17 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help="HOST:PORT on loopback (default: start a local server)")
+    p.add_argument(
+        "--protocol",
+        choices=["grpc", "http", "both"],
+        default="grpc",
+        help="which front door (both: one after the other)",
+    )
+    p.add_argument(
+        "--http-server",
+        default=None,
+        help="http://HOST:PORT of --server's OpenAI API (with --protocol http/both)",
+    )
     p.add_argument(
         "--model", default=None, help="checkpoint for the local server and the reference (default: demo)"
     )
@@ -54,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-duration", type=float, default=120.0, help="stop sending and cancel after this (s)")
     p.add_argument("--no-reference", action="store_true", help="skip the in-process engine reference")
+    p.add_argument("--warmup", type=int, default=4, help="unmeasured requests per front door first (0: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the latency distributions")
 
@@ -153,16 +170,20 @@ def _check_loopback(address: str) -> None:
         )
 
 
-def _start_local_server(model: str | None, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m deploy.serve --port 0`` in its own process group; returns it once it listens."""
-    cmd = [sys.executable, "-m", "deploy.serve", "--port", "0"] + (["--model", model] if model else [])
+def _start_local_server(model: str | None, log_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``python -m deploy.serve --port 0 --http-port 0`` in its own process group; returns it, its gRPC
+    address and its HTTP URL once both listen."""
+    cmd = [sys.executable, "-m", "deploy.serve", "--port", "0", "--http-port", "0"]
+    cmd += ["--model", model] if model else []
     log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        m = re.search(r"listening on (\S+:\d+)", log_path.read_text(errors="replace"))
-        if m:
-            return proc, m.group(1)
+        text = log_path.read_text(errors="replace")
+        m = re.search(r"listening on (\S+:\d+)", text)
+        h = re.search(r"OpenAI-compatible HTTP on (http://\S+:\d+)", text)
+        if m and h:
+            return proc, m.group(1), h.group(1)
         if proc.poll() is not None:
             break
         time.sleep(0.1)
@@ -195,44 +216,78 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not 1 <= args.num_requests <= MAX_REQUESTS:
             raise ValueError(f"--num-requests must be in [1, {MAX_REQUESTS}]")
+        if not 0 <= args.warmup <= 64:
+            raise ValueError("--warmup must be in [0, 64]")
         if args.max_duration <= 0:
             raise ValueError("--max-duration must be > 0")
         prompt_len, output_len = parse_length(args.prompt_len), parse_length(args.output_len)
         if args.server:
             _check_loopback(args.server)
+            if args.protocol != "grpc" and not args.http_server:
+                raise ValueError("--protocol http/both with --server needs --http-server http://HOST:PORT")
+        if args.http_server:
+            _check_loopback(args.http_server.removeprefix("http://"))
     except ValueError as e:
         print(f"tandem bench serve: {e}", file=sys.stderr)
         return 2
     proc = None
     tmp = tempfile.TemporaryDirectory(prefix="tandem-bench-serve-")
     try:
-        address = args.server
+        address, http_url = args.server, args.http_server
         if address is None:
             # benchmarks run the random "demo" preset unless told otherwise (serve's default is SmolLM2)
-            proc, address = _start_local_server(args.model or "demo", Path(tmp.name) / "serve.log")
-            print(f"(local server on {address})", file=sys.stderr)
+            proc, address, http_url = _start_local_server(args.model or "demo", Path(tmp.name) / "serve.log")
+            print(f"(local server on {address}, {http_url})", file=sys.stderr)
         info = _model_info(address)
-        workload = make_workload(
-            args.num_requests,
-            vocab_size=info.vocab_size,
-            prompt_len=prompt_len,
-            output_len=output_len,
-            rate=args.rate,
-            arrival=args.arrival,
-            shared_prefix_len=args.shared_prefix_len,
-            num_prefixes=args.num_prefixes,
-            exclude_ids=list(info.eos_token_ids),
-            seed=args.seed,
-        )
-        too_long = [r for r in workload if len(r.prompt_token_ids) + r.max_tokens > info.max_context_length]
+        protocols = ("grpc", "http") if args.protocol == "both" else (args.protocol,)
+
+        def workload_of(n: int, seed: int, rate: float = math.inf) -> list[BenchRequest]:
+            return make_workload(
+                n, vocab_size=info.vocab_size, prompt_len=prompt_len, output_len=output_len,
+                rate=rate, arrival=args.arrival, shared_prefix_len=args.shared_prefix_len,
+                num_prefixes=args.num_prefixes, exclude_ids=list(info.eos_token_ids), seed=seed,
+            )  # fmt: skip
+
+        # Each front door gets its own draw of the same distributions (seed, seed + 1000): the second
+        # run must not find the first one's prompts in the prefix cache.
+        workloads = {
+            p: workload_of(args.num_requests, args.seed + 1000 * i, args.rate)
+            for i, p in enumerate(protocols)
+        }
+        too_long = [
+            r
+            for w in workloads.values()
+            for r in w
+            if len(r.prompt_token_ids) + r.max_tokens > info.max_context_length
+        ]
         if too_long:
             print(f"tandem bench serve: {len(too_long)} requests exceed the context length", file=sys.stderr)
             return 2
-        results, wall = asyncio.run(run_load(address, workload, args.max_duration))
+        # Warm-up, not measured: every front door's connections, and the server's first requests
+        # (each one after the other would otherwise pay for the first one's).
+        warm = workload_of(args.warmup, args.seed + 1) if args.warmup else []
+        runs: dict[str, tuple[list[RequestResult], float]] = {}
+        for phase in ("warm-up", "run") if args.warmup else ("run",):
+            for protocol in protocols:
+                load = warm if phase == "warm-up" else workloads[protocol]
+                if protocol == "grpc":
+                    runs[protocol] = asyncio.run(run_load(address, load, args.max_duration))
+                else:
+                    from benchmarks.serve_http import run_load_http
+
+                    runs[protocol] = asyncio.run(run_load_http(http_url, info.name, load, args.max_duration))
     finally:
         if proc is not None:
             _stop(proc)
-    summary = summarize(results, wall)
+    summaries = {protocol: summarize(results, wall) for protocol, (results, wall) in runs.items()}
+    first = next(iter(summaries))
+    results = runs[first][0]
+    # one protocol: its summary; both: each under by_protocol (the plot shows the first, gRPC)
+    summary: dict[str, Any] = summaries[first] if len(summaries) == 1 else {"by_protocol": summaries}
+    from engine.kernels.native import describe_host
+
+    summary["host"] = describe_host()
+    summary["protocol"] = args.protocol
     summary["workload"] = {
         k: getattr(args, k)
         for k in (
@@ -249,21 +304,27 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_reference and (args.model or args.server is None):
         from engine.model_source import resolve_model
 
-        ref = reference_throughput(resolve_model(args.model or "demo"), workload)
-        summary["reference"] = ref
-        summary["ratio_vs_reference"] = summary["output_throughput_tok_s"] / ref["output_throughput_tok_s"]
+        for protocol, s in summaries.items():  # each front door's own prompts, offline
+            ref = reference_throughput(resolve_model(args.model or "demo"), workloads[protocol])
+            s["reference"] = ref
+            s["ratio_vs_reference"] = s["output_throughput_tok_s"] / ref["output_throughput_tok_s"]
     tmp.cleanup()
     if args.plot is not None:
-        write_plot(args.plot, results, summary)
+        write_plot(args.plot, results, summaries[first])
     if args.json:
         print(
             json.dumps(summary, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
         )
     else:
-        print(format_table(summary))
+        print(f"host: {summary['host']}")
+        if args.protocol == "both":
+            print(format_comparison(summaries))
+        else:
+            print(f"protocol: {args.protocol}")
+            print(format_table(summary))
         if args.plot is not None:
             print(f"plot: {args.plot}")
-    return 0 if summary["ok"] == summary["requests"] else 1
+    return 0 if all(s["ok"] == s["requests"] for s in summaries.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,46 @@ def summarize(results: list[RequestResult], wall: float) -> dict[str, Any]:
     }
 
 
+_ROWS = (
+    ("time to first token", lambda s: s["ttft_s"]),
+    ("inter-token latency", lambda s: s["itl_s"]),
+    ("end-to-end latency", lambda s: s["e2e_s"]),
+    ("queue time (server)", lambda s: s["queue_time_s"]),
+    ("router, per request", lambda s: s["router_overhead"]["per_request_s"]),
+    ("network + client", lambda s: s["router_overhead"]["network_and_client_per_request_s"]),
+)
+
+
+def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
+    """Several runs of one workload (``{"grpc": summary, "http": summary}``) side by side."""
+    ms = lambda v: f"{v * 1e3:8.2f}"  # noqa: E731
+    names = list(summaries)
+    head = f"{'latency (ms)':<22}" + "".join(
+        f"{n + ' p50':>10}{n + ' p90':>10}{n + ' p99':>10}" for n in names
+    )
+    lines = [head]
+    for label, get in _ROWS:
+        row = f"{label:<22}"
+        for n in names:
+            st = get(summaries[n])
+            row += f"{ms(st['p50']):>10}{ms(st['p90']):>10}{ms(st['p99']):>10}"
+        lines.append(row)
+    lines.append("")
+    for n in names:
+        s = summaries[n]
+        ro = s["router_overhead"]
+        line = (
+            f"{n}: {s['ok']}/{s['requests']} ok, errors {s['errors'] or 'none'}; "
+            f"{s['request_throughput']:.2f} req/s, {s['output_throughput_tok_s']:.1f} output tok/s "
+            f"({s['output_tokens']} tokens); router per request p50 "
+            f"{ro['per_request_s']['p50'] * 1e3:.3f} ms, per token {ro['per_token_s'] * 1e3:.3f} ms"
+        )
+        if "ratio_vs_reference" in s:
+            line += f"; served / reference {s['ratio_vs_reference']:.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def format_table(s: dict[str, Any]) -> str:
     ms = lambda v: f"{v * 1e3:9.2f}"  # noqa: E731
     lines = [

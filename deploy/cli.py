@@ -28,7 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "kv-bench": ("benchmarks.bench_kv_transfer", "paged-KV transfer microbenchmark over NIXL and ucxx"),
     "tier-bench": ("benchmarks.bench_tiers", "G2 / G3 block store throughput against their ceilings"),
-    "serve": ("deploy.serve", "serve the gRPC Generate endpoint (default 127.0.0.1:50051, SmolLM2)"),
+    "serve": (
+        "deploy.serve",
+        "serve gRPC (127.0.0.1:50051) and the OpenAI HTTP API (127.0.0.1:8000), SmolLM2 by default",
+    ),
     "fetch-model": ("deploy.fetch_model", "fetch the default model (SmolLM2-135M-Instruct) into the cache"),
     "bench pools": (
         "benchmarks.bench_pools",
@@ -39,7 +42,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("deploy.stop", "drain the launched router and stop it and the pools"),
     "bench serve": (
         "benchmarks.bench_serve",
-        "load generator against tandem serve: throughput, TTFT, ITL, latency",
+        "load generator against tandem serve (gRPC, HTTP or both): throughput, TTFT, ITL, latency",
+    ),
+    "bench guidellm": (
+        "benchmarks.bench_guidellm",
+        "guidellm (make bench-http installs it apart) against tandem serve's OpenAI API; tokens checked",
     ),
 }
 

@@ -44,6 +44,7 @@ START_TIMEOUT_S = 600.0
 @dataclass(slots=True)
 class LaunchResult:
     router_address: str
+    http_url: str = ""  # the OpenAI API's http://HOST:PORT; "" when router.http is disabled
     created: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -87,14 +88,19 @@ def launch(
     *,
     address: str | None = None,
     port: int | None = None,
+    http_port: int | None = None,
     timeout_s: float = START_TIMEOUT_S,
 ) -> LaunchResult:
     """Start (or update) the pools and the router described by ``cfg`` on the cluster; returns once
-    the router serves. ``port`` overrides ``router.port``; ``timeout_s`` bounds the wait for new
-    workers (an autoscaler may have to bring their nodes up first)."""
-    if port is not None:
+    the router serves. ``port`` overrides ``router.port``, ``http_port`` ``router.http.port``;
+    ``timeout_s`` bounds the wait for new workers (an autoscaler may have to bring their nodes up
+    first)."""
+    if port is not None or http_port is not None:
         data = cfg.model_dump()
-        data["router"]["port"] = port
+        if port is not None:
+            data["router"]["port"] = port
+        if http_port is not None:
+            data["router"]["http"]["port"] = http_port
         cfg = TandemConfig.model_validate(data)
     ns = cfg.ray.namespace
     connect(address or cfg.ray.address, ns)
@@ -155,6 +161,7 @@ def launch(
         )
         result.created.append(ROUTER)
     result.router_address = ray.get(router.address.remote(), timeout=timeout_s)
+    result.http_url = ray.get(router.http_url.remote(), timeout=CALL_TIMEOUT_S)
     return result
 
 

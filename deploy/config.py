@@ -8,7 +8,8 @@ is :func:`default_config` written out) to a multi-node Ray cluster (``deploy/exa
     tiers                    G1 device / G2 host / G3 disk capacities, G3's directory
     topology                 node -> NVLink domain / rack, link bandwidths, kv-bench calibration
     metadata                 "memory" (in the router) or a redis:// URL (several routers, restarts)
-    router                   address, policy, disaggregation, admission limits, tracing
+    router                   address, policy, disaggregation, admission limits, tracing, and
+                             its OpenAI-compatible HTTP front door (router.http)
     ray                      the cluster `tandem launch` joins, the namespace of its named actors
 
 Unknown keys are errors (a typo must not silently fall back to a default), and every error names
@@ -199,6 +200,15 @@ class TracingConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:4317"
 
 
+class HttpConfig(_Strict):
+    """The OpenAI-compatible HTTP front door, served beside gRPC by the same router (router/http/)."""
+
+    enabled: bool = True
+    host: str | None = None  # None: router.host
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: the OS picks a free port (tests)
+    max_request_bytes: ByteSize = Field(default=ByteSize(8 << 20), gt=0)  # a larger body is a 413
+
+
 class RouterConfig(_Strict):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=50051, ge=0, le=65535)  # 0: the OS picks a free port (tests)
@@ -208,6 +218,14 @@ class RouterConfig(_Strict):
     max_concurrency: int = Field(default=64, ge=1)  # requests in flight at once
     max_tokens_limit: int | None = Field(default=None, ge=1)  # per request; None: the model's context length
     tracing: TracingConfig = TracingConfig()
+    http: HttpConfig = HttpConfig()
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> RouterConfig:
+        http_host = self.http.host or self.host
+        if self.http.enabled and self.port and self.port == self.http.port and http_host == self.host:
+            raise ValueError(f"http.port {self.http.port} is the gRPC port too: give them different ports")
+        return self
 
 
 class RaySection(_Strict):

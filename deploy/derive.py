@@ -10,7 +10,8 @@
       ├─ worker_config(cfg, pool, id)        WorkerConfig: the two above + this worker's transport
       ├─ pool_spec(pool)                     PoolSpec: replicas, Ray resources, node labels
       ├─ worker_telemetry(cfg)               TelemetryConfig: the router's exporter, for the workers
-      └─ server_options(cfg.router)          router.server.TandemServer's keyword arguments
+      └─ server_options(cfg.router)          router.server.TandemServer's keyword arguments (gRPC,
+                                             and http_options: the OpenAI HTTP front door)
 
 ``tandem serve`` (both backends), ``tandem launch`` and the launched router call these and nothing
 else turns a TandemConfig into a lower-level config, so a YAML key means the same on every path.
@@ -27,6 +28,7 @@ from memory_tiers.tier_store import TierConfig
 from pool_runtime.actors import PoolSpec
 from pool_runtime.config import WorkerConfig
 from pool_runtime.tracing import TelemetryConfig
+from router.http.options import HttpOptions
 
 # Every worker of a deployment moves KV over NIXL (UCX; shared memory or TCP on a CPU box).
 KV_BACKEND = "nixl"
@@ -123,9 +125,13 @@ def worker_telemetry(cfg: TandemConfig) -> TelemetryConfig:
     return TelemetryConfig(t.exporter, t.otlp_endpoint)
 
 
-def server_options(rc: RouterConfig, routing_policy: str | None = None) -> dict[str, Any]:
-    """``TandemServer(backend, telemetry=..., **server_options(rc))``: the gRPC server a ``router``
-    section describes; ``routing_policy`` overrides ``rc.policy`` (what GetServerInfo reports)."""
+def server_options(
+    rc: RouterConfig, routing_policy: str | None = None, model_root: str = ""
+) -> dict[str, Any]:
+    """``TandemServer(backend, telemetry=..., **server_options(rc))``: the gRPC server and the HTTP
+    front door beside it (``router.http``; None when disabled) a ``router`` section describes;
+    ``routing_policy`` overrides ``rc.policy`` (what GetServerInfo reports); ``model_root`` is what
+    /v1/models reports as the model's source."""
     return dict(
         host=rc.host,
         port=rc.port,
@@ -133,4 +139,13 @@ def server_options(rc: RouterConfig, routing_policy: str | None = None) -> dict[
         max_queue=rc.max_queue,
         default_disaggregation=rc.disaggregation,
         routing_policy=routing_policy or rc.policy,
+        http=http_options(rc, model_root),
     )
+
+
+def http_options(rc: RouterConfig, model_root: str = "") -> HttpOptions | None:
+    """The HTTP front door of ``rc`` (router.http.app.HttpOptions), None when ``http.enabled`` is off."""
+    h = rc.http
+    if not h.enabled:
+        return None
+    return HttpOptions(h.host or rc.host, h.port, int(h.max_request_bytes), model_root)

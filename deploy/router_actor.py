@@ -1,4 +1,5 @@
-"""The launched router: a detached Ray actor that hosts the gRPC server over the named pool workers.
+"""The launched router: a detached Ray actor that hosts the gRPC server (and, beside it, the OpenAI
+HTTP API when ``router.http`` is enabled) over the named pool workers.
 
 ``tandem launch`` (deploy/cluster.py) creates it as the named actor ``router`` in the Tandem
 namespace, pinned to the head node, after the workers. Its constructor looks the workers up by name
@@ -39,6 +40,7 @@ class RouterActor:
         self._namespace = namespace
         self._digest = digest
         self._address = ""
+        self._http_url = ""
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -57,6 +59,10 @@ class RouterActor:
     def address(self) -> str:
         return self._address
 
+    def http_url(self) -> str:
+        """``http://HOST:PORT`` of the OpenAI API, "" when ``router.http`` is disabled."""
+        return self._http_url
+
     def digest(self) -> str:
         return self._digest
 
@@ -64,6 +70,7 @@ class RouterActor:
         s = self._server
         return {
             "address": self._address,
+            "http_url": self._http_url,
             "node_id": ray.get_runtime_context().get_node_id(),
             "in_flight": s.admission.in_flight if s is not None else 0,
             "policy": self.cfg.router.policy,
@@ -102,19 +109,21 @@ class RouterActor:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         rc = self.cfg.router
-        telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint)
+        telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint, prometheus=rc.http.enabled)
         backend = await asyncio.to_thread(self._backend, telemetry)
         await backend.start()
-        server = TandemServer(backend, telemetry=telemetry, **server_options(rc))
+        server = TandemServer(backend, telemetry=telemetry, **server_options(rc, model_root=self.cfg.model))
         try:
             await server.start()
         except BaseException:
             backend.close()
             raise
         self._server = server
-        host = rc.host if rc.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()
-        self._address = f"{host}:{server.port}"
-        log.info("router serving on %s", self._address)
+        reachable = lambda h: h if h not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()  # noqa: E731
+        self._address = f"{reachable(rc.host)}:{server.port}"
+        if server.http is not None:
+            self._http_url = f"http://{reachable(server.http.host)}:{server.http.port}"
+        log.info("router serving on %s (HTTP: %s)", self._address, self._http_url or "off")
         self._ready.set()
         await self._stopping.wait()
         await server.stop(self._grace)

@@ -1,9 +1,11 @@
-"""``tandem serve``: load the configuration, build the backend, run the gRPC server until a signal.
+"""``tandem serve``: load the configuration, build the backend, run the router until a signal: gRPC
+and, beside it in the same process, the OpenAI-compatible HTTP API (router/http/).
 
 With no arguments: the embedded default (``deploy.config.default_config``): a local Ray cluster, one
-prefill and one decode worker (Ray actors, KV over NIXL), SmolLM2-135M-Instruct, in-process metadata, on
-127.0.0.1:50051 (``--backend pools``: deploy/pools.py builds the workers, router/pools_backend.py
-routes over them, cache- and fabric-aware).
+prefill and one decode worker (Ray actors, KV over NIXL), SmolLM2-135M-Instruct, in-process metadata,
+gRPC on 127.0.0.1:50051 and HTTP on 127.0.0.1:8000 (``--http-port``, ``--no-http``). ``--backend
+pools``: deploy/pools.py builds the workers, router/pools_backend.py routes over them, cache- and
+fabric-aware. Both front doors share the backend, the admission limits and the cancel path.
 ``--backend engine`` serves from one in-process engine instead (no Ray). ``--ray-address`` (or
 ``RAY_ADDRESS``) joins a running Ray cluster instead of starting one. SIGINT / SIGTERM stop
 gracefully: stop accepting, give in-flight streams ``--grace`` seconds, cancel the rest, close the
@@ -34,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default=None, help="address to bind (default: router.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: router.port, 50051; 0 = any free)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="port of the OpenAI-compatible HTTP API (default: router.http.port, 8000; 0 = any free)",
+    )
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only (router.http.enabled: false)")
     p.add_argument("--disaggregation", choices=["auto", "always", "never"], default=None)
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at once")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting; beyond: RESOURCE_EXHAUSTED")
@@ -67,6 +76,10 @@ def resolve_config(args: argparse.Namespace) -> Any:
     data["router"].update({k: v for k, v in overrides.items() if v is not None})
     if args.tracing:
         data["router"]["tracing"]["exporter"] = args.tracing
+    if args.http_port is not None:
+        data["router"]["http"]["port"] = args.http_port
+    if args.no_http:
+        data["router"]["http"]["enabled"] = False
     return TandemConfig.model_validate(data)
 
 
@@ -95,7 +108,8 @@ async def serve(
     from router.telemetry import setup_telemetry
 
     rc = cfg.router
-    telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint)
+    # /metrics is the HTTP front door's: its Prometheus families exist when it does
+    telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint, prometheus=rc.http.enabled)
     if backend_name == "engine":
         backend = build_engine_backend(cfg)
     else:
@@ -106,7 +120,7 @@ async def serve(
             backend.close()
             raise
     policy = "local" if backend_name == "engine" else None
-    server = TandemServer(backend, telemetry=telemetry, **server_options(rc, policy))
+    server = TandemServer(backend, telemetry=telemetry, **server_options(rc, policy, cfg.model))
     try:
         await server.start()
     except BaseException:
@@ -117,6 +131,15 @@ async def serve(
     log.info('query it:  tandem generate --chat "What is the capital of France?" --server %s', addr)
     log.info('           tandem generate "Once upon a time" --server %s', addr)
     log.info('           grpcurl -plaintext -d \'{"text": "Hello"}\' %s tandem.v1.Tandem/Generate', addr)
+    if server.http_url is not None:
+        url, name = server.http_url, backend.model_info().limits.name
+        log.info("OpenAI-compatible HTTP on %s (/v1/completions, /v1/chat/completions, /metrics)", url)
+        log.info(
+            "query it:  curl %s/v1/chat/completions -H 'Content-Type: application/json' -d "
+            '\'{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}]}\'',
+            url,
+            name,
+        )
     if backend_name == "engine" and rc.disaggregation != "never":
         log.info("disaggregation %r: the engine backend serves everything in-process", rc.disaggregation)
 

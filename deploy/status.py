@@ -83,7 +83,9 @@ def collect(namespace: str) -> ClusterStatus:
 def format_table(st: ClusterStatus) -> str:
     if st.router:
         r = st.router
-        head = f"router   {r.get('address') or '-'}  serving={r.get('serving')}"
+        head = (
+            f"router   {r.get('address') or '-'}  http={r.get('http_url') or '-'}  serving={r.get('serving')}"
+        )
         head += f"  in_flight={r.get('in_flight', '-')}"
         head += f"  policy={r.get('policy', '-')}  node={str(r.get('node_id', ''))[:12]}"
     else:

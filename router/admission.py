@@ -38,8 +38,27 @@ class AdmissionQueue:
         return self._in_flight
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def queued(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
+
+    def check(self, n: int = 1) -> None:
+        """Raise now what ``n`` acquires would raise at once (draining, or the queue full), without
+        taking anything: an HTTP front door refuses before its status line goes out, then acquires
+        inside the stream (where a race lost to another request is still an in-stream error)."""
+        if self._closed:
+            raise BackendUnavailable("server is shutting down")
+        queued = self.queued
+        free = max(0, self.max_concurrency - self._in_flight) if not queued else 0
+        if n - free > self.max_queue - queued:
+            self.num_shed += 1
+            raise Overloaded(
+                f"server overloaded: {self._in_flight} requests in flight (max_concurrency "
+                f"{self.max_concurrency}) and {queued} queued (max_queue {self.max_queue}); retry later"
+            )
 
     async def acquire(self) -> None:
         if self._closed:

@@ -128,13 +128,18 @@ class Backend(Protocol):
 
     def model_info(self) -> BackendModelInfo: ...
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of a prompt text; raises InvalidRequest if the model has no tokenizer."""
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt text (``add_special_tokens``: the tokenizer's post-processor, e.g.
+        BOS); raises InvalidRequest if the model has no tokenizer."""
         ...
 
     def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template; raises InvalidRequest
         (field ``prompt.chat``) when the model has no tokenizer or template, or the template refuses."""
+        ...
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids (raises InvalidRequest, field ``tokens``, without a tokenizer)."""
         ...
 
     def generate(self, request: BackendRequest) -> AsyncGenerator[Chunk, None]:
@@ -165,6 +170,15 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
         return list(tokenizer.encode_chat(messages, add_generation_prompt))
     except ChatTemplateError as e:
         raise InvalidRequest("prompt.chat", str(e)) from None
+
+
+def decode_ids(tokenizer: Any, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """``detokenize`` for a backend holding an ``engine.tokenizer.Tokenizer`` (or None)."""
+    from router.errors import InvalidRequest
+
+    if tokenizer is None:
+        raise InvalidRequest("tokens", "this model has no tokenizer")
+    return str(tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
 
 def total_tokens(chunks: Sequence[Chunk]) -> list[int]:

@@ -23,7 +23,8 @@ no torch and no Ray here (decode_pool/pool.py and prefill_pool/pool.py adapt Ray
 
 Tracing: the handles pass the caller's current trace context with each call (pool_runtime/tracing.py),
 so the workers' spans join the request's trace; a retried prefill or a resumed decode adds an event
-to that current span. ``PoolRequest.on_handoff`` sees every committed handoff (transfer metrics).
+to that current span. ``PoolRequest.on_handoff`` sees every committed handoff, ``on_handoff_failure``
+every failed one (transfer metrics).
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ class PoolRequest:
     # called with each committed handoff's FirstToken (KV bytes, transfer timing) and its decode
     # worker's id, e.g. for metrics
     on_handoff: Callable[[FirstToken, str], None] | None = None
+    # called with (prefill worker, decode worker, "transfer" | "worker_died") for each handoff that
+    # failed and is retried, e.g. for metrics
+    on_handoff_failure: Callable[[str, str, str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -300,16 +304,13 @@ class Pools:
                     raise
                 last_error = f"prefill on {p.worker_id} failed: {e}"
                 dead_prefill.add(p.worker_id)
+                _notify(live.req.on_handoff_failure, p.worker_id, d.worker_id, _failure_reason(e))
                 _event("tandem.prefill_retry", p.worker_id, e)
                 await d.cancel(rid)  # frees the reservation; raises WorkerDied if d is the dead one
                 continue
             live.prefill = None
             live.firsts.append(first)
-            if live.req.on_handoff is not None:
-                try:
-                    live.req.on_handoff(first, d.worker_id)
-                except Exception:  # an observer must never fail the request
-                    log.warning("on_handoff of %s failed", rid, exc_info=True)
+            _notify(live.req.on_handoff, first, d.worker_id)
             if live.cancelled:
                 raise _CallerCancelled
             await d.start(rid, first)
@@ -354,6 +355,19 @@ class Pools:
             if h.worker_id == preferred:
                 return h
         return alive[next(rr) % len(alive)]
+
+
+def _notify(observer: Callable[..., None] | None, *args: object) -> None:
+    """Tell an observer (metrics) about a handoff; an observer must never fail the request."""
+    if observer is not None:
+        try:
+            observer(*args)
+        except Exception:
+            log.warning("handoff observer %r failed", observer, exc_info=True)
+
+
+def _failure_reason(e: BaseException) -> str:
+    return "worker_died" if isinstance(e, WorkerDied) else "transfer"
 
 
 def _event(name: str, worker_id: str, e: BaseException, **attrs: int) -> None:

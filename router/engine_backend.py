@@ -26,7 +26,7 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from router.backend import (
     BackendRequest,
     Chunk,
     ChunkStats,
+    decode_ids,
     encode_chat,
     finish_reason_name,
     model_info,
@@ -104,14 +105,17 @@ class EngineBackend:
     def model_info(self) -> BackendModelInfo:
         return self._info
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tok = self._engine.tokenizer
         if tok is None:
             raise InvalidRequest("prompt", "this model has no tokenizer: send prompt token_ids")
-        return tok.encode(text)
+        return tok.encode(text, add_special_tokens)
 
     def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return encode_chat(self._engine.tokenizer, messages, add_generation_prompt)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return decode_ids(self._engine.tokenizer, token_ids, skip_special_tokens)
 
     def load(self) -> BackendLoad:
         copy = dataclasses.replace(self._load)

@@ -1,4 +1,5 @@
-"""The router's error vocabulary and its one mapping to gRPC status codes.
+"""The router's error vocabulary and its one mapping to gRPC status codes (the HTTP front door's
+mapping to HTTP statuses and OpenAI error objects is router/http/errors.py).
 
 Backends and the admission queue raise these plain exceptions (no gRPC import needed); the servicer's
 single exception-mapping decorator turns them, and :class:`router.validation.ValidationError`, into
@@ -26,6 +27,7 @@ class InvalidRequest(RouterError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class Overloaded(RouterError):

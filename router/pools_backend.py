@@ -11,9 +11,10 @@
     prefix blocks the workers evicted from the block index (every ``eviction_interval_s``)
 
 Telemetry (router/telemetry.py): the request's span is current while the pools run it, so the
-workers' spans join its trace; each committed handoff records the transfer metrics (bytes, duration,
-GB/s); the tier gauges read G1 from the load reports and G2 / G3 from the workers' ``tier_usage``,
-fetched every ``tier_interval_s`` (only when metrics are on).
+workers' spans join its trace; each routing decision is counted (disaggregated or local, by the
+mode asked for); each committed handoff records the transfer metrics (bytes, duration, GB/s), each
+failed one a transfer failure; the tier gauges read G1 from the load reports and G2 / G3 from the
+workers' ``tier_usage``, fetched every ``tier_interval_s`` (only when metrics are on).
 
 Errors: no route because no live decode worker -> BackendUnavailable (UNAVAILABLE); no decode
 worker with KV room, or a reservation refused -> Overloaded (RESOURCE_EXHAUSTED); a worker refusing
@@ -51,6 +52,7 @@ from router.backend import (
     BackendRequest,
     Chunk,
     ChunkStats,
+    decode_ids,
     encode_chat,
     model_info,
 )
@@ -144,13 +146,16 @@ class PoolsBackend:
     def model_info(self) -> BackendModelInfo:
         return self._info
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._tokenizer is None:
             raise InvalidRequest("prompt", "this model has no tokenizer: send prompt token_ids")
-        return list(self._tokenizer.encode(text))
+        return list(self._tokenizer.encode(text, add_special_tokens))
 
     def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return encode_chat(self._tokenizer, messages, add_generation_prompt)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return decode_ids(self._tokenizer, token_ids, skip_special_tokens)
 
     def load(self) -> BackendLoad:
         workers = [dataclasses.replace(w, node=self._nodes.get(w.worker_id, "local")) for w in self._loads]
@@ -185,6 +190,9 @@ class PoolsBackend:
             prefill_worker=d.prefill_worker,
             decode_worker=d.decode_worker,
             on_handoff=self._on_handoff if self._telemetry is not None else None,
+            on_handoff_failure=self._telemetry.record_transfer_failure
+            if self._telemetry is not None
+            else None,
         )
         if self._offload:
             await asyncio.to_thread(self.router.commit, route)
@@ -264,6 +272,8 @@ class PoolsBackend:
             attrs = span_attributes(route)
             span.set_attributes(attrs)
         trace.get_current_span().set_attributes(attrs)  # the request's own span (the servicer's)
+        if self._telemetry is not None:
+            self._telemetry.record_route(request.disaggregation, route.decision.disaggregate)
         return route
 
     def _on_handoff(self, first: FirstToken, decode_worker: str) -> None:

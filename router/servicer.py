@@ -1,9 +1,8 @@
 """The ``tandem.v1.Tandem`` gRPC servicer: validate, delegate to a Backend, convert. Nothing else.
 
-Generate: wire message -> ``GenerateInput`` -> ``check_request`` -> tokenize (a chat through the model's
-template) -> ``check_prompt_length``
--> admission slot (bounded; full queue sheds) -> ``backend.generate`` -> one GenerateResponse per
-chunk, usage and timings on the last. Every failure leaves through :func:`map_errors`, the one place
+Generate: wire message -> ``GenerateInput`` -> the shared front door (router/front_door.py: checks,
+tokenizing, admission slot, ``backend.generate``, telemetry) -> one GenerateResponse per chunk,
+usage and timings on the last. Every failure leaves through :func:`map_errors`, the one place
 exceptions become status codes (see :mod:`router.errors`). A cancelled or expired call closes the
 backend stream, which releases the request downstream.
 """
@@ -13,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -23,17 +21,11 @@ import grpc
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from router.admission import AdmissionQueue
-from router.backend import Backend, BackendRequest, Chunk
-from router.errors import BackendUnavailable, status_for
-from router.telemetry import Telemetry, setup_telemetry
-from router.validation import (
-    GenerateInput,
-    ValidationError,
-    check_prompt_length,
-    check_request,
-    effective_max_tokens,
-    to_sampling_params,
-)
+from router.backend import Backend, Chunk
+from router.errors import status_for
+from router.front_door import FrontDoor, RequestTiming
+from router.telemetry import Telemetry
+from router.validation import GenerateInput, ValidationError
 
 _DISAGG_FROM_WIRE = {
     pb.DISAGGREGATION_UNSPECIFIED: None,
@@ -141,94 +133,53 @@ class TandemServicer(pb_grpc.TandemServicer):
         default_disaggregation: str = "never",
         routing_policy: str = "local",
         version: str = "0",
+        front_door: FrontDoor | None = None,
     ) -> None:
         self.backend = backend
         self.admission = admission
-        self.telemetry = telemetry or setup_telemetry("none")
+        self.front = front_door or FrontDoor(
+            backend, admission, telemetry, default_disaggregation=default_disaggregation
+        )
+        self.telemetry = self.front.telemetry
         self.default_disaggregation = default_disaggregation
         self.routing_policy = routing_policy
         self.version = version
-        limits = backend.model_info().limits
-        self._models = {limits.name: limits}
 
     @map_errors
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        arrival = time.monotonic()
-        inp = to_input(request)
-        limits = check_request(inp, self._models)
-        if not self.backend.load().alive:
-            raise BackendUnavailable("no live backend worker")
-        prompt = inp.prompt_token_ids
-        if inp.prompt_chat is not None:
-            prompt = self.backend.tokenize_chat(inp.prompt_chat, inp.add_generation_prompt)
-        elif prompt is None:
-            prompt = self.backend.tokenize(inp.prompt_text or "")
-        check_prompt_length(len(prompt), effective_max_tokens(inp, limits), limits)
-        breq = BackendRequest(
-            request_id=inp.request_id or uuid.uuid4().hex,
-            prompt_token_ids=list(prompt),
-            params=to_sampling_params(inp, limits),
-            model=limits.name,
-            disaggregation=inp.disaggregation or self.default_disaggregation,
-            arrival=arrival,
-        )
-        tel = self.telemetry
-        with tel.tracer.start_as_current_span("tandem.generate") as span:
-            span.set_attribute("tandem.request_id", breq.request_id)
-            span.set_attribute("tandem.model", breq.model)
-            span.set_attribute("tandem.prompt_tokens", len(prompt))
-            span.set_attribute("tandem.max_tokens", breq.params.max_tokens)
-            router_request_time = time.monotonic() - arrival
-            router_token_time = 0.0
-            async with self.admission.slot():
-                first: float | None = None
-                last = arrival
-                async with aclosing(self.backend.generate(breq)) as chunks:
-                    async for chunk in chunks:
-                        now = time.monotonic()
-                        if first is None:
-                            first = now
-                            tel.ttft.record(now - arrival)
-                        elif chunk.token_ids:
-                            tel.inter_token_latency.record((now - last) / len(chunk.token_ids))
-                        last = now
-                        msg = _to_response(breq.request_id, chunk, breq.params.logprobs is not None)
-                        if chunk.produced_at:
-                            router_token_time += time.monotonic() - chunk.produced_at
-                        if chunk.stats is not None:
-                            st = chunk.stats
-                            msg.usage.CopyFrom(
-                                pb.Usage(
-                                    prompt_tokens=st.prompt_tokens,
-                                    completion_tokens=st.completion_tokens,
-                                    cached_tokens=st.cached_tokens,
-                                )
-                            )
-                            msg.timings.CopyFrom(
-                                pb.Timings(
-                                    queue_time_s=st.queue_time_s,
-                                    time_to_first_token_s=first - arrival,
-                                    total_time_s=time.monotonic() - arrival,
-                                    prefill_worker=st.prefill_worker,
-                                    decode_worker=st.decode_worker,
-                                    kv_bytes_moved=st.kv_bytes_moved,
-                                    disaggregated=st.disaggregated,
-                                    backend_time_s=st.backend_time_s,
-                                    router_request_time_s=router_request_time,
-                                    router_token_time_s=router_token_time,
-                                )
-                            )
-                            tel.queue_time.record(st.queue_time_s)
-                            tel.record_prefix(st.prompt_tokens, st.cached_tokens, st.prefill_worker)
-                            span.set_attribute("tandem.completion_tokens", st.completion_tokens)
-                            span.set_attribute("tandem.cached_tokens", st.cached_tokens)
-                            span.set_attribute("tandem.decode_worker", st.decode_worker)
-                            span.set_attribute("tandem.prefill_worker", st.prefill_worker)
-                            span.set_attribute("tandem.kv_bytes_moved", st.kv_bytes_moved)
-                            span.set_attribute("tandem.finish_reason", chunk.finish_reason or "")
-                        yield msg
+        timing = RequestTiming(time.monotonic(), "grpc")
+        breq = self.front.prepare(to_input(request), timing.arrival)
+        with_logprobs = breq.params.logprobs is not None
+        timing.prepared()
+        async for chunk in self.front.stream(breq, timing):
+            msg = _to_response(breq.request_id, chunk, with_logprobs)
+            timing.handed(chunk)
+            st = chunk.stats
+            if st is not None:
+                msg.usage.CopyFrom(
+                    pb.Usage(
+                        prompt_tokens=st.prompt_tokens,
+                        completion_tokens=st.completion_tokens,
+                        cached_tokens=st.cached_tokens,
+                    )
+                )
+                msg.timings.CopyFrom(
+                    pb.Timings(
+                        queue_time_s=st.queue_time_s,
+                        time_to_first_token_s=timing.ttft_s,
+                        total_time_s=time.monotonic() - timing.arrival,
+                        prefill_worker=st.prefill_worker,
+                        decode_worker=st.decode_worker,
+                        kv_bytes_moved=st.kv_bytes_moved,
+                        disaggregated=st.disaggregated,
+                        backend_time_s=st.backend_time_s,
+                        router_request_time_s=timing.router_request_s,
+                        router_token_time_s=timing.router_token_s,
+                    )
+                )
+            yield msg
 
     @map_errors
     async def GetModelInfo(

@@ -16,7 +16,13 @@ otherwise a warning and none), ``memory`` (tests: the router's ``span_exporter``
 ``metric_reader``). Providers are owned by the returned objects, not installed globally, so several
 servers (tests) coexist in one process.
 
-Router metrics: ``tandem.ttft``, ``tandem.inter_token_latency``, ``tandem.queue_time`` (s);
+Every measurement is taken once, by a ``record_*`` method, and goes to the OpenTelemetry instruments
+and, when the server exposes ``GET /metrics`` (``setup_telemetry(prometheus=True)``), to the
+``tandem:`` Prometheus families of router/metrics.py (named after vLLM's).
+
+Router metrics: ``tandem.ttft``, ``tandem.inter_token_latency``, ``tandem.queue_time``,
+``tandem.e2e_latency`` (s); ``tandem.generation_tokens``, ``tandem.kv_transfer.failures`` and
+``tandem.disaggregation.decisions`` (counters);
 ``tandem.kv_transfer.bytes`` (counter), ``tandem.kv_transfer.duration`` (s) and
 ``tandem.kv_transfer.throughput`` (GB/s) per committed handoff; ``tandem.prefix.prompt_tokens`` and
 ``tandem.prefix.cached_tokens`` (counters: hit rate = cached / prompt); observable gauges
@@ -36,6 +42,7 @@ from opentelemetry import metrics, trace
 
 from pool_runtime.reports import TierUsage
 from pool_runtime.tracing import DEFAULT_OTLP_ENDPOINT, make_tracer_provider, resolve_exporter
+from router.metrics import PrometheusMetrics
 
 log = logging.getLogger(__name__)
 # Histogram buckets: the SDK's defaults (0, 5, 10, 25, ...) put every latency in the first bucket.
@@ -55,7 +62,12 @@ class Telemetry:
     kv_transfer_throughput: Any = None  # Histogram
     prefix_prompt_tokens: Any = None  # Counter
     prefix_cached_tokens: Any = None  # Counter
+    e2e_latency: Any = None  # Histogram
+    generation_tokens: Any = None  # Counter
+    kv_transfer_failures: Any = None  # Counter
+    disaggregation_decisions: Any = None  # Counter
     exporter: str = "none"
+    prometheus: PrometheusMetrics | None = None  # the /metrics families, when a server exposes them
     span_exporter: Any = None  # InMemorySpanExporter with exporter="memory"
     metric_reader: Any = None  # InMemoryMetricReader with exporter="memory"
     tier_sources: list[Callable[[], Iterable[TierUsage]]] = field(default_factory=list)
@@ -63,22 +75,90 @@ class Telemetry:
 
     @property
     def enabled(self) -> bool:
-        """False for ``none``: callers skip work whose only use is a metric."""
-        return self.exporter != "none"
+        """False for ``none`` without Prometheus: callers skip work whose only use is a metric."""
+        return self.exporter != "none" or self.prometheus is not None
 
+    # -- per request (the front doors, router/front_door.py) ----------------------------------------
+    def record_first_token(self, seconds: float, model: str = "") -> None:
+        self.ttft.record(seconds)
+        if self.prometheus is not None:
+            self.prometheus.ttft.labels(model).observe(seconds)
+
+    def record_token_gap(self, seconds_per_token: float, model: str = "") -> None:
+        """One chunk after the first: the time since the previous one, per token it carries."""
+        self.inter_token_latency.record(seconds_per_token)
+        if self.prometheus is not None:
+            self.prometheus.itl.labels(model).observe(seconds_per_token)
+
+    def record_finished(
+        self,
+        model: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        queue_time_s: float,
+        e2e_s: float,
+    ) -> None:
+        """A request that streamed its last chunk."""
+        self.queue_time.record(queue_time_s)
+        self.e2e_latency.record(e2e_s)
+        self.generation_tokens.add(completion_tokens)
+        p = self.prometheus
+        if p is not None:
+            p.queue_time.labels(model).observe(queue_time_s)
+            p.e2e.labels(model).observe(e2e_s)
+            p.request_prompt_tokens.labels(model).observe(prompt_tokens)
+            p.request_generation_tokens.labels(model).observe(completion_tokens)
+            p.prompt_tokens.labels(model).inc(prompt_tokens)
+            p.generation_tokens.labels(model).inc(completion_tokens)
+            p.request_success.labels(model, finish_reason).inc()
+
+    def record_overhead(self, front_door: str, request_s: float, token_s: float, tokens: int) -> None:
+        """The router's own time for one request: ``request_s`` before the backend, ``token_s`` handing
+        its ``tokens`` on (Prometheus only: the gRPC timings carry them too)."""
+        p = self.prometheus
+        if p is not None:
+            p.request_overhead.labels(front_door).observe(request_s)
+            if tokens:
+                p.token_overhead.labels(front_door).observe(token_s / tokens)
+
+    # -- per handoff and route (the pools backend) --------------------------------------------------
     def record_transfer(self, kv_bytes: int, seconds: float, prefill_worker: str, decode_worker: str) -> None:
         """One committed handoff: ``kv_bytes`` moved, first layer posted -> commit ack in ``seconds``."""
         attrs = {"tandem.prefill_worker": prefill_worker, "tandem.decode_worker": decode_worker}
         self.kv_transfer_bytes.add(kv_bytes, attrs)
+        p = self.prometheus
+        if p is not None:
+            p.kv_bytes.labels(prefill_worker, decode_worker).inc(kv_bytes)
         if seconds > 0 and kv_bytes > 0:
             self.kv_transfer_duration.record(seconds, attrs)
             self.kv_transfer_throughput.record(kv_bytes / seconds / 1e9, attrs)
+            if p is not None:
+                p.kv_seconds.labels(prefill_worker, decode_worker).observe(seconds)
+                p.kv_gbps.labels(prefill_worker, decode_worker).observe(kv_bytes / seconds / 1e9)
+
+    def record_transfer_failure(self, prefill_worker: str, decode_worker: str, reason: str) -> None:
+        """A handoff that failed (``reason``: "transfer" or "worker_died"); the request is retried."""
+        attrs = {"tandem.prefill_worker": prefill_worker, "tandem.decode_worker": decode_worker}
+        self.kv_transfer_failures.add(1, {**attrs, "tandem.reason": reason})
+        if self.prometheus is not None:
+            self.prometheus.kv_failures.labels(prefill_worker, decode_worker, reason).inc()
+
+    def record_route(self, mode: str, disaggregated: bool) -> None:
+        """A routing decision for a request that asked for ``mode`` (auto / always / never)."""
+        decision = "disaggregated" if disaggregated else "local"
+        self.disaggregation_decisions.add(1, {"tandem.mode": mode, "tandem.decision": decision})
+        if self.prometheus is not None:
+            self.prometheus.disaggregation.labels(mode, decision).inc()
 
     def record_prefix(self, prompt_tokens: int, cached_tokens: int, worker: str) -> None:
         """One request's prompt: ``cached_tokens`` of ``prompt_tokens`` came from ``worker``'s cache."""
         attrs = {"tandem.worker": worker}
         self.prefix_prompt_tokens.add(prompt_tokens, attrs)
         self.prefix_cached_tokens.add(cached_tokens, attrs)
+        if self.prometheus is not None:
+            self.prometheus.prefix_queries.labels(worker).inc(prompt_tokens)
+            self.prometheus.prefix_hits.labels(worker).inc(cached_tokens)
 
     def add_tier_source(self, source: Callable[[], Iterable[TierUsage]]) -> None:
         self.tier_sources.append(source)
@@ -103,7 +183,7 @@ class Telemetry:
         self._providers = ()
 
 
-def _build(tracer: trace.Tracer, meter: metrics.Meter, **kwargs: Any) -> Telemetry:
+def _build(tracer: trace.Tracer, meter: metrics.Meter, prometheus: bool = False, **kwargs: Any) -> Telemetry:
     def hist(name: str, unit: str, description: str, buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> Any:
         return meter.create_histogram(
             name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
@@ -119,8 +199,14 @@ def _build(tracer: trace.Tracer, meter: metrics.Meter, **kwargs: Any) -> Telemet
         hist("tandem.kv_transfer.throughput", "GB/s", "KV bytes / transfer duration", GBPS_BUCKETS),
         meter.create_counter("tandem.prefix.prompt_tokens", description="prompt tokens of finished requests"),
         meter.create_counter("tandem.prefix.cached_tokens", description="prompt tokens served from a cache"),
+        hist("tandem.e2e_latency", "s", "arrival to last token"),
+        meter.create_counter("tandem.generation_tokens", description="tokens generated"),
+        meter.create_counter("tandem.kv_transfer.failures", description="failed KV handoffs"),
+        meter.create_counter("tandem.disaggregation.decisions", description="routing decisions"),
         **kwargs,
     )
+    if prometheus:
+        tel.prometheus = PrometheusMetrics(tel._tiers)
 
     def used(options: Any) -> Iterator[metrics.Observation]:
         for t in tel._tiers():
@@ -142,11 +228,15 @@ def _tier_attrs(t: TierUsage) -> dict[str, str]:
 
 
 def setup_telemetry(
-    exporter: str = "none", otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT, service_name: str = "tandem-router"
+    exporter: str = "none",
+    otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT,
+    service_name: str = "tandem-router",
+    prometheus: bool = False,
 ) -> Telemetry:
+    """The router's telemetry; ``prometheus``: also the /metrics families (an HTTP front door's)."""
     exporter = resolve_exporter(exporter)
     if exporter == "none":
-        return _build(trace.NoOpTracer(), metrics.NoOpMeterProvider().get_meter("tandem.router"))
+        return _build(trace.NoOpTracer(), metrics.NoOpMeterProvider().get_meter("tandem.router"), prometheus)
 
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import (
@@ -172,6 +262,7 @@ def setup_telemetry(
     return _build(
         tracer_provider.get_tracer("tandem.router"),
         meter_provider.get_meter("tandem.router"),
+        prometheus,
         exporter=exporter,
         span_exporter=span_exporter,
         metric_reader=reader,

@@ -50,12 +50,27 @@ class ManagedServer:
     def __init__(self, log_path: Path, *extra: str, ready_timeout: float = 90.0) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
-        cmd = [*_serve_command(), "--port", "0", *extra]
+        # both front doors on free ports: a fixed one would clash with other servers on the machine
+        cmd = [*_serve_command(), "--port", "0", "--http-port", "0", *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         self.address = self._wait_ready(timeout=ready_timeout)
+        self.http_url = None if "--no-http" in extra else self._http_url()
+
+    def _http_url(self, timeout: float = 20.0) -> str:
+        """The OpenAI API's URL, logged just after the gRPC address."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(
+                r"OpenAI-compatible HTTP on (http://\S+:\d+)", self.log_path.read_text(errors="replace")
+            )
+            if m:
+                return m.group(1)
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"tandem serve logged no HTTP address; log tail:\n{self.tail()}")
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -366,6 +381,23 @@ def test_bench_serve_smoke(server: ManagedServer, tmp_path: Path) -> None:
     assert (doc["requests"], doc["ok"], doc["errors"], doc["output_tokens"]) == (8, 8, {}, 32)
     assert set(doc["ttft_s"]) == {"mean", "p50", "p90", "p99"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _wait_idle(server.address).used_blocks == 0
+
+
+def test_bench_serve_runs_both_front_doors_side_by_side(server: ManagedServer) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.bench_serve", "--server", server.address, "--protocol", "both"]
+    cmd += ["--http-server", str(server.http_url), "--num-requests", "6", "--output-len", "fixed:5"]
+    cmd += ["--prompt-len", "fixed:7", "--warmup", "2", "--no-reference", "--json"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["protocol"] == "both" and doc["host"]
+    for name, run in doc["by_protocol"].items():
+        assert (run["requests"], run["ok"], run["errors"], run["output_tokens"]) == (6, 6, {}, 30), name
+        assert run["prompt_tokens"] == 42
+        # the server's own timings came back through both front doors
+        assert 0 < run["router_overhead"]["per_request_s"]["p50"] < 1.0, name
+        assert len(run["itl_s"]) == 4 and run["ttft_s"]["p50"] > 0
     assert _wait_idle(server.address).used_blocks == 0
 
 

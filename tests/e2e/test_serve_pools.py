@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -39,7 +38,6 @@ PROMPTS = ["Hello world", "The quick brown fox", "Once upon a time there was a l
 MAX_NEW = 10
 BLOCK = 16
 BLOCK_BYTES = 8192  # the tiny model: 2 layers x K,V x 2 KV heads x 16 tokens x 32 dims x fp32
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "UCX_NET_DEVICES": "lo"}
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +56,10 @@ def reference(checkpoint: Path) -> dict[str, list[int]]:
         engine.close()
 
 
-# -- tandem serve, a child process ---------------------------------------------------------------------
+# -- tandem serve, a child process (tests/e2e/conftest.py's, shared with the HTTP tests) ------------------
 @pytest.fixture(scope="module")
-def served(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)  # the child inherits them (ManagedServer copies os.environ)
-    try:
-        log = tmp_path_factory.mktemp("serve-pools") / "serve.log"
-        s = ManagedServer(log, "--model", str(checkpoint), "--grace", "1")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    try:
-        yield s
-    finally:
-        s.stop()
+def served(served_pools: ManagedServer) -> ManagedServer:
+    return served_pools
 
 
 def _wait_all_idle(address: str) -> list[tuple[str, int, int, int]]:

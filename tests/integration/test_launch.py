@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ pools:
   prefill: {{replicas: 1, num_cpus: 0.5, resources: {{prefill_node: 1}}}}
   decode: {{replicas: 1, num_cpus: 0.5, resources: {{decode_node: 1}}}}
 tiers: {{dir: {tiers}, g1: {{capacity: 1MiB}}, g2: {{capacity: 1MiB}}, g3: null}}
-router: {{host: 127.0.0.1, port: 0, policy: cost_model, disaggregation: auto}}
+router: {{host: 127.0.0.1, port: 0, policy: cost_model, disaggregation: auto, http: {{port: 0}}}}
 ray: {{namespace: {namespace}}}
 """
 
@@ -165,6 +166,17 @@ def _long_stream(router: str) -> tuple[threading.Thread, list[int], list[Any]]:
     return reader, got, ended
 
 
+def _completion(prompt: str) -> bytes:
+    body = {"prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+    return json.dumps(body).encode()
+
+
+def _text(checkpoint: Path, ids: list[int]) -> str:
+    from engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(checkpoint).decode(ids)
+
+
 def _lines(out: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
 
@@ -197,6 +209,15 @@ def test_launch_places_pools_serves_is_idempotent_and_stops(
     for prompt in PROMPTS:
         assert _generate(router, prompt, "always") == (reference[prompt], "prefill-0", "decode-0")
         assert _generate(router, prompt, "never") == (reference[prompt], "decode-0", "decode-0")
+    # the launched router serves the OpenAI API beside gRPC, on the port its YAML gives (0: any)
+    http = out["http"]
+    assert http.startswith("http://127.0.0.1:") and st["router"]["http_url"] == http
+    req = urllib.request.Request(
+        http + "/v1/completions", _completion(PROMPTS[0]), headers={"Content-Type": "application/json"}
+    )
+    body = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert body["choices"][0]["text"] == _text(checkpoint, reference[PROMPTS[0]])
+    assert body["usage"]["completion_tokens"] == MAX_NEW
 
     second = _tandem(address, "launch", str(cfg))  # the same file again: nothing new, nothing lost
     assert second.returncode == 0, second.stderr[-3000:]

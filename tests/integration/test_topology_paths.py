@@ -71,7 +71,7 @@ pools:
 tiers: {{dir: {tiers}, g1: {{capacity: 1MiB}}, g2: {{capacity: 1MiB}}, g3: null}}
 topology:
   nodes: {{node-a: {{rack: rack-1}}, node-b: {{rack: rack-1}}}}
-router: {{host: 127.0.0.1, port: 0}}
+router: {{host: 127.0.0.1, port: 0, http: {{port: 0}}}}
 ray: {{namespace: {NAMESPACE}}}
 """
 

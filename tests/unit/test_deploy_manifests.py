@@ -170,8 +170,9 @@ def kuberay_problems(docs: list[dict[str, Any]]) -> list[str]:
     head_labels = head["template"]["metadata"]["labels"]
     if any(head_labels.get(k) != v for k, v in svc["spec"]["selector"].items()):
         problems.append("Service.spec.selector does not select the head pod")
-    if [p["targetPort"] for p in svc["spec"]["ports"]] != [cfg.router.port]:
-        problems.append(f"Service: targetPort is not router.port {cfg.router.port}")
+    ports = [cfg.router.port] + ([cfg.router.http.port] if cfg.router.http.enabled else [])
+    if [p["targetPort"] for p in svc["spec"]["ports"]] != ports:
+        problems.append(f"Service: targetPorts are not router.port and router.http.port {ports}")
     return problems
 
 
@@ -220,6 +221,7 @@ def test_the_status_table() -> None:
         "tandem",
         {
             "address": "10.0.0.1:50051",
+            "http_url": "http://10.0.0.1:8000",
             "serving": True,
             "in_flight": 2,
             "policy": "cost_model",
@@ -247,7 +249,8 @@ def test_the_status_table() -> None:
     )
     lines = format_table(st).splitlines()
     assert lines[:2] == [
-        "router   10.0.0.1:50051  serving=True  in_flight=2  policy=cost_model  node=abababababab",
+        "router   10.0.0.1:50051  http=http://10.0.0.1:8000  serving=True  in_flight=2  policy=cost_model"
+        "  node=abababababab",
         "",
     ]
     # columns aligned: each starts where its header does

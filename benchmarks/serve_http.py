@@ -1,0 +1,101 @@
+"""``tandem bench serve --protocol http``: the same workload through the OpenAI HTTP API (aiohttp).
+
+Each request is a streamed ``POST /v1/completions`` with the prompt as token ids (exact lengths),
+``ignore_eos``, ``stream_options: {include_usage, continuous_usage_stats}`` (so every chunk says how
+many tokens it carries: the inter-token gaps are per token, as gRPC's) and Tandem's
+``return_timings`` extension (the server's own timings on the finishing chunk, what gRPC's last
+message carries). Connections are opened before the clock starts, as the gRPC client's channel is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import Any
+
+from benchmarks.serve_report import RequestResult
+from benchmarks.serve_workload import BenchRequest
+
+
+async def _one(
+    session: Any, url: str, model: str, req: BenchRequest, t0: float, deadline: float
+) -> RequestResult:
+    import aiohttp
+
+    res = RequestResult(req.index, len(req.prompt_token_ids))
+    await asyncio.sleep(max(0.0, t0 + req.send_at - time.monotonic()))
+    start = time.monotonic()
+    res.sent = start - t0
+    if start >= deadline:
+        res.error = "NOT_SENT"
+        return res
+    body = {
+        "model": model,
+        "prompt": req.prompt_token_ids,
+        "max_tokens": req.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "return_timings": True,
+    }
+    last_t, seen = start, 0
+    try:
+        timeout = aiohttp.ClientTimeout(total=max(0.1, deadline - start))
+        async with session.post(f"{url}/v1/completions", json=body, timeout=timeout) as r:
+            if r.status != 200:
+                res.error = f"HTTP_{r.status}"
+                return res
+            async for line in r.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    res.error = f"HTTP_{event['error'].get('status', 'ERROR')}"
+                    return res
+                now = time.monotonic()
+                usage = event.get("usage") or {}
+                n = usage.get("completion_tokens", seen) - seen if event["choices"] else 0
+                seen += n
+                if n and math.isnan(res.ttft):
+                    res.ttft = now - start
+                elif n:
+                    res.gaps.extend([(now - last_t) / n] * n)
+                if n:
+                    last_t = now
+                for choice in event["choices"]:
+                    t = choice.get("timings")
+                    if t is not None:
+                        res.server_total, res.backend_time = t["total_time_s"], t["backend_time_s"]
+                        res.router_request_time = t["router_request_time_s"]
+                        res.router_token_time = t["router_token_time_s"]
+                        res.queue_time = t["queue_time_s"]
+                if not event["choices"]:  # the usage chunk: the totals
+                    res.cached_tokens = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            res.output_tokens = seen
+        res.e2e = time.monotonic() - start
+    except (TimeoutError, aiohttp.ClientError) as e:
+        res.error = type(e).__name__
+    return res
+
+
+async def run_load_http(
+    url: str, model: str, workload: list[BenchRequest], max_duration: float
+) -> tuple[list[RequestResult], float]:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm connections before the clock starts (the gRPC client connects its channel first too).
+        async def warm() -> None:
+            async with session.get(f"{url}/v1/models") as r:
+                await r.read()
+
+        await asyncio.gather(*(warm() for _ in range(min(len(workload), 64))))
+        t0 = time.monotonic()
+        results = await asyncio.gather(
+            *(_one(session, url, model, r, t0, t0 + max_duration) for r in workload)
+        )
+        return list(results), time.monotonic() - t0

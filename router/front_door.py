@@ -1,0 +1,166 @@
+"""What both front doors (the gRPC servicer, the OpenAI HTTP app) share: one request, from its plain
+values to its stream of chunks, through the same checks, admission queue, backend and telemetry.
+
+::
+
+    GenerateInput --prepare()--> check_request -> backend alive? -> tokenize (a chat through the
+                                 model's template) -> check_prompt_length -> BackendRequest
+    stream(request, timing) ---> admission slot (bounded; a full queue sheds) -> backend.generate
+                                 -> Chunk ... (the last carries stats)
+        per chunk:     TTFT / inter-token latency recorded; the front door converts the chunk to its
+                       wire form, then calls ``timing.handed(chunk)`` (router time per token)
+        after the last: queue time, prefix hits, token counts, end-to-end latency, the request's
+                       outcome and the router's overhead recorded (router/telemetry.py)
+
+Closing the stream (a gRPC cancel or deadline, an HTTP client gone) closes the backend's stream,
+which releases the request downstream: its KV blocks, its admission slot. Errors are the plain
+exceptions of router/errors.py and router/validation.py; each front door maps them to its own
+codes in one place. No gRPC, no HTTP here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from router.admission import AdmissionQueue
+from router.backend import Backend, BackendRequest, Chunk
+from router.errors import BackendUnavailable
+from router.telemetry import Telemetry, setup_telemetry
+from router.validation import (
+    GenerateInput,
+    ModelLimits,
+    ValidationError,
+    check_prompt_length,
+    check_request,
+    effective_max_tokens,
+    to_sampling_params,
+)
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """Where one request's time went, as the router saw it (time.monotonic() values)."""
+
+    arrival: float  # the front door received the request (HTTP: before parsing its body)
+    front_door: str = "grpc"  # "grpc" | "http"
+    router_request_s: float = 0.0  # before the backend: parsing, validation, tokenizing (no admission wait)
+    router_token_s: float = 0.0  # summed over chunks: the backend produced it -> handed to the transport
+    first_at: float | None = None
+    last_at: float = 0.0
+
+    def prepared(self) -> None:
+        """The request passed every check and is about to go to the backend."""
+        self.router_request_s = time.monotonic() - self.arrival
+
+    def handed(self, chunk: Chunk) -> None:
+        """``chunk`` was converted and is about to be handed to the transport."""
+        if chunk.produced_at:
+            self.router_token_s += time.monotonic() - chunk.produced_at
+
+    @property
+    def ttft_s(self) -> float:
+        return (self.first_at - self.arrival) if self.first_at is not None else 0.0
+
+
+class FrontDoor:
+    """Shared by the front doors of one server: one backend, one admission queue, one telemetry."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        admission: AdmissionQueue,
+        telemetry: Telemetry | None = None,
+        *,
+        default_disaggregation: str = "never",
+    ) -> None:
+        self.backend = backend
+        self.admission = admission
+        self.telemetry = telemetry or setup_telemetry("none")
+        self.default_disaggregation = default_disaggregation
+        self.limits = backend.model_info().limits
+        self.models = {self.limits.name: self.limits}
+        if self.telemetry.prometheus is not None:
+            self.telemetry.prometheus.watch(load=backend.load, admission=admission)
+
+    def check_model(self, name: str) -> ModelLimits:
+        """The served model a request names (empty: the only one); ValidationError ``model`` if unknown."""
+        return check_request(GenerateInput(model=name, prompt_token_ids=[0]), self.models)
+
+    def prepare(self, inp: GenerateInput, arrival: float, *, fill_context: bool = False) -> BackendRequest:
+        """Every check before the backend, and the tokenizing; ``fill_context``: an unset max_tokens
+        means as many as the context leaves (OpenAI's chat), not the model's default."""
+        limits = check_request(inp, self.models)
+        if not self.backend.load().alive:
+            raise BackendUnavailable("no live backend worker")
+        prompt = inp.prompt_token_ids
+        if inp.prompt_chat is not None:
+            prompt = self.backend.tokenize_chat(inp.prompt_chat, inp.add_generation_prompt)
+        elif prompt is None:
+            prompt = self.backend.tokenize(inp.prompt_text or "")
+        if fill_context and inp.max_tokens is None:
+            room = min(limits.max_tokens_limit, limits.max_context_length - len(prompt))
+            if room <= 0:
+                raise ValidationError(
+                    "prompt",
+                    f"has {len(prompt)} tokens, leaving no room to generate in the context length "
+                    f"{limits.max_context_length} of model {limits.name!r}",
+                )
+            inp.max_tokens = room
+        check_prompt_length(len(prompt), effective_max_tokens(inp, limits), limits)
+        return BackendRequest(
+            request_id=inp.request_id or uuid.uuid4().hex,
+            prompt_token_ids=list(prompt),
+            params=to_sampling_params(inp, limits),
+            model=limits.name,
+            disaggregation=inp.disaggregation or self.default_disaggregation,
+            arrival=arrival,
+        )
+
+    async def stream(self, breq: BackendRequest, timing: RequestTiming) -> AsyncIterator[Chunk]:
+        """The request's chunks, with telemetry; closing it cancels the request downstream."""
+        tel, model = self.telemetry, breq.model
+        with tel.tracer.start_as_current_span("tandem.generate") as span:
+            span.set_attribute("tandem.request_id", breq.request_id)
+            span.set_attribute("tandem.model", model)
+            span.set_attribute("tandem.front_door", timing.front_door)
+            span.set_attribute("tandem.prompt_tokens", len(breq.prompt_token_ids))
+            span.set_attribute("tandem.max_tokens", breq.params.max_tokens)
+            async with self.admission.slot():
+                timing.last_at = timing.arrival
+                tokens = 0
+                async with aclosing(self.backend.generate(breq)) as chunks:
+                    async for chunk in chunks:
+                        now = time.monotonic()
+                        if timing.first_at is None:
+                            timing.first_at = now
+                            tel.record_first_token(now - timing.arrival, model)
+                        elif chunk.token_ids:
+                            tel.record_token_gap((now - timing.last_at) / len(chunk.token_ids), model)
+                        timing.last_at = now
+                        tokens += len(chunk.token_ids)
+                        st = chunk.stats
+                        if st is not None:
+                            tel.record_finished(
+                                model,
+                                chunk.finish_reason or "",
+                                st.prompt_tokens,
+                                st.completion_tokens,
+                                st.queue_time_s,
+                                now - timing.arrival,
+                            )
+                            tel.record_prefix(st.prompt_tokens, st.cached_tokens, st.prefill_worker)
+                            span.set_attribute("tandem.completion_tokens", st.completion_tokens)
+                            span.set_attribute("tandem.cached_tokens", st.cached_tokens)
+                            span.set_attribute("tandem.decode_worker", st.decode_worker)
+                            span.set_attribute("tandem.prefill_worker", st.prefill_worker)
+                            span.set_attribute("tandem.kv_bytes_moved", st.kv_bytes_moved)
+                            span.set_attribute("tandem.finish_reason", chunk.finish_reason or "")
+                        yield chunk
+                        if st is not None:
+                            tel.record_overhead(
+                                timing.front_door, timing.router_request_s, timing.router_token_s, tokens
+                            )
