@@ -3,8 +3,10 @@ values to its stream of chunks, through the same checks, admission queue, backen
 
 ::
 
-    GenerateInput --prepare()--> check_request -> backend alive? -> tokenize (a chat through the
-                                 model's template) -> check_prompt_length -> BackendRequest
+    caller ----------admit()---> API key, rate limit (router/security.py's Guard; before the body)
+    GenerateInput --prepare()--> check_request (the model's and the server's limits) -> backend
+                                 alive? -> tokenize (a chat through the model's template)
+                                 -> check_prompt_length -> BackendRequest
     stream(request, timing) ---> admission slot (bounded; a full queue sheds) -> backend.generate
                                  -> Chunk ... (the last carries stats)
         per chunk:     TTFT / inter-token latency recorded; the front door converts the chunk to its
@@ -29,10 +31,12 @@ from dataclasses import dataclass
 from router.admission import AdmissionQueue
 from router.backend import Backend, BackendRequest, Chunk
 from router.errors import BackendUnavailable
+from router.security import Guard, KeyStore
 from router.telemetry import Telemetry, setup_telemetry
 from router.validation import (
     GenerateInput,
     ModelLimits,
+    RequestLimits,
     ValidationError,
     check_prompt_length,
     check_request,
@@ -67,7 +71,8 @@ class RequestTiming:
 
 
 class FrontDoor:
-    """Shared by the front doors of one server: one backend, one admission queue, one telemetry."""
+    """Shared by the front doors of one server: one backend, one admission queue, one telemetry,
+    one guard (who may call, how often) and one set of request limits."""
 
     def __init__(
         self,
@@ -76,8 +81,12 @@ class FrontDoor:
         telemetry: Telemetry | None = None,
         *,
         default_disaggregation: str = "never",
+        bounds: RequestLimits = RequestLimits(),
+        guard: Guard | None = None,
     ) -> None:
         self.backend = backend
+        self.bounds = bounds
+        self.guard = guard or Guard(KeyStore())
         self.admission = admission
         self.telemetry = telemetry or setup_telemetry("none")
         self.default_disaggregation = default_disaggregation
@@ -93,7 +102,7 @@ class FrontDoor:
     def prepare(self, inp: GenerateInput, arrival: float, *, fill_context: bool = False) -> BackendRequest:
         """Every check before the backend, and the tokenizing; ``fill_context``: an unset max_tokens
         means as many as the context leaves (OpenAI's chat), not the model's default."""
-        limits = check_request(inp, self.models)
+        limits = check_request(inp, self.models, self.bounds)
         if not self.backend.load().alive:
             raise BackendUnavailable("no live backend worker")
         prompt = inp.prompt_token_ids
@@ -110,7 +119,7 @@ class FrontDoor:
                     f"{limits.max_context_length} of model {limits.name!r}",
                 )
             inp.max_tokens = room
-        check_prompt_length(len(prompt), effective_max_tokens(inp, limits), limits)
+        check_prompt_length(len(prompt), effective_max_tokens(inp, limits), limits, self.bounds)
         return BackendRequest(
             request_id=inp.request_id or uuid.uuid4().hex,
             prompt_token_ids=list(prompt),

@@ -35,6 +35,20 @@ class ModelLimits:
     vocab_size: int | None = None  # when known, prompt token ids are range-checked
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The server's bounds on one request, whatever the model allows (deploy/config.py's
+    ``router.limits``); a request over one is refused naming the field and the limit."""
+
+    max_prompt_tokens: int | None = None  # None: the model's context length bounds it
+    max_stop_strings: int = 16
+    max_stop_length: int = 256  # characters in one stop string
+    max_stop_token_ids: int = 64
+    max_logprobs: int = 20  # top-k logprobs per token
+    max_n: int = 32  # choices per request (the HTTP API's n; gRPC asks one at a time)
+    max_chat_messages: int = 1024
+
+
 @dataclass(slots=True)
 class GenerateInput:
     """A Generate request as plain values; ``None`` means the client left the field unset."""
@@ -59,6 +73,7 @@ class GenerateInput:
     presence_penalty: float = 0.0
     request_id: str = ""
     disaggregation: str | None = None  # "auto" | "always" | "never"; None = the server's default
+    n: int = 1  # choices asked for (the HTTP API's n)
 
 
 def resolve_model(name: str, models: Mapping[str, ModelLimits]) -> ModelLimits:
@@ -74,9 +89,12 @@ def resolve_model(name: str, models: Mapping[str, ModelLimits]) -> ModelLimits:
     return models[name]
 
 
-def check_request(req: GenerateInput, models: Mapping[str, ModelLimits]) -> ModelLimits:
+def check_request(
+    req: GenerateInput, models: Mapping[str, ModelLimits], bounds: RequestLimits = RequestLimits()
+) -> ModelLimits:
     """Everything checkable before tokenizing; returns the resolved model's limits."""
     limits = resolve_model(req.model, models)
+    _check_bounds(req, bounds)
     _check_prompt(req, limits)
     _check_sampling(req, limits)
     if req.disaggregation is not None and req.disaggregation not in DISAGGREGATION_MODES:
@@ -86,10 +104,19 @@ def check_request(req: GenerateInput, models: Mapping[str, ModelLimits]) -> Mode
     return limits
 
 
-def check_prompt_length(num_prompt_tokens: int, max_tokens: int, limits: ModelLimits) -> None:
-    """After tokenizing: the prompt, and the prompt plus the tokens to generate, fit the context."""
+def check_prompt_length(
+    num_prompt_tokens: int, max_tokens: int, limits: ModelLimits, bounds: RequestLimits = RequestLimits()
+) -> None:
+    """After tokenizing: the prompt, and the prompt plus the tokens to generate, fit the context
+    (and the prompt the server's ``max_prompt_tokens``)."""
     if num_prompt_tokens == 0:
         raise ValidationError("prompt", "is empty after tokenization")
+    if bounds.max_prompt_tokens is not None and num_prompt_tokens > bounds.max_prompt_tokens:
+        raise ValidationError(
+            "prompt",
+            f"has {num_prompt_tokens} tokens, over this server's limit max_prompt_tokens "
+            f"{bounds.max_prompt_tokens}",
+        )
     if num_prompt_tokens > limits.max_context_length:
         raise ValidationError(
             "prompt",
@@ -126,6 +153,47 @@ def to_sampling_params(req: GenerateInput, limits: ModelLimits) -> SamplingParam
         frequency_penalty=req.frequency_penalty,
         presence_penalty=req.presence_penalty,
     )
+
+
+def _check_bounds(req: GenerateInput, b: RequestLimits) -> None:
+    """The server's limits on sizes and counts (router.limits), each refusal naming its limit."""
+    if not 1 <= req.n <= b.max_n:
+        raise ValidationError("n", f"must be in [1, {b.max_n}] (max_n), got {req.n}")
+    if len(req.stop) > b.max_stop_strings:
+        raise ValidationError(
+            "sampling.stop",
+            f"{len(req.stop)} stop strings, over the limit max_stop_strings {b.max_stop_strings}",
+        )
+    longest = max((len(s) for s in req.stop), default=0)
+    if longest > b.max_stop_length:
+        raise ValidationError(
+            "sampling.stop",
+            f"a stop string of {longest} characters, over the limit max_stop_length {b.max_stop_length}",
+        )
+    if len(req.stop_token_ids) > b.max_stop_token_ids:
+        raise ValidationError(
+            "sampling.stop_token_ids",
+            f"{len(req.stop_token_ids)} ids, over the limit max_stop_token_ids {b.max_stop_token_ids}",
+        )
+    if req.logprobs is not None and req.logprobs > b.max_logprobs:
+        raise ValidationError(
+            "sampling.logprobs", f"must be in [0, {b.max_logprobs}] (max_logprobs), got {req.logprobs}"
+        )
+    if req.prompt_chat is not None and len(req.prompt_chat) > b.max_chat_messages:
+        raise ValidationError(
+            "prompt.chat.messages",
+            f"{len(req.prompt_chat)} messages, over the limit max_chat_messages {b.max_chat_messages}",
+        )
+    if (
+        b.max_prompt_tokens is not None
+        and req.prompt_token_ids is not None
+        and len(req.prompt_token_ids) > b.max_prompt_tokens
+    ):
+        raise ValidationError(
+            "prompt.token_ids",
+            f"has {len(req.prompt_token_ids)} tokens, over this server's limit max_prompt_tokens "
+            f"{b.max_prompt_tokens}",
+        )
 
 
 def _check_prompt(req: GenerateInput, limits: ModelLimits) -> None:

@@ -18,7 +18,8 @@ through :func:`_unless_disconnected`, which cancels the request when the connect
 The edge (:class:`_Edge`, plain ASGI, outermost) stamps each request's arrival when its whole body
 is in, before anything parses it (router overhead counts from there), and refuses bodies over
 ``max_request_bytes`` (413).
-Authentication and TLS (issue 17) hang here too: add middleware or a dependency in ``build_app``.
+Outside it, :class:`router.http.guard.GuardMiddleware` admits each request by API key and rate
+limit (router/security.py) before any body is read; TLS is uvicorn's (router/http/server.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from router.http.errors import (
     response_parts,
 )
 from router.http.generation import Generation
+from router.http.guard import GuardMiddleware
 from router.http.openai import Plan, chat_messages, chat_plan, completion_plan, model_card
 from router.http.options import HttpOptions
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -93,7 +95,8 @@ def build_app(front: FrontDoor, options: HttpOptions) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_exception)
     for cls in (HTTPError, ValidationError, RouterError):
         app.add_exception_handler(cls, refused)
-    app.add_middleware(_Edge, max_request_bytes=options.max_request_bytes)  # outermost: added last
+    app.add_middleware(_Edge, max_request_bytes=options.max_request_bytes)
+    app.add_middleware(GuardMiddleware, guard=front.guard)  # outermost: added last
     return app
 
 

@@ -5,6 +5,8 @@
     ValidationError / InvalidRequest, a body of the wrong shape   400 invalid_request_error (param: the field)
     ModelNotFound, an unknown path                                 404 (code model_not_found / not_found)
     a body over the size limit                                     413 request_too_large
+    Unauthenticated (no API key, a wrong one)                      401 invalid_api_key, WWW-Authenticate
+    RateLimited (the caller's token bucket is empty)               429 rate_limit_exceeded, Retry-After
     Overloaded (the admission queue is full)                       429 server_overloaded, Retry-After
     BackendUnavailable (no live worker, draining)                  503 backend_unavailable, Retry-After
     anything else                                                  500 server_error (a bug)
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from router.errors import BackendUnavailable, InvalidRequest, Overloaded
+from router.errors import BackendUnavailable, InvalidRequest, Overloaded, RateLimited, Unauthenticated
 from router.validation import ValidationError
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,10 @@ def http_error(exc: BaseException) -> HTTPError:
         return exc
     if isinstance(exc, ValidationError | InvalidRequest):
         return HTTPError(400, str(exc), "invalid_request_error", exc.field, "invalid_value")
+    if isinstance(exc, Unauthenticated):
+        return HTTPError(401, str(exc), "authentication_error", None, "invalid_api_key")
+    if isinstance(exc, RateLimited):
+        return HTTPError(429, str(exc), "rate_limit_error", None, "rate_limit_exceeded")
     if isinstance(exc, Overloaded):
         return HTTPError(429, str(exc) or "server overloaded", "rate_limit_error", None, "server_overloaded")
     if isinstance(exc, BackendUnavailable):
@@ -81,6 +87,10 @@ def response_parts(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, s
     """(status, body, headers) for a failed request."""
     e = http_error(exc)
     headers = {"Retry-After": RETRY_AFTER_S} if e.status in (429, 503) else {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = exc.retry_after_header
+    if e.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tandem"'
     return e.status, error_body(e.message, e.type, e.param, e.code), headers
 
 

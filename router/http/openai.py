@@ -28,8 +28,6 @@ from router.front_door import RequestTiming
 from router.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, StreamOptions
 from router.validation import GenerateInput, ValidationError
 
-MAX_N = 32
-MAX_LOGPROBS = 20
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 LOGPROB_FLOOR = -9999.0
 FINISH_REASONS = ("stop", "length")
@@ -83,8 +81,7 @@ def _refuse(name: str, message: str) -> ValidationError:
 
 def _common(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
     """The GenerateInput fields completions and chat share; raises ValidationError naming the field."""
-    if not 1 <= body.n <= MAX_N:
-        raise _refuse("n", f"must be in [1, {MAX_N}], got {body.n}")
+    # n's and logprobs' upper bounds are the server's (router.limits), checked by router/validation.py
     if body.best_of is not None and body.best_of != body.n:
         raise _refuse("best_of", f"only best_of = n ({body.n}) is supported (no ranking), got {body.best_of}")
     if body.logit_bias:
@@ -112,6 +109,7 @@ def _common(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | N
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         disaggregation=body.disaggregation,
+        n=body.n,
     )
 
 
@@ -126,8 +124,8 @@ def completion_plan(body: CompletionRequest) -> Plan:
         raise _refuse("echo", "is not supported")
     if body.suffix is not None:
         raise _refuse("suffix", "is not supported")
-    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
-        raise _refuse("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
+    if body.logprobs is not None and body.logprobs < 0:
+        raise _refuse("logprobs", f"must be >= 0, got {body.logprobs}")
     common = _common(body, COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens)
     prompt = body.prompt
     prompts: Sequence[str | list[int]]
@@ -190,8 +188,8 @@ def chat_plan(body: ChatCompletionRequest) -> Plan:
     if top is not None:
         if not body.logprobs:
             raise _refuse("top_logprobs", "requires logprobs to be true")
-        if not 0 <= top <= MAX_LOGPROBS:
-            raise _refuse("top_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {top}")
+        if top < 0:
+            raise _refuse("top_logprobs", f"must be >= 0, got {top}")
     k = (top or 0) if body.logprobs else None
     field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

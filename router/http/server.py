@@ -2,7 +2,7 @@
 
 Lifecycle::
 
-    HttpServer(app, host, port) -> await start()       binds (port 0: the OS picks one), serves
+    HttpServer(app, host, port, tls) -> await start()       binds (port 0: the OS picks one), serves
                                 -> await stop(grace)    idempotent: stops accepting, closes idle
                                                         connections, gives in-flight requests
                                                         ``grace`` seconds, then cancels them
@@ -18,16 +18,24 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
+
+if TYPE_CHECKING:
+    from router.security import TlsFiles
 
 log = logging.getLogger(__name__)
 
 
 class HttpServer:
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(
+        self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, tls: TlsFiles | None = None
+    ) -> None:
         self.app = app
+        self.tls = tls
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -43,7 +51,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.address}"
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port."""
@@ -60,6 +68,7 @@ class HttpServer:
             log_level="warning",
             server_header=False,
             timeout_keep_alive=30,
+            **self._ssl_options(),
         )
         config.load()
         server = uvicorn.Server(config)
@@ -68,6 +77,15 @@ class HttpServer:
         self._server = server
         self._loop_task = asyncio.create_task(server.main_loop(), name="tandem-http")
         return self.port
+
+    def _ssl_options(self) -> dict[str, object]:
+        """uvicorn's TLS settings: the server's certificate, and with a client CA, mTLS (required)."""
+        if self.tls is None:
+            return {}
+        opts: dict[str, object] = {"ssl_certfile": self.tls.cert_file, "ssl_keyfile": self.tls.key_file}
+        if self.tls.client_ca_file:
+            opts.update(ssl_ca_certs=self.tls.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        return opts
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._stopped or self._server is None:
