@@ -7,9 +7,11 @@ is :func:`default_config` written out) to a multi-node Ray cluster (``deploy/exa
     pools.prefill|decode     replicas, Ray resources per worker, node labels that pin them
     tiers                    G1 device / G2 host / G3 disk capacities, G3's directory
     topology                 node -> NVLink domain / rack, link bandwidths, kv-bench calibration
-    metadata                 "memory" (in the router) or a redis:// URL (several routers, restarts)
-    router                   address, policy, disaggregation, admission limits, tracing, and
-                             its OpenAI-compatible HTTP front door (router.http)
+    metadata                 "memory" (in the router) or a redis:// URL (several routers, restarts),
+                             its password (from an environment variable) and TLS files
+    router                   address, policy, disaggregation, admission limits, tracing, its
+                             OpenAI-compatible HTTP front door (router.http), security (API keys,
+                             TLS / mTLS, rate limits: router.security) and request limits (router.limits)
     ray                      the cluster `tandem launch` joins, the namespace of its named actors
 
 Unknown keys are errors (a typo must not silently fall back to a default), and every error names
@@ -151,10 +153,28 @@ class TopologyConfig(_Strict):
         return v
 
 
+class RedisTlsConfig(_Strict):
+    """TLS to Redis (a ``rediss://`` store): the CA that signed its certificate, and this client's
+    certificate and key when Redis asks for one (``tls-auth-clients``)."""
+
+    ca_file: Path | None = None  # None: the system's CAs
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> RedisTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (this client's certificate and its key)")
+        return self
+
+
 class MetadataConfig(_Strict):
-    store: str = "memory"  # "memory" or redis://[user:password@]host:port[/db] (rediss:// for TLS)
+    store: str = "memory"  # "memory" or redis://[user@]host:port[/db] (rediss:// for TLS)
     heartbeat_ttl_s: PositiveFloat = 10.0
     heartbeat_interval_s: PositiveFloat = 2.0
+    # the Redis password is read from this environment variable (never written in the YAML)
+    password_env: str | None = Field(default=None, min_length=1)
+    tls: RedisTlsConfig | None = None  # with a rediss:// store
 
     @field_validator("store")
     @classmethod
@@ -176,6 +196,14 @@ class MetadataConfig(_Strict):
         if db and not db.isdigit():
             raise ValueError(f"redis database in {v!r} must be a number, got {db!r}")
         return v
+
+    @model_validator(mode="after")
+    def _redis_options(self) -> MetadataConfig:
+        if (self.password_env or self.tls) and not self.is_redis:
+            raise ValueError("password_env and tls are for a redis:// store, not 'memory'")
+        if self.tls is not None and not self.store.startswith("rediss://"):
+            raise ValueError("tls needs a rediss:// store (redis:// is plaintext)")
+        return self
 
     @model_validator(mode="after")
     def _interval_below_ttl(self) -> MetadataConfig:
@@ -209,6 +237,51 @@ class HttpConfig(_Strict):
     max_request_bytes: ByteSize = Field(default=ByteSize(8 << 20), gt=0)  # a larger body is a 413
 
 
+class TlsConfig(_Strict):
+    """TLS on both front doors (gRPC and HTTP): the server's certificate chain and key (PEM);
+    ``client_ca_file`` set: clients must present a certificate it signed (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+class RateLimitConfig(_Strict):
+    """A token bucket per API key (per client address without keys): ``requests_per_s`` refill,
+    ``burst`` capacity; in Redis (shared by every router) when the metadata store is Redis."""
+
+    requests_per_s: PositiveFloat
+    burst: int = Field(default=10, ge=1)
+
+
+class SecurityConfig(_Strict):
+    """Who may call the router (router/security.py). The default, no keys and no TLS, is meant for
+    the loopback bind it comes with; a non-loopback bind without either logs a warning."""
+
+    api_keys_file: Path | None = None  # one key per line; '#' comments
+    api_keys_env: str | None = Field(
+        default=None, min_length=1
+    )  # an environment variable: keys, comma-separated
+    tls: TlsConfig | None = None
+    allow_unauthenticated_health: bool = False  # gRPC health checks and GET /health without a key
+    rate_limit: RateLimitConfig | None = None
+
+
+class LimitsConfig(_Strict):
+    """Bounds on one request (router/validation.py's RequestLimits); over one: INVALID_ARGUMENT / 400
+    (a gRPC message over max_message_bytes: RESOURCE_EXHAUSTED; an HTTP body over
+    router.http.max_request_bytes: 413)."""
+
+    max_prompt_tokens: int | None = Field(default=None, ge=1)  # None: the context length
+    max_stop_strings: int = Field(default=16, ge=0)
+    max_stop_length: int = Field(default=256, ge=1)
+    max_stop_token_ids: int = Field(default=64, ge=0)
+    max_logprobs: int = Field(default=20, ge=0)
+    max_n: int = Field(default=32, ge=1)
+    max_chat_messages: int = Field(default=1024, ge=1)
+    max_message_bytes: ByteSize = Field(default=ByteSize(4 << 20), gt=0)  # one gRPC message
+
+
 class RouterConfig(_Strict):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=50051, ge=0, le=65535)  # 0: the OS picks a free port (tests)
@@ -219,6 +292,8 @@ class RouterConfig(_Strict):
     max_tokens_limit: int | None = Field(default=None, ge=1)  # per request; None: the model's context length
     tracing: TracingConfig = TracingConfig()
     http: HttpConfig = HttpConfig()
+    security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> RouterConfig:

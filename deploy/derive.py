@@ -10,8 +10,10 @@
       ├─ worker_config(cfg, pool, id)        WorkerConfig: the two above + this worker's transport
       ├─ pool_spec(pool)                     PoolSpec: replicas, Ray resources, node labels
       ├─ worker_telemetry(cfg)               TelemetryConfig: the router's exporter, for the workers
-      └─ server_options(cfg.router)          router.server.TandemServer's keyword arguments (gRPC,
-                                             and http_options: the OpenAI HTTP front door)
+      ├─ server_options(cfg.router)          router.server.TandemServer's keyword arguments (gRPC,
+      │                                      http_options: the OpenAI HTTP front door,
+      │                                      security_options: keys, TLS, rate limit; request limits)
+      └─ redis_options(cfg.metadata)         redis-py's password / ssl_* keywords for the store
 
 ``tandem serve`` (both backends), ``tandem launch`` and the launched router call these and nothing
 else turns a TandemConfig into a lower-level config, so a YAML key means the same on every path.
@@ -19,16 +21,26 @@ else turns a TandemConfig into a lower-level config, so a YAML key means the sam
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from deploy.config import PoolConfig, RouterConfig, TandemConfig, check_tensor_parallel_sizes
+from deploy.config import (
+    ConfigError,
+    MetadataConfig,
+    PoolConfig,
+    RouterConfig,
+    TandemConfig,
+    check_tensor_parallel_sizes,
+)
 from engine.llm_engine import EngineConfig
 from memory_tiers.tier_store import TierConfig
 from pool_runtime.actors import PoolSpec
 from pool_runtime.config import WorkerConfig
 from pool_runtime.tracing import TelemetryConfig
 from router.http.options import HttpOptions
+from router.security import RateLimit, SecurityOptions, TlsFiles
+from router.validation import RequestLimits
 
 # Every worker of a deployment moves KV over NIXL (UCX; shared memory or TCP on a CPU box).
 KV_BACKEND = "nixl"
@@ -126,13 +138,28 @@ def worker_telemetry(cfg: TandemConfig) -> TelemetryConfig:
 
 
 def server_options(
-    rc: RouterConfig, routing_policy: str | None = None, model_root: str = ""
+    rc: RouterConfig,
+    routing_policy: str | None = None,
+    model_root: str = "",
+    metadata: MetadataConfig | None = None,
 ) -> dict[str, Any]:
     """``TandemServer(backend, telemetry=..., **server_options(rc))``: the gRPC server and the HTTP
     front door beside it (``router.http``; None when disabled) a ``router`` section describes;
     ``routing_policy`` overrides ``rc.policy`` (what GetServerInfo reports); ``model_root`` is what
-    /v1/models reports as the model's source."""
+    /v1/models reports as the model's source; a Redis ``metadata`` store holds the rate limits."""
+    lim = rc.limits
     return dict(
+        security=security_options(rc, metadata),
+        limits=RequestLimits(
+            max_prompt_tokens=lim.max_prompt_tokens,
+            max_stop_strings=lim.max_stop_strings,
+            max_stop_length=lim.max_stop_length,
+            max_stop_token_ids=lim.max_stop_token_ids,
+            max_logprobs=lim.max_logprobs,
+            max_n=lim.max_n,
+            max_chat_messages=lim.max_chat_messages,
+        ),
+        max_message_bytes=int(lim.max_message_bytes),
         host=rc.host,
         port=rc.port,
         max_concurrency=rc.max_concurrency,
@@ -141,6 +168,64 @@ def server_options(
         routing_policy=routing_policy or rc.policy,
         http=http_options(rc, model_root),
     )
+
+
+def security_options(rc: RouterConfig, metadata: MetadataConfig | None = None) -> SecurityOptions:
+    """``router.security`` as router/security.py's options; the rate limit's buckets live in the
+    metadata store's Redis when there is one."""
+    sec = rc.security
+    tls = sec.tls
+    rate = sec.rate_limit
+    redis = metadata is not None and metadata.is_redis and rate is not None
+    return SecurityOptions(
+        api_keys_file=str(sec.api_keys_file) if sec.api_keys_file else None,
+        api_keys_env=sec.api_keys_env,
+        tls=TlsFiles(
+            str(tls.cert_file), str(tls.key_file), str(tls.client_ca_file) if tls.client_ca_file else None
+        )
+        if tls is not None
+        else None,
+        allow_unauthenticated_health=sec.allow_unauthenticated_health,
+        rate_limit=RateLimit(rate.requests_per_s, rate.burst) if rate is not None else None,
+        redis_url=metadata.store if redis and metadata is not None else None,
+        redis_kwargs=redis_options(metadata) if redis and metadata is not None else {},
+    )
+
+
+def check_security(cfg: TandemConfig) -> None:
+    """Raise ConfigError, naming the field, unless the API keys load, the TLS files read and the
+    Redis password is set (what the router will need when it starts)."""
+    from router.security import KeyStore
+
+    opts = security_options(cfg.router, cfg.metadata)
+    try:
+        KeyStore.load(opts.api_keys_file, opts.api_keys_env)
+    except ValueError as e:
+        raise ConfigError(f"router.security.{e}") from None
+    if opts.tls is not None:
+        try:
+            opts.tls.read()
+        except OSError as e:
+            raise ConfigError(f"router.security.tls: cannot read {e.filename} ({e.strerror})") from None
+    if cfg.metadata.is_redis:
+        redis_options(cfg.metadata)
+
+
+def redis_options(md: MetadataConfig) -> dict[str, Any]:
+    """redis-py's keywords for the store beyond its URL: the password (read from ``password_env``
+    now; unset is an error) and the TLS files of a rediss:// store."""
+    out: dict[str, Any] = {}
+    if md.password_env:
+        password = os.environ.get(md.password_env)
+        if not password:
+            raise ConfigError(f"metadata.password_env: the environment variable {md.password_env} is unset")
+        out["password"] = password
+    if md.tls is not None:
+        if md.tls.ca_file is not None:
+            out["ssl_ca_certs"] = str(md.tls.ca_file)
+        if md.tls.cert_file is not None and md.tls.key_file is not None:
+            out["ssl_certfile"], out["ssl_keyfile"] = str(md.tls.cert_file), str(md.tls.key_file)
+    return out
 
 
 def http_options(rc: RouterConfig, model_root: str = "") -> HttpOptions | None:

@@ -33,7 +33,15 @@ import ray
 
 from decode_pool.pool import DecodeActor, RayDecodeHandle
 from deploy.config import PoolConfig, TandemConfig
-from deploy.derive import check_model, model_dir, model_name, pool_spec, worker_config, worker_telemetry
+from deploy.derive import (
+    check_model,
+    model_dir,
+    model_name,
+    pool_spec,
+    redis_options,
+    worker_config,
+    worker_telemetry,
+)
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore
 from pool_runtime.actors import PoolSpec, shutdown
 from pool_runtime.config import WorkerConfig
@@ -168,13 +176,14 @@ def describe(t: Topology) -> dict[str, Any]:
     }
 
 
-def make_store(url: str) -> MetadataStore:
-    """``memory`` -> the in-process store; a redis:// URL -> RedisMetadataStore."""
+def make_store(url: str, **redis_kwargs: Any) -> MetadataStore:
+    """``memory`` -> the in-process store; a redis:// URL -> RedisMetadataStore (``redis_kwargs``:
+    deploy/derive.py's ``redis_options``, the password and TLS files)."""
     if url == "memory":
         return InProcessMetadataStore()
     from memory_tiers.redis_metadata import RedisMetadataStore
 
-    return RedisMetadataStore(url)
+    return RedisMetadataStore(url, **redis_kwargs)
 
 
 def pools_backend(
@@ -190,7 +199,7 @@ def pools_backend(
     limits and tokenizer, the YAML's routing policy. Closing it closes the store, then ``on_close``
     (the workers outlive it unless ``on_close`` stops them)."""
     nodes = node_names([*prefill, *decode])
-    store = make_store(cfg.metadata.store)
+    store = make_store(cfg.metadata.store, **(redis_options(cfg.metadata) if cfg.metadata.is_redis else {}))
 
     def close() -> None:
         store.close()

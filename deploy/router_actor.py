@@ -75,6 +75,7 @@ class RouterActor:
             "in_flight": s.admission.in_flight if s is not None else 0,
             "policy": self.cfg.router.policy,
             "serving": self._thread.is_alive() and self._error is None,
+            "listeners": s.listeners() if s is not None else [],
         }
 
     def topology(self) -> dict[str, Any]:
@@ -112,7 +113,11 @@ class RouterActor:
         telemetry = setup_telemetry(rc.tracing.exporter, rc.tracing.otlp_endpoint, prometheus=rc.http.enabled)
         backend = await asyncio.to_thread(self._backend, telemetry)
         await backend.start()
-        server = TandemServer(backend, telemetry=telemetry, **server_options(rc, model_root=self.cfg.model))
+        server = TandemServer(
+            backend,
+            telemetry=telemetry,
+            **server_options(rc, model_root=self.cfg.model, metadata=self.cfg.metadata),
+        )
         try:
             await server.start()
         except BaseException:
@@ -122,7 +127,8 @@ class RouterActor:
         reachable = lambda h: h if h not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()  # noqa: E731
         self._address = f"{reachable(rc.host)}:{server.port}"
         if server.http is not None:
-            self._http_url = f"http://{reachable(server.http.host)}:{server.http.port}"
+            scheme = "https" if server.tls else "http"
+            self._http_url = f"{scheme}://{reachable(server.http.host)}:{server.http.port}"
         log.info("router serving on %s (HTTP: %s)", self._address, self._http_url or "off")
         self._ready.set()
         await self._stopping.wait()

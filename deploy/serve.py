@@ -56,6 +56,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracing", choices=["none", "console", "otlp"], default=None)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight streams get at shutdown")
     p.add_argument("--log-level", default="INFO")
+    sec = p.add_argument_group("security (router.security; see README's Security section)")
+    sec.add_argument("--api-key-file", type=Path, default=None, help="accepted API keys, one per line")
+    sec.add_argument(
+        "--api-key-env", default=None, help="environment variable holding API keys (comma-separated)"
+    )
+    sec.add_argument(
+        "--tls-cert", type=Path, default=None, help="server certificate chain (PEM), both front doors"
+    )
+    sec.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key (PEM)")
+    sec.add_argument(
+        "--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA"
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
@@ -80,6 +92,20 @@ def resolve_config(args: argparse.Namespace) -> Any:
         data["router"]["http"]["port"] = args.http_port
     if args.no_http:
         data["router"]["http"]["enabled"] = False
+    sec = data["router"]["security"]
+    if getattr(args, "api_key_file", None) is not None:
+        sec["api_keys_file"] = args.api_key_file
+    if getattr(args, "api_key_env", None):
+        sec["api_keys_env"] = args.api_key_env
+    cert, key, ca = (getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_client_ca"))
+    if cert is not None or key is not None:
+        if cert is None or key is None:
+            raise ValueError("--tls-cert and --tls-key go together")
+        sec["tls"] = {"cert_file": cert, "key_file": key, "client_ca_file": ca}
+    elif ca is not None:
+        if sec.get("tls") is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (or router.security.tls)")
+        sec["tls"]["client_ca_file"] = ca
     return TandemConfig.model_validate(data)
 
 
@@ -120,8 +146,10 @@ async def serve(
             backend.close()
             raise
     policy = "local" if backend_name == "engine" else None
-    server = TandemServer(backend, telemetry=telemetry, **server_options(rc, policy, cfg.model))
     try:
+        server = TandemServer(
+            backend, telemetry=telemetry, **server_options(rc, policy, cfg.model, cfg.metadata)
+        )
         await server.start()
     except BaseException:
         backend.close()
@@ -130,7 +158,8 @@ async def serve(
     log.info("listening on %s (backend %s, model %s)", addr, backend_name, backend.model_info().limits.name)
     log.info('query it:  tandem generate --chat "What is the capital of France?" --server %s', addr)
     log.info('           tandem generate "Once upon a time" --server %s', addr)
-    log.info('           grpcurl -plaintext -d \'{"text": "Hello"}\' %s tandem.v1.Tandem/Generate', addr)
+    if not server.tls:
+        log.info('           grpcurl -plaintext -d \'{"text": "Hello"}\' %s tandem.v1.Tandem/Generate', addr)
     if server.http_url is not None:
         url, name = server.http_url, backend.model_info().limits.name
         log.info("OpenAI-compatible HTTP on %s (/v1/completions, /v1/chat/completions, /metrics)", url)
@@ -164,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=fmt, stream=sys.stderr)
     try:
         cfg = resolve_config(args)
+        from deploy.derive import check_security
+
+        check_security(cfg)  # keys, TLS files, the Redis password: before any model loads
         if args.backend == "pools":  # every pool's tensor_parallel_size against the model's heads
             from deploy.derive import check_model, model_dir
 

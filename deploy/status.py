@@ -2,7 +2,9 @@
 
 Asks each named worker of the namespace (deploy/cluster.py) for its node and load directly, so it
 answers even while the router is down; a worker that does not answer within a few seconds shows as
-``unreachable`` (dead, restarting, or its node lost). ``--json`` prints the same as one JSON object.
+``unreachable`` (dead, restarting, or its node lost). The router's lines say what it listens on
+(gRPC, HTTP with /metrics), each with TLS / mTLS and whether API keys are required.
+``--json`` prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ def collect(namespace: str) -> ClusterStatus:
     return st
 
 
+def format_listeners(listeners: list[dict[str, Any]]) -> list[str]:
+    """One line per socket the router listens on: what, where, and how it is protected. The
+    workers open no listening socket of Tandem's own: NIXL's agents run without a listen thread
+    (metadata travels through Ray), UCX's transports use the devices UCX_NET_DEVICES names
+    (``lo`` by default, deploy/pools.py), tensor-parallel ranks meet on 127.0.0.1."""
+    out = []
+    for ln in listeners:
+        guard = "mTLS" if ln.get("mtls") else ("TLS" if ln.get("tls") else "plaintext")
+        keys = "api-keys" if ln.get("api_keys") else "no-keys"
+        extra = f"  (+{ln['metrics']})" if ln.get("metrics") else ""
+        out.append(f"  listen {ln.get('name', '?'):<5} {ln.get('address', '-')}  {guard}  {keys}{extra}")
+    return out
+
+
 def format_table(st: ClusterStatus) -> str:
     if st.router:
         r = st.router
@@ -88,6 +104,8 @@ def format_table(st: ClusterStatus) -> str:
         )
         head += f"  in_flight={r.get('in_flight', '-')}"
         head += f"  policy={r.get('policy', '-')}  node={str(r.get('node_id', ''))[:12]}"
+        for line in format_listeners(r.get("listeners", [])):
+            head += "\n" + line
     else:
         head = f"router   not launched in namespace {st.namespace!r}"
     cols = (

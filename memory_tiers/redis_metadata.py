@@ -28,8 +28,11 @@ def _s(x: Any) -> str:
 
 
 class RedisMetadataStore:
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", ns: str = "tandem") -> None:
-        self._r = redis.Redis.from_url(url, decode_responses=True)
+    def __init__(
+        self, url: str = "redis://127.0.0.1:6379/0", ns: str = "tandem", **redis_kwargs: Any
+    ) -> None:
+        # redis_kwargs: redis-py's password=, ssl_ca_certs=, ssl_certfile=, ssl_keyfile= (a rediss:// URL)
+        self._r = redis.Redis.from_url(url, decode_responses=True, **redis_kwargs)
         self._ns = ns
         self._closed = False
 

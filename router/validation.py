@@ -94,7 +94,7 @@ def check_request(
 ) -> ModelLimits:
     """Everything checkable before tokenizing; returns the resolved model's limits."""
     limits = resolve_model(req.model, models)
-    _check_bounds(req, bounds)
+    check_bounds(req, bounds)
     _check_prompt(req, limits)
     _check_sampling(req, limits)
     if req.disaggregation is not None and req.disaggregation not in DISAGGREGATION_MODES:
@@ -155,8 +155,9 @@ def to_sampling_params(req: GenerateInput, limits: ModelLimits) -> SamplingParam
     )
 
 
-def _check_bounds(req: GenerateInput, b: RequestLimits) -> None:
-    """The server's limits on sizes and counts (router.limits), each refusal naming its limit."""
+def check_bounds(req: GenerateInput, b: RequestLimits) -> None:
+    """The server's limits on sizes and counts (router.limits), each refusal naming its limit
+    (part of :func:`check_request`; the HTTP API also calls it while translating a body)."""
     if not 1 <= req.n <= b.max_n:
         raise ValidationError("n", f"must be in [1, {b.max_n}] (max_n), got {req.n}")
     if len(req.stop) > b.max_stop_strings:

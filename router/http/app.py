@@ -109,11 +109,11 @@ class _Api:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        return await self._generate(completion_plan(body), request)
+        return await self._generate(completion_plan(body, self.front.bounds), request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        return await self._generate(chat_plan(body), request)
+        return await self._generate(chat_plan(body, self.front.bounds), request)
 
     async def models(self) -> dict[str, Any]:
         lim = self.front.limits

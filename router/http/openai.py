@@ -26,7 +26,7 @@ from typing import Any
 from router.backend import ChunkStats
 from router.front_door import RequestTiming
 from router.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, StreamOptions
-from router.validation import GenerateInput, ValidationError
+from router.validation import GenerateInput, RequestLimits, ValidationError, check_bounds
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 LOGPROB_FLOOR = -9999.0
@@ -119,7 +119,17 @@ def _stream_flags(opts: StreamOptions | None) -> tuple[bool, bool]:
     return opts.include_usage, opts.include_usage and opts.continuous_usage_stats
 
 
-def completion_plan(body: CompletionRequest) -> Plan:
+def _bounded(plan: Plan, bounds: RequestLimits) -> Plan:
+    """The server's limits (n, logprobs, stop strings, ...) checked now, named as HTTP names them."""
+    for inp in plan.inputs:
+        try:
+            check_bounds(inp, bounds)
+        except ValidationError as e:
+            raise plan.translate(e) from None
+    return plan
+
+
+def completion_plan(body: CompletionRequest, bounds: RequestLimits = RequestLimits()) -> Plan:
     if body.echo:
         raise _refuse("echo", "is not supported")
     if body.suffix is not None:
@@ -144,15 +154,18 @@ def completion_plan(body: CompletionRequest) -> Plan:
         else:
             inputs.append(GenerateInput(prompt_token_ids=list(p), logprobs=body.logprobs, **common))
     usage, continuous = _stream_flags(body.stream_options)
-    return Plan(
-        "completion",
-        inputs,
-        body.n,
-        body.stream,
-        usage,
-        continuous,
-        body.logprobs,
-        return_timings=body.return_timings,
+    return _bounded(
+        Plan(
+            "completion",
+            inputs,
+            body.n,
+            body.stream,
+            usage,
+            continuous,
+            body.logprobs,
+            return_timings=body.return_timings,
+        ),
+        bounds,
     )
 
 
@@ -177,7 +190,7 @@ def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-def chat_plan(body: ChatCompletionRequest) -> Plan:
+def chat_plan(body: ChatCompletionRequest, bounds: RequestLimits = RequestLimits()) -> Plan:
     if body.tools:
         raise _refuse("tools", "tool calling is not supported")
     if body.tool_choice not in (None, "none"):
@@ -201,17 +214,20 @@ def chat_plan(body: ChatCompletionRequest) -> Plan:
         **common,
     )
     usage, continuous = _stream_flags(body.stream_options)
-    return Plan(
-        "chat",
-        [inp],
-        body.n,
-        body.stream,
-        usage,
-        continuous,
-        k,
-        fill_context=max_tokens is None,
-        return_timings=body.return_timings,
-        max_tokens_field=field_name,
+    return _bounded(
+        Plan(
+            "chat",
+            [inp],
+            body.n,
+            body.stream,
+            usage,
+            continuous,
+            k,
+            fill_context=max_tokens is None,
+            return_timings=body.return_timings,
+            max_tokens_field=field_name,
+        ),
+        bounds,
     )
 
 
