@@ -38,6 +38,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--server", default=None, metavar="HOST:PORT", help="stream from a tandem serve endpoint")
+    add_client_security(p)
+
+
+def add_client_security(p: argparse.ArgumentParser) -> None:
+    """How ``--server`` reaches a secured router (router/client.py's ``channel_security``)."""
+    g = p.add_argument_group("a secured --server")
+    g.add_argument(
+        "--api-key-env",
+        default="TANDEM_API_KEY",
+        help="environment variable holding the API key (default TANDEM_API_KEY; unset: no key sent)",
+    )
+    g.add_argument("--api-key-file", default=None, help="file holding the API key (its first line)")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's CAs (implied by --tls-ca)")
+    g.add_argument(
+        "--tls-ca", default=None, help="CA certificate (PEM) the server's certificate is signed by"
+    )
+    g.add_argument("--tls-cert", default=None, help="this client's certificate (PEM), for mTLS")
+    g.add_argument("--tls-key", default=None, help="this client's private key (PEM), for mTLS")
 
 
 def chat_messages(args: argparse.Namespace) -> list[dict[str, str]] | None:

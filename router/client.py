@@ -5,15 +5,23 @@ channel closes when the iterator is exhausted or closed, which cancels the call 
 ``run_client(args)`` is what ``deploy/generate.py`` calls when ``--server`` is given: it reads
 the same argparse fields (prompt, max_tokens, temperature, top_p, top_k, seed, ignore_eos, json,
 server) and streams text to stdout, or prints one JSON object with ``--json``.
+
+A secured server (router/security.py): :class:`ClientSecurity` carries the API key (sent as
+``authorization: Bearer KEY`` metadata) and the TLS files (the CA to verify the server with; a
+client certificate and key for mTLS). ``--api-key-env`` / ``--api-key-file`` / ``--tls-ca`` /
+``--tls-cert`` / ``--tls-key`` fill it; the key never goes on the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +42,39 @@ _DISAGG = {
     "always": pb.DISAGGREGATION_ALWAYS,
     "never": pb.DISAGGREGATION_NEVER,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    api_key: str | None = None
+    tls: bool = False  # True: TLS (the system's CAs unless ca_file)
+    ca_file: str | None = None
+    cert_file: str | None = None  # this client's certificate, for mTLS
+    key_file: str | None = None
+
+    def __repr__(self) -> str:  # never the key
+        return f"ClientSecurity(api_key={'set' if self.api_key else None}, tls={self.tls}, ca_file={self.ca_file})"
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+
+    def channel(self, address: str) -> grpc.Channel:
+        if not (self.tls or self.ca_file or self.cert_file):
+            return grpc.insecure_channel(address)
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        creds = grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+        return grpc.secure_channel(address, creds)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClientSecurity:
+        g = lambda name: getattr(args, name, None)  # noqa: E731
+        key = None
+        if g("api_key_file"):
+            key = Path(g("api_key_file")).read_text().strip().splitlines()[0].strip()
+        elif g("api_key_env"):
+            key = os.environ.get(g("api_key_env")) or None
+        return cls(key, bool(g("tls")), g("tls_ca"), g("tls_cert"), g("tls_key"))
 
 
 def build_request(
@@ -93,13 +134,20 @@ def build_request(
 
 
 def stream_generate(
-    address: str, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None, **params: Any
+    address: str,
+    prompt: str | Sequence[int] | None = None,
+    *,
+    timeout: float | None = None,
+    security: ClientSecurity | None = None,
+    **params: Any,
 ) -> Iterator[pb.GenerateResponse]:
     """Stream one Generate call's responses; ``params`` are :func:`build_request`'s keywords.
-    Raises ``grpc.RpcError`` with the server's status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
-    with grpc.insecure_channel(address) as channel:
+    Raises ``grpc.RpcError`` with the server's status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED, ...)."""
+    sec = security or ClientSecurity()
+    with sec.channel(address) as channel:
         stub = pb_grpc.TandemStub(channel)
-        call = stub.Generate(build_request(prompt, **params), timeout=timeout)
+        call = stub.Generate(build_request(prompt, **params), timeout=timeout, metadata=sec.metadata)
         try:
             yield from call
         finally:
@@ -134,6 +182,7 @@ def run_client(args: argparse.Namespace) -> int:
             frequency_penalty=g("frequency_penalty", 0.0) or 0.0,
             presence_penalty=g("presence_penalty", 0.0) or 0.0,
             timeout=g("timeout"),
+            security=ClientSecurity.from_args(args),
         ):
             if ttft is None:
                 ttft = time.perf_counter() - t0
@@ -197,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--api-key-env", default="TANDEM_API_KEY")
+    p.add_argument("--api-key-file", default=None)
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--tls-ca", default=None)
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
     return run_client(p.parse_args(argv))
 
 
