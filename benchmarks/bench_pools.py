@@ -140,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     from engine.config import ModelConfig

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,11 @@ _DISAGG = {
 
 @dataclass(frozen=True, slots=True)
 class ClientSecurity:
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never printed
     tls: bool = False  # True: TLS (the system's CAs unless ca_file)
     ca_file: str | None = None
     cert_file: str | None = None  # this client's certificate, for mTLS
     key_file: str | None = None
-
-    def __repr__(self) -> str:  # never the key
-        return f"ClientSecurity(api_key={'set' if self.api_key else None}, tls={self.tls}, ca_file={self.ca_file})"
 
     @property
     def metadata(self) -> list[tuple[str, str]]:

@@ -51,8 +51,8 @@ class TlsFiles:
 
     def read(self) -> tuple[bytes, bytes, bytes | None]:
         """(certificate chain, private key, client CA or None), each file read now."""
-        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
-        return Path(self.cert_file).read_bytes(), Path(self.key_file).read_bytes(), ca
+        cert, key = Path(self.cert_file).read_bytes(), Path(self.key_file).read_bytes()
+        return cert, key, Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
 
 
 @dataclass(frozen=True, slots=True)
