@@ -136,7 +136,10 @@ def test_guard_rate_limits_per_key_and_per_peer_without_keys() -> None:
 
 
 def test_each_front_door_maps_refusals_to_its_codes() -> None:
-    assert status_for(Unauthenticated("invalid API key")) == (grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+    assert status_for(Unauthenticated("invalid API key")) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "invalid API key",
+    )
     assert status_for(RateLimited("rate limit: x", 0.2))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     status, body, headers = response_parts(Unauthenticated("invalid API key"))
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
@@ -252,7 +255,10 @@ def test_no_shipped_code_turns_ray_auth_off() -> None:
     for pkg in ("engine", "kv_transfer", "memory_tiers", "pool_runtime", "prefill_pool", "decode_pool",
                 "router", "deploy", "benchmarks", "proto"):  # fmt: skip
         for path in (ROOT / pkg).rglob("*"):
-            if path.suffix in (".py", ".yaml", ".yml", ".sh", ".toml") and "RAY_AUTH_MODE" in path.read_text():
+            if (
+                path.suffix in (".py", ".yaml", ".yml", ".sh", ".toml")
+                and "RAY_AUTH_MODE" in path.read_text()
+            ):
                 offenders.append(str(path.relative_to(ROOT)))
     for path in (ROOT / "Makefile",):
         if "RAY_AUTH_MODE" in path.read_text():
