@@ -67,10 +67,12 @@ class ClientSecurity:
     def from_args(cls, args: argparse.Namespace) -> ClientSecurity:
         g = lambda name: getattr(args, name, None)  # noqa: E731
         key = None
-        if g("api_key_file"):
-            key = Path(g("api_key_file")).read_text().strip().splitlines()[0].strip()
-        elif g("api_key_env"):
-            key = os.environ.get(g("api_key_env")) or None
+        key_file: str | None = g("api_key_file")
+        key_env: str | None = g("api_key_env")
+        if key_file:
+            key = Path(key_file).read_text().strip().splitlines()[0].strip()
+        elif key_env:
+            key = os.environ.get(key_env) or None
         return cls(key, bool(g("tls")), g("tls_ca"), g("tls_cert"), g("tls_key"))
 
 

@@ -68,7 +68,13 @@ class HttpServer:
             log_level="warning",
             server_header=False,
             timeout_keep_alive=30,
-            **self._ssl_options(),
+            ssl_certfile=self.tls.cert_file if self.tls is not None else None,
+            ssl_keyfile=self.tls.key_file if self.tls is not None else None,
+            # a client CA: mTLS, a client certificate it signed is required
+            ssl_ca_certs=self.tls.client_ca_file if self.tls is not None else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED
+            if self.tls is not None and self.tls.client_ca_file
+            else ssl.CERT_NONE,
         )
         config.load()
         server = uvicorn.Server(config)
@@ -77,15 +83,6 @@ class HttpServer:
         self._server = server
         self._loop_task = asyncio.create_task(server.main_loop(), name="tandem-http")
         return self.port
-
-    def _ssl_options(self) -> dict[str, object]:
-        """uvicorn's TLS settings: the server's certificate, and with a client CA, mTLS (required)."""
-        if self.tls is None:
-            return {}
-        opts: dict[str, object] = {"ssl_certfile": self.tls.cert_file, "ssl_keyfile": self.tls.key_file}
-        if self.tls.client_ca_file:
-            opts.update(ssl_ca_certs=self.tls.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
-        return opts
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._stopped or self._server is None:
