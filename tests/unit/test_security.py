@@ -268,3 +268,38 @@ def test_no_shipped_code_turns_ray_auth_off() -> None:
         if "RAY_AUTH_MODE" in path.read_text():
             offenders.append(path.name)
     assert offenders == []
+
+
+def test_serve_flags_set_the_security_section(tmp_path: Path) -> None:
+    import argparse
+
+    from deploy.serve import add_arguments, resolve_config
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--api-key-file", "/k", "--tls-cert", "/c.pem", "--tls-key", "/k.pem",
+                         "--tls-client-ca", "/ca.pem", "--api-key-env", "KEYS"])  # fmt: skip
+    sec = resolve_config(args).router.security
+    assert (str(sec.api_keys_file), sec.api_keys_env) == ("/k", "KEYS")
+    assert sec.tls is not None and (str(sec.tls.cert_file), str(sec.tls.client_ca_file)) == (
+        "/c.pem",
+        "/ca.pem",
+    )
+    with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
+        resolve_config(p.parse_args(["--tls-cert", "/c.pem"]))
+    with pytest.raises(ValueError, match="--tls-client-ca needs"):
+        resolve_config(p.parse_args(["--tls-client-ca", "/ca.pem"]))
+    assert resolve_config(p.parse_args([])).router.security.tls is None
+
+
+def test_status_lists_what_the_router_listens_on() -> None:
+    from deploy.status import ClusterStatus, format_table
+
+    listeners = [
+        {"name": "grpc", "address": "10.0.0.1:50051", "tls": True, "mtls": True, "api_keys": True},
+        {"name": "http", "address": "10.0.0.1:8000", "tls": False, "mtls": False, "api_keys": False,
+         "metrics": "/metrics"},
+    ]  # fmt: skip
+    text = format_table(ClusterStatus("tandem", router={"address": "10.0.0.1:50051", "listeners": listeners}))
+    assert "listen grpc  10.0.0.1:50051  mTLS  api-keys" in text
+    assert "listen http  10.0.0.1:8000  plaintext  no-keys  (+/metrics)" in text
