@@ -260,6 +260,12 @@ class DecodeWorker:
         """Test hook: SIGKILL this process when ``request_id`` has produced ``num_tokens`` tokens."""
         self._crash_after_tokens[request_id] = num_tokens
 
+    def corrupt_next_payload(self, request_id: str) -> None:
+        """Test hook: flip one byte of the next KV payload that arrives for ``request_id``, in this
+        worker's pool before the digest check (kv_transfer's ``BaseReceiver.corrupt_next``)."""
+        with self._cv:
+            self.receiver.corrupt_next.add(request_id)
+
     # -- reports -------------------------------------------------------------------------------------
     def take_evictions(self) -> list[bytes]:
         """Hashes of the prefix blocks evicted since the last call (for the router's block index)."""

@@ -78,6 +78,10 @@ class BaseReceiver:
         self.name = unique_name("recv")
         self.book = ReservationBook(self.pool.num_blocks, capacity_blocks, max_requests)
         self.require_digest = True  # False only to measure the protocol without integrity (bench)
+        # Test seam (chaos tests): request ids whose next arriving payload gets one byte flipped in
+        # the destination pool before its digest is checked, as if the bytes were damaged in flight.
+        # Empty unless a test fills it (DecodeWorker.corrupt_next_payload); one-shot per request.
+        self.corrupt_next: set[str] = set()
         self._results: list[Completed | Failed] = []
         self._failed: OrderedDict[str, str] = OrderedDict()  # request id -> why, most recent last
         self._closed = False
@@ -199,6 +203,9 @@ class BaseReceiver:
             check = h.status != STATUS_NO_DIGEST
             if not check and self.require_digest:
                 raise KVTransferError(f"{h.request_id}: payload without a digest refused")
+            if h.request_id in self.corrupt_next and regions:
+                self.corrupt_next.discard(h.request_id)
+                p.flat[regions[0][0]] ^= 0xFF
             actual = verify(regions, check)
             if not check:
                 actual = h.digest
