@@ -203,6 +203,10 @@ class PrefillWorker:
         request reaches that point first. Off unless set; one-shot."""
         self.faults.pause_at_layer[request_id] = (layer, before, marker, longest_s)
 
+    def clear_pauses(self) -> None:
+        """Test hook: forget every pause not reached yet."""
+        self.faults.pause_at_layer.clear()
+
     # -- the loop -------------------------------------------------------------------------------------
     def start_loop(self) -> None:
         if self._thread is None:
