@@ -260,11 +260,18 @@ class DecodeWorker:
         """Test hook: SIGKILL this process when ``request_id`` has produced ``num_tokens`` tokens."""
         self._crash_after_tokens[request_id] = num_tokens
 
-    def corrupt_next_payload(self, request_id: str) -> None:
-        """Test hook: flip one byte of the next KV payload that arrives for ``request_id``, in this
-        worker's pool before the digest check (kv_transfer's ``BaseReceiver.corrupt_next``)."""
+    def corrupt_next_payload(self, request_id: str, times: int = 1) -> None:
+        """Test hook: flip one byte of each of the next ``times`` KV payloads that arrive for
+        ``request_id``, in this worker's pool before their digest check (kv_transfer's
+        ``BaseReceiver.corrupt_next``); 0 clears it."""
         with self._cv:
-            self.receiver.corrupt_next.add(request_id)
+            self.receiver.corrupt_next[request_id] = times
+
+    def transfer_faults(self) -> dict[str, int]:
+        """Payloads damaged by the test seam, and payloads refused for a digest mismatch."""
+        with self._cv:
+            r = self.receiver
+            return {"corrupted": r.corrupted, "digest_mismatches": r.digest_mismatches}
 
     # -- reports -------------------------------------------------------------------------------------
     def take_evictions(self) -> list[bytes]:

@@ -78,10 +78,12 @@ class BaseReceiver:
         self.name = unique_name("recv")
         self.book = ReservationBook(self.pool.num_blocks, capacity_blocks, max_requests)
         self.require_digest = True  # False only to measure the protocol without integrity (bench)
-        # Test seam (chaos tests): request ids whose next arriving payload gets one byte flipped in
-        # the destination pool before its digest is checked, as if the bytes were damaged in flight.
-        # Empty unless a test fills it (DecodeWorker.corrupt_next_payload); one-shot per request.
-        self.corrupt_next: set[str] = set()
+        # Test seam (chaos tests): request id -> how many more of its arriving payloads get one byte
+        # flipped in the destination pool before their digest is checked, as if damaged in flight.
+        # Empty unless a test fills it (DecodeWorker.corrupt_next_payload).
+        self.corrupt_next: dict[str, int] = {}
+        self.corrupted = 0  # payloads the seam damaged
+        self.digest_mismatches = 0  # payloads refused for a digest mismatch (requests failed so)
         self._results: list[Completed | Failed] = []
         self._failed: OrderedDict[str, str] = OrderedDict()  # request id -> why, most recent last
         self._closed = False
@@ -203,8 +205,9 @@ class BaseReceiver:
             check = h.status != STATUS_NO_DIGEST
             if not check and self.require_digest:
                 raise KVTransferError(f"{h.request_id}: payload without a digest refused")
-            if h.request_id in self.corrupt_next and regions:
-                self.corrupt_next.discard(h.request_id)
+            if self.corrupt_next.get(h.request_id, 0) > 0 and regions:
+                self.corrupt_next[h.request_id] -= 1
+                self.corrupted += 1
                 p.flat[regions[0][0]] ^= 0xFF
             actual = verify(regions, check)
             if not check:
@@ -213,6 +216,7 @@ class BaseReceiver:
             self._fail(r, str(e))
             return
         if actual != h.digest:
+            self.digest_mismatches += 1
             got = "unreadable" if actual is None else f"{actual:#018x}"
             last = h.block_start + h.num_blocks - 1
             self._fail(
