@@ -39,12 +39,13 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 from decode_pool.g2_landing import HostLanding
 from engine.llm_engine import RequestOutput
 from engine.parallel import RankGroupBroken
 from engine.sequence import Sequence
-from kv_transfer.base import idle
+from kv_transfer.base import BaseReceiver, idle
 from kv_transfer.heads import KVShardLayout
 from kv_transfer.protocol import NoRoomError
 from kv_transfer.transport import Completed, KVDestination
@@ -265,12 +266,12 @@ class DecodeWorker:
         ``request_id``, in this worker's pool before their digest check (kv_transfer's
         ``BaseReceiver.corrupt_next``); 0 clears it."""
         with self._cv:
-            self.receiver.corrupt_next[request_id] = times
+            cast(BaseReceiver, self.receiver).corrupt_next[request_id] = times
 
     def transfer_faults(self) -> dict[str, int]:
         """Payloads damaged by the test seam, and payloads refused for a digest mismatch."""
         with self._cv:
-            r = self.receiver
+            r = cast(BaseReceiver, self.receiver)
             return {"corrupted": r.corrupted, "digest_mismatches": r.digest_mismatches}
 
     # -- reports -------------------------------------------------------------------------------------

@@ -88,9 +88,9 @@ class _Plan:
 
 @dataclass(slots=True)
 class _Faults:
-    """Test hooks: die (SIGKILL, as a crash would) after sending a layer of a named request; or hold
-    the loop at a layer of a named request (the chaos tests' stage marker: :meth:`PrefillWorker.pause_at_layer`).
-    """
+    """Test hooks: die (SIGKILL, as a crash would) after sending a layer of a named request; or
+    hold the loop at a layer of a named request (the chaos tests' stage marker:
+    :meth:`PrefillWorker.pause_at_layer`)."""
 
     crash_after_layer: dict[str, int] = field(default_factory=dict)
     # request id -> (layer, before the send?, marker file, longest hold in seconds)

@@ -46,7 +46,9 @@ def reference(checkpoint: Path) -> dict[str, list[int]]:
         out = {}
         for p in harness.PROMPTS:
             for key, n in ((p, harness.MAX_NEW), ("long:" + p, LONG_NEW)):
-                out[key] = engine.generate([p], SamplingParams(max_tokens=n, ignore_eos=True))[0].new_token_ids
+                out[key] = engine.generate([p], SamplingParams(max_tokens=n, ignore_eos=True))[
+                    0
+                ].new_token_ids
         return out
     finally:
         engine.close()

@@ -67,7 +67,9 @@ def test_cancel_at_every_stage_over_grpc(workers, checkpoint: Path, reference, t
                 rid, marker = f"cancel-{stage}", tmp_path / f"{stage}.marker"
                 await _pause_all(s, rid, marker, layer, before)
                 call = stub.Generate(
-                    build_request(LONG, max_tokens=5, ignore_eos=True, disaggregation="always", request_id=rid),
+                    build_request(
+                        LONG, max_tokens=5, ignore_eos=True, disaggregation="always", request_id=rid
+                    ),
                     timeout=deadline or 120,
                 )
                 await wait_for(marker.exists, f"the prefill held at {stage}")

@@ -42,7 +42,10 @@ def test_corrupted_payload_is_caught_and_never_served(workers, checkpoint: Path,
                     await h.actor.corrupt_next_payload.remote(rid, 1)
             others = [stream(s.stub, PROMPTS[i % 4], disaggregation="always") for i in range(6)]
             once = await asyncio.gather(
-                *(stream(s.stub, PROMPTS[i % 4], disaggregation="always", request_id=r) for i, r in enumerate(rids)),
+                *(
+                    stream(s.stub, PROMPTS[i % 4], disaggregation="always", request_id=r)
+                    for i, r in enumerate(rids)
+                ),
                 *others,
             )
             # always: every payload of one request is damaged, on every attempt

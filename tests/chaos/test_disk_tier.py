@@ -83,7 +83,11 @@ def test_killed_writers_and_torn_files_are_never_served(tmp_path: Path) -> None:
     fig.requests = served + refused + 1
     fig.faults = KILLS + 2
     fig.survived = fig.faults
-    fig.outcome = {"blocks served exact": served + 1, "torn files dropped": dropped, "tmp files removed": KILLS}
+    fig.outcome = {
+        "blocks served exact": served + 1,
+        "torn files dropped": dropped,
+        "tmp files removed": KILLS,
+    }
     fig.blocks_leaked = 0  # store.check(): the index, the files and the byte count agree
     fig.wall_s = time.monotonic() - t0
     harness.record(fig)

@@ -34,9 +34,13 @@ def test_prefill_sigkilled_mid_transfer(workers, checkpoint: Path, reference, tm
             markers = {h.worker_id: tmp_path / f"{h.worker_id}.marker" for h in prefill}
             for h in prefill:  # whichever worker the router picks holds the victim after layer 0
                 await h.actor.pause_at_layer.remote(rid, 0, str(markers[h.worker_id]), False, 60.0)
-            victim = asyncio.ensure_future(stream(s.stub, PROMPTS[3], disaggregation="always", request_id=rid))
+            victim = asyncio.ensure_future(
+                stream(s.stub, PROMPTS[3], disaggregation="always", request_id=rid)
+            )
             others = [
-                asyncio.ensure_future(stream(s.stub, PROMPTS[i % 4], disaggregation=("always", "never")[i % 2]))
+                asyncio.ensure_future(
+                    stream(s.stub, PROMPTS[i % 4], disaggregation=("always", "never")[i % 2])
+                )
                 for i in range(8)
             ]
             held = await wait_for(lambda: [w for w, m in markers.items() if m.exists()], "the victim held")
@@ -79,8 +83,7 @@ def test_decode_sigkilled_mid_stream(workers, checkpoint: Path, reference) -> No
         async with served(workers, checkpoint) as s:
             pools = s.backend.pools
             others = [
-                asyncio.ensure_future(stream(s.stub, PROMPTS[i % 4], max_tokens=LONG_NEW))
-                for i in range(6)
+                asyncio.ensure_future(stream(s.stub, PROMPTS[i % 4], max_tokens=LONG_NEW)) for i in range(6)
             ]
             call = s.stub.Generate(
                 build_request(PROMPTS[2], max_tokens=LONG_NEW, ignore_eos=True, request_id=rid), timeout=120

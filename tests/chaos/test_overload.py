@@ -37,14 +37,16 @@ def test_200_streams_against_a_queue_of_50(workers, checkpoint: Path, reference)
             outs = [asyncio.ensure_future(stream(s.stub, PROMPTS[i % 4])) for i in range(STREAMS)]
             await wait_for(lambda: s.server.admission.queued == QUEUE, "the queue full")
             refused = await wait_for(
-                lambda: sum(1 for o in outs if o.done()) >= STREAMS - QUEUE and sum(1 for o in outs if o.done()),
+                lambda: (
+                    sum(1 for o in outs if o.done()) >= STREAMS - QUEUE and sum(1 for o in outs if o.done())
+                ),
                 "the excess refused",
             )
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-                async with http.post(
-                    f"{s.http_url}/v1/completions", json={"prompt": "x", "max_tokens": 4}
-                ) as r:
-                    http_status = r.status
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+                http.post(f"{s.http_url}/v1/completions", json={"prompt": "x", "max_tokens": 4}) as r,
+            ):
+                http_status = r.status
             peak = s.server.admission.in_flight + s.server.admission.queued
             for h in holders:
                 h.cancel()
