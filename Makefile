@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROMPT  ?= The quick brown fox
 
-.PHONY: install serve generate bench-serve bench-http test test-fast test-isa test-gpu lint format proto bench bench-engine clean
+.PHONY: install serve generate bench-serve bench-http test test-chaos test-fast test-isa test-gpu lint format proto bench bench-engine clean
 
 # Create .venv and install Tandem with its test tools (torch==2.13.0 resolves to the CPU build on disk).
 $(STAMP): pyproject.toml
@@ -49,6 +49,12 @@ bench-http: $(STAMP) $(BENCH_VENV)/.installed
 # The whole test suite (unit, integration, e2e; gpu tests skip without a GPU).
 test: $(STAMP)
 	$(BIN)/pytest -q --durations=20
+
+# Only the chaos suite (tests/chaos/, also part of `make test`): cancels at every stage, SIGKILLed
+# workers, a corrupted KV payload, a torn G3 write, Redis restarted under load, overload; its figures
+# (docs/reliability.md) go to chaos-results/figures.json.
+test-chaos: $(STAMP)
+	TANDEM_CHAOS_FIGURES=chaos-results/figures.json $(BIN)/pytest -q -m chaos -s --durations=10 tests/chaos
 
 # Only the fast unit tests.
 test-fast: $(STAMP)

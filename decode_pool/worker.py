@@ -39,12 +39,13 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 from decode_pool.g2_landing import HostLanding
 from engine.llm_engine import RequestOutput
 from engine.parallel import RankGroupBroken
 from engine.sequence import Sequence
-from kv_transfer.base import idle
+from kv_transfer.base import BaseReceiver, idle
 from kv_transfer.heads import KVShardLayout
 from kv_transfer.protocol import NoRoomError
 from kv_transfer.transport import Completed, KVDestination
@@ -259,6 +260,19 @@ class DecodeWorker:
     def crash_after_tokens(self, request_id: str, num_tokens: int) -> None:
         """Test hook: SIGKILL this process when ``request_id`` has produced ``num_tokens`` tokens."""
         self._crash_after_tokens[request_id] = num_tokens
+
+    def corrupt_next_payload(self, request_id: str, times: int = 1) -> None:
+        """Test hook: flip one byte of each of the next ``times`` KV payloads that arrive for
+        ``request_id``, in this worker's pool before their digest check (kv_transfer's
+        ``BaseReceiver.corrupt_next``); 0 clears it."""
+        with self._cv:
+            cast(BaseReceiver, self.receiver).corrupt_next[request_id] = times
+
+    def transfer_faults(self) -> dict[str, int]:
+        """Payloads damaged by the test seam, and payloads refused for a digest mismatch."""
+        with self._cv:
+            r = cast(BaseReceiver, self.receiver)
+            return {"corrupted": r.corrupted, "digest_mismatches": r.digest_mismatches}
 
     # -- reports -------------------------------------------------------------------------------------
     def take_evictions(self) -> list[bytes]:

@@ -78,6 +78,12 @@ class BaseReceiver:
         self.name = unique_name("recv")
         self.book = ReservationBook(self.pool.num_blocks, capacity_blocks, max_requests)
         self.require_digest = True  # False only to measure the protocol without integrity (bench)
+        # Test seam (chaos tests): request id -> how many more of its arriving payloads get one byte
+        # flipped in the destination pool before their digest is checked, as if damaged in flight.
+        # Empty unless a test fills it (DecodeWorker.corrupt_next_payload).
+        self.corrupt_next: dict[str, int] = {}
+        self.corrupted = 0  # payloads the seam damaged
+        self.digest_mismatches = 0  # payloads refused for a digest mismatch (requests failed so)
         self._results: list[Completed | Failed] = []
         self._failed: OrderedDict[str, str] = OrderedDict()  # request id -> why, most recent last
         self._closed = False
@@ -199,6 +205,10 @@ class BaseReceiver:
             check = h.status != STATUS_NO_DIGEST
             if not check and self.require_digest:
                 raise KVTransferError(f"{h.request_id}: payload without a digest refused")
+            if self.corrupt_next.get(h.request_id, 0) > 0 and regions:
+                self.corrupt_next[h.request_id] -= 1
+                self.corrupted += 1
+                p.flat[regions[0][0]] ^= 0xFF
             actual = verify(regions, check)
             if not check:
                 actual = h.digest
@@ -206,6 +216,7 @@ class BaseReceiver:
             self._fail(r, str(e))
             return
         if actual != h.digest:
+            self.digest_mismatches += 1
             got = "unreadable" if actual is None else f"{actual:#018x}"
             last = h.block_start + h.num_blocks - 1
             self._fail(

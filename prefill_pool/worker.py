@@ -88,9 +88,28 @@ class _Plan:
 
 @dataclass(slots=True)
 class _Faults:
-    """Test hooks: die (SIGKILL, as a crash would) after sending a layer of a named request."""
+    """Test hooks: die (SIGKILL, as a crash would) after sending a layer of a named request; or
+    hold the loop at a layer of a named request (the chaos tests' stage marker:
+    :meth:`PrefillWorker.pause_at_layer`)."""
 
     crash_after_layer: dict[str, int] = field(default_factory=dict)
+    # request id -> (layer, before the send?, marker file, longest hold in seconds)
+    pause_at_layer: dict[str, tuple[int, bool, str, float]] = field(default_factory=dict)
+
+    def hold(self, request_id: str, layer: int, before: bool) -> None:
+        """Hold here if a pause is set for this point: create the marker file, then wait until the
+        test deletes it (or the hold times out, so a forgotten pause cannot wedge a worker)."""
+        key = request_id if request_id in self.pause_at_layer else "*"  # "*": the next request
+        pause = self.pause_at_layer.get(key)
+        if pause is None or pause[:2] != (layer, before):
+            return
+        del self.pause_at_layer[key]
+        _, _, marker, longest = pause
+        with open(marker, "w"):
+            pass
+        deadline = time.monotonic() + longest
+        while os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 class PrefillWorker:
@@ -174,6 +193,20 @@ class PrefillWorker:
             assert self.ranks is not None, "a one-rank worker has no rank > 0"
             self.ranks.crash_after_layer(rank, request_id, layer)
 
+    def pause_at_layer(
+        self, request_id: str, layer: int, marker: str, before: bool = False, longest_s: float = 60.0
+    ) -> None:
+        """Test hook: when the loop reaches ``layer`` of ``request_id`` (before its KV is sent, or
+        right after), create the file ``marker`` and hold the loop until the file is deleted (at
+        most ``longest_s``). A test then knows the request's stage for sure and acts on it there
+        (cancel, SIGKILL) — a condition to wait on, not a sleep. ``request_id`` "*" pauses whichever
+        request reaches that point first. Off unless set; one-shot."""
+        self.faults.pause_at_layer[request_id] = (layer, before, marker, longest_s)
+
+    def clear_pauses(self) -> None:
+        """Test hook: forget every pause not reached yet."""
+        self.faults.pause_at_layer.clear()
+
     # -- the loop -------------------------------------------------------------------------------------
     def start_loop(self) -> None:
         if self._thread is None:
@@ -255,6 +288,7 @@ class PrefillWorker:
             if not job.kv_start_ns:
                 job.kv_start_ns = time.time_ns()
             job.kv_layers.add(layer)
+            self.faults.hold(job.req.request_id, layer, before=True)
             try:
                 job.kv_bytes += self.shard.send_layer(
                     job.grant, layer, job.seq.block_table[p.lo : p.hi], p.lo - job.grant.num_cached_blocks
@@ -263,6 +297,7 @@ class PrefillWorker:
                 job.error = str(e)
             if self.faults.crash_after_layer.get(job.req.request_id) == layer:
                 os.kill(os.getpid(), signal.SIGKILL)
+            self.faults.hold(job.req.request_id, layer, before=False)
 
     def _complete(self, job: _Job, token: int, logprob: float | None, top: Any) -> None:
         """The engine sampled ``job``'s first token (and finished the request): wait for the decode

@@ -26,6 +26,7 @@ Pure: no torch, ray or grpc. Lifecycle: construct -> route / commit / release pe
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from pool_runtime.reports import WorkerLoad
 from router.cost_model import Candidate, CostParams, RoutingRequest, tp_speedup
 from router.policies import RouteDecision, RoutingContext, get_policy
 from router.topology import Topology
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +95,27 @@ class Router:
     def route(self, prompt_ids: Sequence[int], disaggregation: str, reports: Sequence[WorkerLoad]) -> Route:
         """Decide where a prompt goes. Raises policies.NoRouteError (no worker / no room)."""
         hashes = hash_blocks(prompt_ids, self.block_size, self.fingerprint)
-        cached = prefix_lengths(self.store.find_blocks(hashes)) if hashes else {}
+        cached = prefix_lengths(self._find_blocks(hashes)) if hashes else {}
         req = RoutingRequest(len(prompt_ids), hashes, cached, disaggregation)
         ctx = RoutingContext(self.topology, self.params, turn=next(self._turn))
         decision = get_policy(self.policy)(req, self.policy_loads(reports), ctx)
         return Route(decision, hashes, cached, self.policy)
+
+    def _find_blocks(self, hashes: Sequence[BlockHash]) -> list[dict[str, Tier]]:
+        """Who holds each block; nobody when the store cannot answer (Redis down or restarting):
+        the request is routed without prefix hints instead of failing (found by the chaos suite)."""
+        try:
+            return self.store.find_blocks(hashes)
+        except Exception as e:
+            log.warning("metadata store unavailable, routing without prefix hints: %s", e)
+            return [{} for _ in hashes]
+
+    def _publish(self, events: list[BlockEvent]) -> None:
+        """Index events; lost when the store cannot take them (it recovers as blocks are stored again)."""
+        try:
+            self.store.publish(events)
+        except Exception as e:
+            log.warning("metadata store unavailable, %d block events not indexed: %s", len(events), e)
 
     def commit(self, route: Route) -> None:
         """The request is on its way: count it in flight and index its blocks at its workers."""
@@ -110,12 +129,12 @@ class Router:
             if route.cached_blocks.get(w, 0) <= i  # what it already holds is indexed already
         ]
         if events:
-            self.store.publish(events)
+            self._publish(events)
 
     def forget(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
         """``worker_id`` evicted these blocks: drop them from the index."""
         if hashes:
-            self.store.publish([BlockEvent(EventKind.REMOVED, worker_id, Tier.G1, h) for h in hashes])
+            self._publish([BlockEvent(EventKind.REMOVED, worker_id, Tier.G1, h) for h in hashes])
 
     def release(self, route: Route) -> None:
         """The request left its decode worker (finished, failed or cancelled)."""

@@ -232,3 +232,23 @@ def test_a_workers_evictions_leave_the_index(tmp_path) -> None:
         assert store.find_blocks(hash_blocks(a, 16, fp)) == [{}, {}, {}]
     finally:
         worker.close()
+
+
+def test_a_store_that_cannot_answer_routes_without_prefix_hints() -> None:
+    """Redis down (the chaos suite's restart case): routing goes on with no cached prefix, the
+    index events are dropped, nothing raises into the request."""
+
+    class Down(InProcessMetadataStore):
+        def find_blocks(self, hashes):  # type: ignore[no-untyped-def]
+            raise ConnectionError("Connection refused")
+
+        def publish(self, events):  # type: ignore[no-untyped-def]
+            raise ConnectionError("Connection refused")
+
+    r = _router(Down())
+    route = r.route(SHARED + [100, 101], "auto", _reports())
+    assert route.cached_blocks == {} and route.decision.cached_tokens == 0
+    r.commit(route)  # the index events are lost, the request is counted in flight all the same
+    assert r.in_flight(route.decision.decode_worker) == 1
+    r.forget("decode-0", hash_blocks(SHARED, 16, FP))
+    r.release(route)
