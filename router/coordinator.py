@@ -35,6 +35,7 @@ import dataclasses
 import itertools
 import logging
 import random
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -267,7 +268,7 @@ class Pools:
                 if live.cancelled:
                     yield self._error(live, live.cancel_reason)
                     return
-                yield self._error(live, str(e), _error_kind(e))
+                yield self._error(live, _brief(e), _error_kind(e))
                 return
 
     async def _handoff(self, live: _Live, d: DecodeHandle) -> None:
@@ -285,7 +286,7 @@ class Pools:
                 layout = await p.kv_layout()
             except WorkerDied as e:
                 dead_prefill.add(p.worker_id)
-                last_error = f"prefill on {p.worker_id} failed: {e}"
+                last_error = f"prefill on {p.worker_id} failed: {_brief(e)}"
                 continue
             # d checks that it can take p's KV (IncompatibleKV: a clear error, nothing held)
             grant = await d.reserve(work, layout)
@@ -302,7 +303,7 @@ class Pools:
                 if isinstance(e, PoolError) and not isinstance(e, KVTransferError):
                     await d.cancel(rid)
                     raise
-                last_error = f"prefill on {p.worker_id} failed: {e}"
+                last_error = f"prefill on {p.worker_id} failed: {_brief(e)}"
                 dead_prefill.add(p.worker_id)
                 _notify(live.req.on_handoff_failure, p.worker_id, d.worker_id, _failure_reason(e))
                 _event("tandem.prefill_retry", p.worker_id, e)
@@ -375,6 +376,18 @@ def _event(name: str, worker_id: str, e: BaseException, **attrs: int) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(name, {"tandem.worker": worker_id, "tandem.error": str(e), **attrs})
+
+
+def _brief(e: BaseException) -> str:
+    """What a client may read of a worker's failure: the original exception's message (Ray's
+    re-raised form carries the worker's whole traceback, with colour codes) on one line."""
+    cause = getattr(e, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else e)
+    text = _ANSI.sub("", text).strip()
+    return text.splitlines()[-1].strip() if text else type(e).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _error_kind(e: BaseException) -> str:

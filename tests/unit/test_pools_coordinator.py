@@ -219,3 +219,23 @@ def test_deadline_cancels_like_a_caller() -> None:
     chunks = asyncio.run(go())
     assert [(c.finish_reason, c.error) for c in chunks] == [("abort", "deadline exceeded")]
     assert p.calls == [] and d.live == {}
+
+
+def test_a_workers_failure_reaches_the_client_as_its_message_not_rays_traceback() -> None:
+    from ray.exceptions import RayTaskError
+
+    from kv_transfer.protocol import KVTransferError
+    from router.coordinator import _brief
+
+    cause = KVTransferError("r1: digest mismatch in block 3")
+    trace = (
+        '\x1b[36mray::Prefill.prefill()\x1b[39m Traceback (most recent call last):\n  File "w.py", line 9\n'
+    )
+    raised = RayTaskError(
+        "prefill", trace + "KVTransferError: r1: digest mismatch", cause
+    ).as_instanceof_cause()
+    assert isinstance(raised, KVTransferError)  # as the coordinator catches it
+    assert "Traceback" in str(raised)
+    assert _brief(raised) == "r1: digest mismatch in block 3"
+    assert _brief(ValueError("one line")) == "one line"
+    assert _brief(RuntimeError()) == "RuntimeError"
