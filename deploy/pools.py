@@ -237,11 +237,25 @@ def init_ray(address: str | None) -> str | None:
     if address:
         ray.init(address=address)
         return None
-    # One machine: every KV transfer is on loopback (UCX would otherwise also offer eth0).
+    # One machine: every KV transfer is on loopback (UCX would otherwise also offer eth0), and Ray's
+    # own listeners (GCS, raylet, object manager, dashboard agent, workers) bind to 127.0.0.1, not
+    # every interface (tests/integration/test_embedded_listeners.py). A node address of 127.0.0.1
+    # alone leaves them on *; Ray's local-only mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, MEASURED.md)
+    # keeps them on loopback. Ray reads that variable once, when it is imported, so its constant is
+    # set to match here. Ray's token auth stays on. Set the variable to 1 to open the embedded cluster.
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    local_only = os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0").lower() in ("0", "false")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = not local_only
     temp_dir = tempfile.mkdtemp(prefix="tandem-ray-")
     # address="local" and a fresh temp dir: never attach to (or hang on) a stale cluster (MEASURED.md)
-    ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        _node_ip_address="127.0.0.1" if local_only else None,
+    )
     return temp_dir
 
 
