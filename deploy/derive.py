@@ -150,15 +150,8 @@ def server_options(
     lim = rc.limits
     return dict(
         security=security_options(rc, metadata),
-        limits=RequestLimits(
-            max_prompt_tokens=lim.max_prompt_tokens,
-            max_stop_strings=lim.max_stop_strings,
-            max_stop_length=lim.max_stop_length,
-            max_stop_token_ids=lim.max_stop_token_ids,
-            max_logprobs=lim.max_logprobs,
-            max_n=lim.max_n,
-            max_chat_messages=lim.max_chat_messages,
-        ),
+        # the same fields by name (derived, not copied one by one); the message size is the server's
+        limits=RequestLimits(**lim.model_dump(exclude={"max_message_bytes"})),
         max_message_bytes=int(lim.max_message_bytes),
         host=rc.host,
         port=rc.port,
