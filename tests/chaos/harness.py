@@ -66,6 +66,15 @@ def record(fig: Figures) -> None:
     )
 
 
+def finish(fig: Figures, blocks: Any, t0: float) -> None:
+    """A case's end: the blocks left on the workers counted, its wall time taken, its figures
+    recorded; then no block may have leaked."""
+    fig.blocks_leaked = leaked(blocks)
+    fig.wall_s = time.monotonic() - t0
+    record(fig)
+    assert fig.blocks_leaked == 0, blocks
+
+
 def write_figures() -> None:
     path = os.environ.get("TANDEM_CHAOS_FIGURES")
     if path and RECORDED:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -43,6 +44,7 @@ async def _queued(s: Served, n: int) -> None:
 def test_cancel_at_every_stage_over_grpc(workers, checkpoint: Path, reference, tmp_path: Path) -> None:
     fig = Figures("cancel-grpc", "gRPC cancel / deadline at 6 stages")
     t0 = time.monotonic()
+    codes: Counter[str] = Counter()  # how each call ended, as its client saw it
 
     async def main() -> list[tuple[str, int, int]]:
         async with served(workers, checkpoint, max_concurrency=1, max_queue=4) as s:
@@ -55,6 +57,7 @@ def test_cancel_at_every_stage_over_grpc(workers, checkpoint: Path, reference, t
             queued.cancel()
             await _queued(s, 0)
             holder.cancel()
+            codes.update([(await queued.code()).name, (await holder.code()).name])
             fig.faults += 2
             await wait_for(lambda: s.server.admission.in_flight == 0, "the slot back")
 
@@ -76,12 +79,15 @@ def test_cancel_at_every_stage_over_grpc(workers, checkpoint: Path, reference, t
                 await wait_for(marker.exists, f"the prefill held at {stage}")
                 if deadline is None:
                     call.cancel()
-                    assert await call.code() == grpc.StatusCode.CANCELLED, stage
+                    code = await call.code()
+                    assert code == grpc.StatusCode.CANCELLED, stage
+                    codes[code.name] += 1
                 else:
                     with pytest.raises(grpc.aio.AioRpcError) as err:
                         async for _ in call:
                             pass
                     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, stage
+                    codes[err.value.code().name] += 1
                 os.unlink(marker)  # the worker goes on: it finds the request cancelled
                 fig.faults += 1
                 assert harness.leaked(await harness.worker_blocks(s)) == 0, stage
@@ -93,14 +99,16 @@ def test_cancel_at_every_stage_over_grpc(workers, checkpoint: Path, reference, t
             for _ in range(3):
                 await call.read()
             call.cancel()
+            codes[(await call.code()).name] += 1
             fig.faults += 1
             done = stub.Generate(build_request(PROMPTS[1], max_tokens=harness.MAX_NEW, ignore_eos=True))
             ids = [t async for m in done for t in m.token_ids]
             assert ids == reference[PROMPTS[1]]
             done.cancel()  # after the last token: nothing to cancel, nothing breaks
             assert await done.code() == grpc.StatusCode.OK
+            codes[(await done.code()).name] += 1
             fig.faults += 1
-            fig.requests = 7
+            fig.requests = sum(codes.values())
             fig.streams_held = 2
             blocks = await harness.worker_blocks(s)
             await harness.assert_still_serving(s, reference)
@@ -108,11 +116,8 @@ def test_cancel_at_every_stage_over_grpc(workers, checkpoint: Path, reference, t
             return blocks
 
     blocks = asyncio.run(main())
-    fig.blocks_leaked = harness.leaked(blocks)
-    fig.outcome = {"CANCELLED": 5, "DEADLINE_EXCEEDED": 1, "OK": 1}
-    fig.wall_s = time.monotonic() - t0
-    harness.record(fig)
-    assert fig.blocks_leaked == 0, blocks
+    fig.outcome = dict(codes)
+    harness.finish(fig, blocks, t0)
 
 
 async def _client_gone(task: asyncio.Future) -> None:
@@ -174,11 +179,8 @@ def test_http_client_gone_at_every_stage(workers, checkpoint: Path, reference, t
                 return blocks
 
     blocks = asyncio.run(main())
-    fig.blocks_leaked = harness.leaked(blocks)
     fig.outcome = {"client gone": 3, "CANCELLED": 1}
-    fig.wall_s = time.monotonic() - t0
-    harness.record(fig)
-    assert fig.blocks_leaked == 0, blocks
+    harness.finish(fig, blocks, t0)
 
 
 def test_a_stream_beside_the_cancels_gets_exact_tokens(workers, checkpoint: Path, reference) -> None:
@@ -209,7 +211,4 @@ def test_a_stream_beside_the_cancels_gets_exact_tokens(workers, checkpoint: Path
         assert o.code == grpc.StatusCode.OK and o.ids == reference[PROMPTS[i % 4]], (i, o.code, o.details)
     fig.requests, fig.streams_held, fig.faults, fig.survived = 16, 16, 8, 8
     fig.outcome = {**harness.tally(outs), "CANCELLED": 8}
-    fig.blocks_leaked = harness.leaked(blocks)
-    fig.wall_s = time.monotonic() - t0
-    harness.record(fig)
-    assert fig.blocks_leaked == 0, blocks
+    harness.finish(fig, blocks, t0)

@@ -68,10 +68,7 @@ def test_prefill_sigkilled_mid_transfer(workers, checkpoint: Path, reference, tm
         assert o.code == grpc.StatusCode.OK and o.ids == reference[PROMPTS[i % 4]], (i, o.code, o.details)
     fig.requests, fig.streams_held, fig.faults, fig.survived = 9, 9, 1, 1
     fig.outcome = harness.tally([v, *outs])
-    fig.blocks_leaked = harness.leaked(blocks)
-    fig.wall_s = time.monotonic() - t0
-    harness.record(fig)
-    assert fig.blocks_leaked == 0, blocks
+    harness.finish(fig, blocks, t0)
 
 
 def test_decode_sigkilled_mid_stream(workers, checkpoint: Path, reference) -> None:
@@ -114,7 +111,4 @@ def test_decode_sigkilled_mid_stream(workers, checkpoint: Path, reference) -> No
     fig.requests, fig.streams_held, fig.faults, fig.survived = 7, 7, 1, 1
     fig.outcome = {**harness.tally(outs), "OK (victim, resumed)": 1}
     fig.outcome["OK"] = fig.outcome.get("OK", 0)
-    fig.blocks_leaked = harness.leaked(blocks)
-    fig.wall_s = time.monotonic() - t0
-    harness.record(fig)
-    assert fig.blocks_leaked == 0, blocks
+    harness.finish(fig, blocks, t0)

@@ -69,7 +69,4 @@ def test_200_streams_against_a_queue_of_50(workers, checkpoint: Path, reference)
     fig.faults = len(shed) + 1
     fig.survived = fig.faults
     fig.outcome = {**harness.tally(results), "HTTP 429": 1, "holders CANCELLED": CONCURRENCY}
-    fig.blocks_leaked = harness.leaked(blocks)
-    fig.wall_s = time.monotonic() - t0
-    harness.record(fig)
-    assert fig.blocks_leaked == 0, blocks
+    harness.finish(fig, blocks, t0)

@@ -62,7 +62,4 @@ def test_redis_restarted_under_load(workers, checkpoint: Path, reference) -> Non
     fig.requests, fig.streams_held = len(outs), 2 * PER_ROUND
     fig.faults = fig.survived = ROUNDS
     fig.outcome = harness.tally(outs)
-    fig.blocks_leaked = harness.leaked(blocks)
-    fig.wall_s = time.monotonic() - t0
-    harness.record(fig)
-    assert fig.blocks_leaked == 0, blocks
+    harness.finish(fig, blocks, t0)
