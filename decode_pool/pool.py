@@ -3,10 +3,20 @@
 ``build_decode_pool(config, spec)`` starts ``spec.replicas`` actors (worker ids ``decode-0``, ...)
 and returns one :class:`RayDecodeHandle` per replica for ``router.coordinator.Pools``.
 
+The token stream: ``RayDecodeHandle.stream(channel)`` is one Ray streaming generator per router
+(``DecodeActor.stream``): each item a :class:`~pool_runtime.handoff.TokenBatch` with every chunk the
+worker's steps produced for that router since the last item. Why a Ray stream and not a socket of
+our own (ZeroMQ, as vLLM's engine core uses, or gRPC): it rides Ray's authenticated connection, so
+it adds no listener to secure; it fails with the actor (``WorkerDied``) the way every other call
+does; and one item per step costs ~1-2 ms of latency on the 2-core machine, measured
+(docs/benchmarks-pools.md), against a step of tens of milliseconds. Backpressure: Ray pauses the
+generator when ``STREAM_BACKPRESSURE`` items are unread; the worker's steps never wait on it (its
+outbox coalesces what accumulates: decode_pool/outbox.py).
+
 Tracing (pool_runtime/tracing.py): each handle call that starts work passes the caller's trace context;
 the actor opens ``tandem.kv_reserve`` around ``reserve`` and one ``tandem.decode`` span per request
-from ``start`` / ``submit_local`` until ``take`` hands out its last chunk (or ``cancel``). With the
-tracer off nothing is opened and ``take`` does one dict check.
+from ``start`` / ``submit_local`` until its last chunk is produced (or ``cancel``). With the
+tracer off nothing is opened.
 
 Tensor parallel: as for prefill (prefill_pool/pool.py), a placement group per replica and follower
 ranks started by the actor; ``reserve`` passes on the prefill worker's KV layout.
@@ -17,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +39,12 @@ from kv_transfer.heads import KVShardLayout
 from pool_runtime.actor_telemetry import ActorTelemetry
 from pool_runtime.actors import ActorIdentity, PoolSpec, call
 from pool_runtime.config import WorkerConfig
-from pool_runtime.handoff import FirstToken, KVGrant, TokenChunk, WorkRequest
+from pool_runtime.handoff import FirstToken, KVGrant, Route, TokenBatch, TokenChunk, WorkerDied, WorkRequest
 from pool_runtime.reports import WorkerLoad
 from pool_runtime.tp_actors import placed_actor_class, rank_usage, start_rank_group
 from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
+
+STREAM_BACKPRESSURE = 16  # unread TokenBatch items before Ray pauses a stream's generator
 
 
 @dataclass(slots=True)
@@ -55,43 +68,61 @@ class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
         self.start_loop()
 
     def reserve(
-        self, req: WorkRequest, source: KVShardLayout | None = None, carrier: dict[str, str] | None = None
+        self,
+        req: WorkRequest,
+        source: KVShardLayout | None = None,
+        route: Route = Route(),
+        carrier: dict[str, str] | None = None,
     ) -> KVGrant:
         if not self.tracing.enabled:
-            return super().reserve(req, source)
+            return super().reserve(req, source, route)
         with self.tracing.tracer.start_as_current_span(
             "tandem.kv_reserve", context=extract_context(carrier), attributes=self._attrs(req.request_id)
         ) as span:
-            grant = super().reserve(req, source)
+            grant = super().reserve(req, source, route)
             span.set_attribute("tandem.kv_reserve.blocks", len(grant.dest.block_ids))
             span.set_attribute("tandem.kv_reserve.cached_blocks", grant.num_cached_blocks)
         return grant
 
     def start(self, request_id: str, first: FirstToken, carrier: dict[str, str] | None = None) -> None:
-        self._open(request_id, carrier, local=False)  # before: the first chunk may be taken at once
+        self._open(request_id, carrier, local=False)  # before: the request may finish at once
         try:
             super().start(request_id, first)
         except BaseException as e:
             self._close(request_id, error=repr(e))
             raise
 
-    def submit_local(self, req: WorkRequest, carrier: dict[str, str] | None = None) -> None:
+    def submit_local(
+        self, req: WorkRequest, route: Route = Route(), carrier: dict[str, str] | None = None
+    ) -> None:
         self._open(req.request_id, carrier, local=True, prompt_tokens=len(req.prompt_token_ids))
         try:
-            super().submit_local(req)
+            super().submit_local(req, route)
         except BaseException as e:
             self._close(req.request_id, error=repr(e))
             raise
 
-    def take(self, request_id: str, timeout_s: float = 0.0) -> list[TokenChunk]:
-        out = super().take(request_id, timeout_s)
-        if self._spans:
-            ds = self._spans.get(request_id)
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
+    def stream(self, channel: str) -> Iterator[TokenBatch]:
+        """The router ``channel``'s token stream: one TokenBatch per drain (empty: a heartbeat, so
+        a router that went away is noticed). Ends when the worker closes; when the router drops
+        it, the channel's requests are cancelled."""
+        self.outbox.open(channel)
+        try:
+            while not self._closed:
+                yield TokenBatch(self.worker_id, self.drain(channel))
+        finally:
+            self.close_channel(channel)
+
+    def _emitted(self, chunks: list[TokenChunk]) -> None:
+        if not self._spans:
+            return
+        for c in chunks:
+            ds = self._spans.get(c.request_id)
             if ds is not None:
-                ds.tokens += sum(len(c.token_ids) for c in out)
-                if out and out[-1].finished:
-                    self._close(request_id, last=out[-1])
-        return out
+                ds.tokens += len(c.token_ids)
+                if c.finished:
+                    self._close(c.request_id, last=c)
 
     def cancel(self, request_id: str) -> bool:
         found = super().cancel(request_id)
@@ -157,17 +188,27 @@ class RayDecodeHandle:
         self.worker_id = worker_id
         self.placement = placement  # a tensor-parallel worker's placement group (removed with it)
 
-    async def reserve(self, req: WorkRequest, source: KVShardLayout | None = None) -> KVGrant:
-        return await call(self.actor.reserve.remote(req, source, inject_context()), self.worker_id)
+    async def reserve(
+        self, req: WorkRequest, source: KVShardLayout | None = None, route: Route = Route()
+    ) -> KVGrant:
+        return await call(self.actor.reserve.remote(req, source, route, inject_context()), self.worker_id)
 
     async def start(self, request_id: str, first: FirstToken) -> None:
         await call(self.actor.start.remote(request_id, first, inject_context()), self.worker_id)
 
-    async def submit_local(self, req: WorkRequest) -> None:
-        await call(self.actor.submit_local.remote(req, inject_context()), self.worker_id)
+    async def submit_local(self, req: WorkRequest, route: Route = Route()) -> None:
+        await call(self.actor.submit_local.remote(req, route, inject_context()), self.worker_id)
 
-    async def take(self, request_id: str, timeout_s: float) -> list[TokenChunk]:
-        return await call(self.actor.take.remote(request_id, timeout_s), self.worker_id)
+    async def stream(self, channel: str) -> AsyncIterator[TokenBatch]:
+        """The worker's token stream for ``channel`` (WorkerDied when the actor dies)."""
+        from ray.exceptions import RayActorError
+
+        gen = self.actor.stream.remote(channel)
+        try:
+            async for ref in gen:
+                yield await ref
+        except RayActorError as e:
+            raise WorkerDied(f"worker {self.worker_id} died: {type(e).__name__}") from e
 
     async def cancel(self, request_id: str) -> bool:
         return await call(self.actor.cancel.remote(request_id), self.worker_id)

@@ -6,46 +6,57 @@ A request here is in one of four places::
     reserve()  ──▶ _reserved (blocks held under a KV lease; the receiver checks every layer's digest)
                      │ in G1 when it has room, else in G2 (g2_landing.py: host memory the sender
                      │ WRITEs into; committed blocks are cached G2 blocks under their hashes)
-                     │ Completed (all layers verified): committed, waiting for start()
+                     │ Completed (all layers verified): committed
                      │ Failed (digest, lease expiry, dead sender) / cancel: blocks freed at once
-    start()    ──▶ the engine's running batch (joins at the next step, leaves the step it finishes)
-                ╰─▶ G2 ones: _parked until G1 has room (FIFO), then onboarded G2 → G1 and joined
+    start()    ──▶ the first token (sampled by the prefill worker) is kept until the KV commits;
+                   then the engine's running batch (joins at the next step, leaves the step it
+                   finishes) — or, G2 ones: _parked until G1 has room (FIFO), onboarded G2 → G1
     submit_local() ─▶ the engine's waiting queue (conditional disaggregation: prefilled here)
 
 Requests waiting in G2 have the first claim on G1: a new reservation goes to G1 only if it fits
 beside the G1 blocks they will need, so a stream of small requests cannot starve them.
 
-Tokens go to a per-request stream that callers long-poll with ``take`` (a Ray call per batch of
-tokens: the "equal" of a streaming generator, and cancel-safe). Every exit — finish, cancel, failed
-handoff, close — frees the request's blocks, so ``load().used_blocks`` and
-``load().g2_used_blocks`` return to 0.
+Tokens: every request names a channel (its router's). After each step the worker puts that step's
+chunks — token ids only; text is made once, at the router's front door — into the channel's
+outbox (decode_pool/outbox.py), and one stream per router drains it (``drain``; the actor's
+``stream``). A request's first token is not in it: the router has it from the prefill worker.
+Every exit — finish, cancel, failed handoff, close — frees the request's blocks, so
+``load().used_blocks`` and ``load().g2_used_blocks`` return to 0.
+
+Threads, and why the forward pass holds no lock: one lock guards the engine's bookkeeping (block
+manager, scheduler, requests), the receiver and this worker's tables. The loop thread takes it to
+plan a step (``engine.begin_step``) and to finish it (``finish_step``), and runs the forward pass
+and sampling between the two *without* it. So control calls — reserve, start, cancel, load — wait at
+most for a step's bookkeeping, never for a forward; what they change is picked up by the next plan.
+The one thing that cannot happen mid-forward is freeing blocks the forward writes: a cancel of a
+request in the running step is applied when the step finishes. The poll thread drives the
+receiver (digests, commits, acks) while the forward runs, so a prefill worker's ack never waits
+for a decode step.
 
 Tensor parallel (``ranks``, pool_runtime/rank_group.py): this worker is rank 0 and decides; its other
 ranks hold leases on the same block ids in their own pools, receive their heads straight from the
 prefill ranks (``reserve`` is told the prefill worker's layout, checks it and plans the head parts
 each rank expects: kv_transfer/heads.py), and run every step rank 0 publishes.
 
-Thread model: every public method is thread-safe (one lock around engine and receiver); the loop
-thread (``start_loop``) polls the receiver and steps the engine; tests may call ``step`` by hand
-instead. Lifecycle: construct -> start_loop (or step by hand) -> serve -> close (idempotent).
+Lifecycle: construct -> start_loop (or ``step`` by hand; ``poll`` drives the receiver then) -> serve
+-> close (idempotent).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import cast
+from dataclasses import dataclass
 
+from decode_pool.faults import FaultHooks
 from decode_pool.g2_landing import HostLanding
+from decode_pool.loop import StepLoop
+from decode_pool.outbox import TokenOutbox
 from engine.llm_engine import RequestOutput
 from engine.parallel import RankGroupBroken
 from engine.sequence import Sequence
-from kv_transfer.base import BaseReceiver, idle
 from kv_transfer.heads import KVShardLayout
 from kv_transfer.protocol import NoRoomError
 from kv_transfer.transport import Completed, KVDestination
@@ -53,11 +64,11 @@ from memory_tiers.metrics import TierMetrics
 from pool_runtime.build import EvictionLog, build_engine, build_transport
 from pool_runtime.config import WorkerConfig
 from pool_runtime.handoff import (
-    UNKNOWN_REQUEST,
     FirstToken,
     InvalidWorkRequest,
     KVGrant,
     PoolError,
+    Route,
     TokenChunk,
     WorkRequest,
 )
@@ -65,21 +76,20 @@ from pool_runtime.rank_group import RankGroup, Reserve
 from pool_runtime.reports import WorkerLoad
 from pool_runtime.tp_handoff import rank_parts, worker_layout
 
+_DRAIN_TIMEOUT_S = 1.0  # a stream's heartbeat when nothing happens
+_CHANNEL_GRACE_S = 5.0  # how long a channel's requests outlive its last stream (a reconnect)
+
 
 @dataclass(slots=True)
 class _Reserved:
     req: WorkRequest
     seq: Sequence | None  # its G1 blocks; None: the KV lands in G2 (self.landing)
+    route: Route
     committed: bool = False
+    first: FirstToken | None = None  # start() came: join once committed
 
 
-@dataclass(slots=True)
-class _Stream:
-    chunks: list[TokenChunk] = field(default_factory=list)
-    num_tokens: int = 0
-
-
-class DecodeWorker:
+class DecodeWorker(FaultHooks, StepLoop):
     role = "decode"
 
     def __init__(self, config: WorkerConfig, ranks: RankGroup | None = None) -> None:
@@ -103,28 +113,34 @@ class DecodeWorker:
                 self.engine.kv_layout.blocks_for(self.engine.max_seq_len),
             )
             self.landing = HostLanding(self.engine, self.tier_store, transport, n)
-        self._cv = threading.Condition()
+        self.outbox = TokenOutbox()
+        self._cv = threading.Condition()  # the lock: bookkeeping, receiver, the tables below
         self._reserved: dict[str, _Reserved] = {}
         # committed in G2, started, waiting for G1 room; FIFO
-        self._parked: OrderedDict[str, tuple[WorkRequest, FirstToken]] = OrderedDict()
-        self._streams: dict[str, _Stream] = {}
+        self._parked: OrderedDict[str, tuple[_Reserved, FirstToken]] = OrderedDict()
+        self._routes: dict[str, Route] = {}  # request id -> where its chunks go, while it may emit
+        self._in_step: set[str] = set()  # the running step's requests (their blocks are in use)
+        self._deferred: set[str] = set()  # cancels of those, applied when the step ends
+        self._kv_wake = threading.Event()  # a reservation is waiting for KV: poll
         self._crash_after_tokens: dict[str, int] = {}
-        self._thread: threading.Thread | None = None
+        self._tokens: dict[str, int] = {}  # per request with a crash hook: tokens produced
+        self._threads: list[threading.Thread] = []
         self._stop = False
         self._closed = False
 
     # -- the handoff ----------------------------------------------------------------------------------
-    def reserve(self, req: WorkRequest, source: KVShardLayout | None = None) -> KVGrant:
+    def reserve(
+        self, req: WorkRequest, source: KVShardLayout | None = None, route: Route = Route()
+    ) -> KVGrant:
         """Hold blocks for ``req``'s prompt under a lease of ``config.lease_s`` and return where its
-        KV goes, on every rank. ``source``: the prefill worker's KV layout (None: this model on one
-        rank). Raises IncompatibleKV (the layouts cannot exchange KV), NoRoomError (backpressure:
-        try elsewhere or later) or PoolError (bad input)."""
+        KV goes, on every rank; its tokens will go to ``route``. ``source``: the prefill worker's
+        KV layout (None: this model on one rank). Raises IncompatibleKV (the layouts cannot exchange
+        KV), NoRoomError (backpressure: try elsewhere or later) or PoolError (bad input)."""
         rid = req.request_id
         parts = rank_parts(self.kv_layout, source, f"{rid}: decode worker {self.worker_id}")
         with self._cv:
             self._check_open()
-            if rid in self._streams:
-                raise PoolError(f"request {rid!r} is already on decode worker {self.worker_id}")
+            self._check_new(rid)
             try:
                 self.engine.check_prompt(rid, req.prompt_token_ids)
                 seq = None
@@ -133,7 +149,7 @@ class DecodeWorker:
             except ValueError as e:
                 raise InvalidWorkRequest(f"{rid}: {e}") from e
             if seq is None:
-                return self._reserve_g2(req, parts[0])
+                return self._reserve_g2(req, parts[0], route)
             skip = seq.num_cached_tokens // self.block_size
             blocks, lease = seq.block_table[skip:], self.config.lease_s
             rank_dests: list[KVDestination] = []
@@ -150,8 +166,9 @@ class DecodeWorker:
                 self._release_ranks(rid)
                 self.engine.release_prompt(seq)
                 raise
-            self._reserved[rid] = _Reserved(req, seq)
-            self._streams[rid] = _Stream()
+            self._reserved[rid] = _Reserved(req, seq, route)
+            self._routes[rid] = route
+            self._kv_wake.set()
             return KVGrant(rid, self.worker_id, dest, skip, tuple(rank_dests), self.kv_layout)
 
     def _release_ranks(self, rid: str) -> None:
@@ -166,13 +183,13 @@ class DecodeWorker:
             return True
         blocks_for = self.engine.kv_layout.blocks_for
         in_g2 = [r.req for r in self._reserved.values() if r.seq is None]
-        in_g2 += [w for w, _ in self._parked.values()]
+        in_g2 += [r.req for r, _ in self._parked.values()]
         if not in_g2:
             return True
         claimed = sum(blocks_for(len(w.prompt_token_ids)) for w in in_g2)
         return self.engine.block_manager.num_free_blocks - claimed >= blocks_for(num_prompt_tokens)
 
-    def _reserve_g2(self, req: WorkRequest, parts: tuple[tuple[int, int], ...]) -> KVGrant:
+    def _reserve_g2(self, req: WorkRequest, parts: tuple[tuple[int, int], ...], route: Route) -> KVGrant:
         """G1 is short: land the prompt's KV in G2 (lock held; one rank: no G2 with more)."""
         rid = req.request_id
         dest = None
@@ -185,94 +202,76 @@ class DecodeWorker:
                 f"decode worker {self.worker_id}: {len(req.prompt_token_ids)} prompt tokens do not fit "
                 f"in {bm.num_free_blocks} free G1 blocks{g2}"
             )
-        self._reserved[rid] = _Reserved(req, None)
-        self._streams[rid] = _Stream()
+        self._reserved[rid] = _Reserved(req, None, route)
+        self._routes[rid] = route
+        self._kv_wake.set()
         return KVGrant(rid, self.worker_id, dest, 0, layout=self.kv_layout)
 
     def start(self, request_id: str, first: FirstToken) -> None:
-        """The prefill worker reported the commit: the request joins the running batch with its
-        first token (streamed like any other). A request whose KV is in G2 joins once G1 has
-        room (at once if it has)."""
+        """The prefill worker sampled the request's first token (the router streams it): the
+        request joins the running batch as soon as its KV is committed — now, if it is. A first
+        token that ends the request frees the blocks once committed. A request whose KV is in G2
+        joins once G1 has room."""
         with self._cv:
             r = self._reserved.get(request_id)
-            if r is None:
-                raise PoolError(
-                    f"{request_id}: no reservation on {self.worker_id} (failed, expired or cancelled)"
-                )
+            if r is None or r.first is not None:
+                why = "already started" if r is not None else "failed, expired or cancelled"
+                raise PoolError(f"{request_id}: no reservation to start on {self.worker_id} ({why})")
+            r.first = first
             if not r.committed:
-                self._poll()  # the ack was sent from a poll; its Completed may still be queued
-            if not r.committed:
-                raise PoolError(f"{request_id}: KV not committed on {self.worker_id}")
-            if self.ranks is not None and r.seq is not None:
-                missing = [i + 1 for i, ok in enumerate(self.ranks.commit(request_id)) if not ok]
-                if missing:
-                    self._release(request_id)
-                    raise PoolError(f"{request_id}: KV not committed on ranks {missing} of {self.worker_id}")
-            del self._reserved[request_id]
-            if r.seq is None:
-                self._parked[request_id] = (r.req, first)
-                self._admit()
+                self._poll()  # the KV may have landed: then the request joins at once
+            elif self._join(request_id, r):
                 self._cv.notify_all()
-                return
-            self.receiver.release(request_id)
-            out = self.engine.add_prefilled(
-                r.seq, first.token_id, r.req.seed, first.logprob, first.top_logprobs
-            )
-            self._push(out)
-            self._cv.notify_all()
 
-    def submit_local(self, req: WorkRequest) -> None:
-        """Conditional disaggregation: prefill ``req`` here, in the running batch (chunked)."""
+    def submit_local(self, req: WorkRequest, route: Route = Route()) -> None:
+        """Conditional disaggregation: prefill ``req`` here, in the running batch (chunked); its
+        tokens, the first included, go to ``route``."""
         rid = req.request_id
         with self._cv:
             self._check_open()
-            if rid in self._streams:
-                raise PoolError(f"request {rid!r} is already on decode worker {self.worker_id}")
+            self._check_new(rid)
             try:
                 self.engine.add_request(req.prompt_token_ids, req.params, rid)
             except ValueError as e:
                 raise InvalidWorkRequest(f"{rid}: {e}") from e
-            self._streams[rid] = _Stream()
+            self._routes[rid] = route
             self._cv.notify_all()
 
     def cancel(self, request_id: str) -> bool:
-        """Release the request wherever it is (reserved, committed, running, waiting); False if unknown."""
+        """Release the request wherever it is (reserved, committed, running, waiting); False if
+        unknown. Answered at once; a request in the running step is released when the step ends
+        (its blocks are being written), and nothing more is streamed for it either way."""
         with self._cv:
-            found = self._release(request_id)
+            found = self._routes.pop(request_id, None) is not None
+            found = self._release(request_id) or found
+            if request_id in self._in_step:
+                self._deferred.add(request_id)
+                return True
             found = self.engine.abort(request_id) or found
-            found = self._streams.pop(request_id, None) is not None or found
             self._cv.notify_all()
             return found
 
-    def take(self, request_id: str, timeout_s: float = 0.0) -> list[TokenChunk]:
-        """The chunks produced for the request since the last call, waiting up to ``timeout_s`` for
-        at least one. An unknown (cancelled, finished and taken) request gets one final error chunk."""
-        with self._cv:
-            self._cv.wait_for(lambda: self._ready(request_id), timeout_s)
-            st = self._streams.get(request_id)
-            if st is None:
-                return [self._ended(request_id, f"{UNKNOWN_REQUEST} (cancelled, or finished and taken)")]
-            out, st.chunks = st.chunks, []
-            if out and out[-1].finished:
-                del self._streams[request_id]
-            return out
+    # -- the token channel ---------------------------------------------------------------------------
+    def drain(self, channel: str = "", timeout_s: float = _DRAIN_TIMEOUT_S) -> list[TokenChunk]:
+        """The chunks produced for ``channel`` since the last drain (up to ``timeout_s`` for one)."""
+        return self.outbox.drain(channel, timeout_s)
 
-    def crash_after_tokens(self, request_id: str, num_tokens: int) -> None:
-        """Test hook: SIGKILL this process when ``request_id`` has produced ``num_tokens`` tokens."""
-        self._crash_after_tokens[request_id] = num_tokens
+    def close_channel(self, channel: str, grace_s: float = _CHANNEL_GRACE_S) -> None:
+        """A reader of ``channel`` is gone. If no stream reads it again within ``grace_s`` (a
+        router reconnecting), its router closed or died: nobody will read its requests' tokens,
+        so they are cancelled and their blocks freed."""
+        if not self.outbox.release(channel) or self._closed:
+            return
+        timer = threading.Timer(grace_s, self._orphaned, (channel,))
+        timer.daemon = True
+        timer.start()
 
-    def corrupt_next_payload(self, request_id: str, times: int = 1) -> None:
-        """Test hook: flip one byte of each of the next ``times`` KV payloads that arrive for
-        ``request_id``, in this worker's pool before their digest check (kv_transfer's
-        ``BaseReceiver.corrupt_next``); 0 clears it."""
+    def _orphaned(self, channel: str) -> None:
+        if self.outbox.is_read(channel):
+            return
         with self._cv:
-            cast(BaseReceiver, self.receiver).corrupt_next[request_id] = times
-
-    def transfer_faults(self) -> dict[str, int]:
-        """Payloads damaged by the test seam, and payloads refused for a digest mismatch."""
-        with self._cv:
-            r = cast(BaseReceiver, self.receiver)
-            return {"corrupted": r.corrupted, "digest_mismatches": r.digest_mismatches}
+            for rid in [r for r, route in self._routes.items() if route.channel == channel]:
+                self.cancel(rid)
 
     # -- reports -------------------------------------------------------------------------------------
     def take_evictions(self) -> list[bytes]:
@@ -287,6 +286,7 @@ class DecodeWorker:
     def load(self) -> WorkerLoad:
         with self._cv:
             bm, sch = self.engine.block_manager, self.engine.scheduler
+            costs = self.engine.step_costs
             load = WorkerLoad(
                 self.worker_id,
                 self.role,
@@ -299,6 +299,8 @@ class DecodeWorker:
                 reserved_blocks=self.receiver.num_reserved_blocks,
                 cached_blocks=bm.num_cached_blocks,
                 tensor_parallel_size=self.kv_layout.tp_size,
+                decode_step_s=costs.decode_step_s() or 0.0,
+                prefill_tokens_per_s=costs.prefill_tokens_per_s() or 0.0,
             )
             store = self.tier_store
             if self.landing is not None and store is not None:
@@ -307,50 +309,6 @@ class DecodeWorker:
                 load.g2_free_blocks = self.landing.room
                 load.g2_total_blocks = store.config.host_blocks
             return load
-
-    # -- the loop ------------------------------------------------------------------------------------
-    def step(self) -> bool:
-        """Poll the receiver and run one engine step; False when there was nothing to do."""
-        with self._cv:
-            return self._step()
-
-    def start_loop(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"decode-{self.worker_id}", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        spins = 0
-        while not self._stop:
-            with self._cv:
-                try:
-                    busy = self._step()
-                except Exception as e:  # a bug or a device error: end what is in flight, keep serving
-                    if isinstance(e, RankGroupBroken) and self.ranks is not None:
-                        self.ranks.fail(e)  # a rank is gone: no step can run again (the actor ends)
-                    self._fail_all(f"decode worker {self.worker_id} failed: {e!r}")
-                    continue
-                waiting_kv = bool(self._reserved)
-                if not busy and not waiting_kv:
-                    self._cv.wait(0.005)  # idle: woken by submit_local / start
-            if busy:
-                spins = 0
-                time.sleep(0)  # let callers waiting on the lock in
-            elif waiting_kv:
-                spins += 1
-                idle(spins)  # poll the transport often while KV is arriving
-
-    def _step(self) -> bool:
-        if self._closed:
-            return False
-        did = self._poll()
-        did = self._admit() or did
-        outs = self.engine.step() if self.engine.has_unfinished() else []
-        for o in outs:
-            self._push(o)
-        if outs or did:
-            self._cv.notify_all()
-        return bool(outs) or did
 
     def _poll(self) -> bool:
         results = self.receiver.poll()
@@ -364,35 +322,73 @@ class DecodeWorker:
                 if r.seq is None and self.landing is not None:
                     self.landing.commit(res.request_id)
                 r.committed = True
+                if r.first is not None:
+                    self._join(res.request_id, r)
             else:  # the receiver already dropped its lease; free the blocks and end the request
                 self._release(res.request_id)
-                self._end(res.request_id, f"KV handoff failed: {res.reason}")
+                self._end(res.request_id, f"KV handoff failed: {res.reason}", "handoff")
+        if results:
+            self._cv.notify_all()
         return bool(results)
+
+    def _join(self, rid: str, r: _Reserved) -> bool:
+        """A committed and started request joins the running batch (G2: parks for G1 room).
+        False when it could not (a tensor-parallel rank had not committed: it ends with an error)."""
+        assert r.first is not None
+        if self.ranks is not None and r.seq is not None:
+            missing = [i + 1 for i, ok in enumerate(self.ranks.commit(rid)) if not ok]
+            if missing:
+                self._release(rid)
+                self._end(rid, f"KV not committed on ranks {missing} of {self.worker_id}", "handoff")
+                return False
+        del self._reserved[rid]
+        if r.seq is None and r.first.finish_reason is not None:  # nothing to decode: no G1 needed
+            assert self.landing is not None
+            self.landing.release(rid)  # its full blocks stay cached in G2
+            self._routes.pop(rid, None)
+            return True
+        if r.seq is None:
+            self._parked[rid] = (r, r.first)
+            self._admit()
+            return True
+        self.receiver.release(rid)
+        self._adopt(r, r.seq, r.first)
+        return True
+
+    def _adopt(self, r: _Reserved, seq: Sequence, first: FirstToken) -> None:
+        out = self.engine.add_prefilled(seq, first.token_id, r.req.seed, first.logprob, first.top_logprobs)
+        self._count_tokens(r.req.request_id, 1)
+        if out.finished:  # the first token ended it: the router streamed it already, nothing to send
+            self._routes.pop(r.req.request_id, None)
+            reason = out.finish_reason.value if out.finish_reason is not None else None
+            self._emitted(
+                [TokenChunk(out.request_id, out.new_token_ids, finished=True, finish_reason=reason)]
+            )
 
     def _admit(self) -> bool:
         """Requests parked in G2 join the running batch, oldest first, while G1 has room for them:
         G1 blocks from the engine, then G2 -> G1. True when one joined."""
         joined = False
         while self._parked and self.landing is not None:
-            rid, (req, first) = next(iter(self._parked.items()))
-            seq = self.engine.reserve_prompt(rid, req.prompt_token_ids, req.params)
+            rid, (r, first) = next(iter(self._parked.items()))
+            seq = self.engine.reserve_prompt(rid, r.req.prompt_token_ids, r.req.params)
             if seq is None:
                 break
             del self._parked[rid]
             if not self.landing.onboard(rid, seq):
                 self.engine.release_prompt(seq)
-                self._end(rid, "KV handoff failed: a block could not be onboarded from G2")
+                self._end(rid, "KV handoff failed: a block could not be onboarded from G2", "handoff")
                 continue
-            out = self.engine.add_prefilled(seq, first.token_id, req.seed, first.logprob, first.top_logprobs)
-            self._push(out)
+            self._adopt(r, seq, first)
             joined = True
         return joined
 
     def _fail_all(self, error: str) -> None:
-        for rid in list(self._streams):
+        for rid in list(self._routes):
             self._release(rid)
             self.engine.abort(rid)
-            self._streams[rid].chunks.append(self._ended(rid, error))
+            self._end(rid, error)
+        self._deferred.clear()
         self._cv.notify_all()
 
     def _release(self, request_id: str) -> bool:
@@ -409,47 +405,69 @@ class DecodeWorker:
             self.landing.release(request_id)
         return True
 
-    def _end(self, request_id: str, error: str) -> None:
-        st = self._streams.get(request_id)
-        if st is not None:
-            st.chunks.append(self._ended(request_id, error))
+    def _end(self, request_id: str, error: str, kind: str = "") -> None:
+        route = self._routes.pop(request_id, None)
+        if route is not None:
+            chunk = self._ended(request_id, error, kind)
+            chunk.attempt = route.attempt
+            self.outbox.put(route.channel, [chunk])
+            self._emitted([chunk])
 
-    def _push(self, o: RequestOutput) -> None:
-        st = self._streams.get(o.request_id)
-        if st is None:
-            return
-        limit = self._crash_after_tokens.get(o.request_id)
-        if limit is not None and st.num_tokens + len(o.new_token_ids) >= limit:
-            os.kill(os.getpid(), signal.SIGKILL)
-        st.num_tokens += len(o.new_token_ids)
-        st.chunks.append(
-            TokenChunk(
-                o.request_id,
-                list(o.new_token_ids),
-                o.text,
-                o.finished,
-                o.finish_reason.value if o.finish_reason is not None else None,
-                list(o.logprobs),
-                list(o.top_logprobs),
-                worker_id=self.worker_id,
-                num_prompt_tokens=o.num_prompt_tokens,
-                num_cached_tokens=o.num_cached_tokens,
-                produced_at=time.monotonic(),
+    def _publish(self, outs: list[RequestOutput]) -> None:
+        """One step's chunks into their channels' outboxes (one put per channel)."""
+        now = time.monotonic()
+        by_channel: dict[str, list[TokenChunk]] = {}
+        for o in outs:
+            route = self._routes.get(o.request_id)
+            if route is None:
+                continue  # cancelled while the step ran
+            if self._crash_after_tokens:
+                self._count_tokens(o.request_id, len(o.new_token_ids))
+            by_channel.setdefault(route.channel, []).append(
+                TokenChunk(
+                    o.request_id,
+                    o.new_token_ids,
+                    "",
+                    o.finished,
+                    o.finish_reason.value if o.finish_reason is not None else None,
+                    o.logprobs,
+                    o.top_logprobs,
+                    worker_id=self.worker_id,
+                    num_prompt_tokens=o.num_prompt_tokens,
+                    num_cached_tokens=o.num_cached_tokens,
+                    produced_at=now,
+                    attempt=route.attempt,
+                )
             )
-        )
+            if o.finished:
+                del self._routes[o.request_id]
+        for channel, chunks in by_channel.items():
+            self.outbox.put(channel, chunks)
+            self._emitted(chunks)
 
-    def _ready(self, request_id: str) -> bool:
-        st = self._streams.get(request_id)
-        return st is None or bool(st.chunks) or self._closed
+    def _emitted(self, chunks: list[TokenChunk]) -> None:
+        """Called with the chunks put out for requests (a step's, an error), and with the last
+        chunk of a request that ended quietly (its first token ended it): the actor's spans."""
 
-    def _ended(self, request_id: str, error: str) -> TokenChunk:
+    def _ended(self, request_id: str, error: str, kind: str = "") -> TokenChunk:
         return TokenChunk(
-            request_id, [], finished=True, finish_reason="abort", error=error, worker_id=self.worker_id
+            request_id,
+            [],
+            finished=True,
+            finish_reason="abort",
+            error=error,
+            worker_id=self.worker_id,
+            error_kind=kind,
+            produced_at=time.monotonic(),
         )
 
     def _check_open(self) -> None:
         if self._closed:
             raise PoolError(f"decode worker {self.worker_id} is closed")
+
+    def _check_new(self, rid: str) -> None:
+        if rid in self._routes or rid in self._reserved or rid in self._parked:
+            raise PoolError(f"request {rid!r} is already on decode worker {self.worker_id}")
 
     def close(self) -> None:
         if self._closed:
@@ -458,15 +476,19 @@ class DecodeWorker:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(10)
+        self._kv_wake.set()
+        for t in self._threads:
+            t.join(10)
         with self._cv:
             for rid in [*self._reserved, *self._parked]:
                 self._release(rid)
-            self._streams.clear()
+            for rid in self._deferred:
+                self.engine.abort(rid)
+            self._routes.clear()
             if self.landing is not None:
                 self.landing.close()
             self.engine.close()
             self.receiver.close()
+        self.outbox.close()
         if self.ranks is not None:
             self.ranks.close()

@@ -36,10 +36,11 @@ from engine.kv_layout import KVLayout
 from engine.model import Model, load_model
 from engine.model_runner import ModelRunner
 from engine.parallel import TPGroup
-from engine.sampler import Sampler
+from engine.sampler import SampleOutput, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.step_cost import StepCostModel
 from engine.tier_onboarding import TierOnboarder
 from engine.tiers import LowerTiers, TiersFactory
 from engine.tokenizer import Tokenizer
@@ -63,6 +64,13 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # A bounded iteration: a step's predicted time (engine/step_cost.py) stays within this, prefill
+    # chunks shrinking to fit (engine/scheduler.py); None: the token budget alone.
+    max_step_time_s: float | None = None
+    min_prefill_tokens: int = 16
+    # Text and stop strings here (RequestOutput.text); False: token ids only, the caller makes the
+    # text (a server's front door does, once per request: router/front_door.py).
+    detokenize: bool = True
 
 
 def max_model_len(config: EngineConfig, mc: ModelConfig) -> int:
@@ -103,6 +111,19 @@ class _Request:
     detok: IncrementalDetokenizer | None
 
 
+@dataclass(slots=True)
+class StepPlan:
+    """One step between its bookkeeping halves: the batch and the sequences it samples."""
+
+    out: SchedulerOutput
+    completing: list[Sequence]
+    reqs: list[_Request]
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [e.seq.request_id for e in self.out.scheduled]
+
+
 class LLMEngine:
     """``tiers`` (optional, engine/tiers.py): builds the G2/G3 tiers over this engine's KV pool;
     they are used only with the prefix cache on (evicted blocks have no hash without it)."""
@@ -135,14 +156,18 @@ class LLMEngine:
             on_evict=self.tier_store.on_evict if self.tier_store is not None else None,
         )
         self.onboarder = TierOnboarder(self.block_manager, self.tier_store) if self.tier_store else None
+        self.step_costs = StepCostModel()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 max_model_len=self.max_model_len,
+                max_step_time_s=config.max_step_time_s,
+                min_prefill_tokens=config.min_prefill_tokens,
             ),
             self.block_manager,
+            self.step_costs,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.device)
         self.sampler = Sampler()
@@ -180,7 +205,7 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_ids, params, arrival=time.monotonic())
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.config.detokenize:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, stop=list(params.stop))
         if self.onboarder is None or not self.onboarder.begin(seq):
             self.scheduler.add(seq)
@@ -212,6 +237,17 @@ class LLMEngine:
     def step(self, on_layer: LayerHook | None = None) -> list[RequestOutput]:
         """One scheduled batch forward, sampled. ``on_layer(batch)``, when given, is asked for a
         per-layer callback for this batch (a prefill worker streams each layer's KV from it)."""
+        plan = self.begin_step()
+        if plan is None:
+            return []
+        return self.finish_step(plan, self.execute_step(plan, on_layer))
+
+    def begin_step(self) -> StepPlan | None:
+        """The bookkeeping half before a forward: onboarded prefixes join, the scheduler picks the
+        batch (allocating its slots). None: nothing to run. Between ``begin_step`` and
+        ``finish_step`` a caller may change the engine's state (add, reserve, release) but must not
+        abort a sequence of the plan: ``execute_step`` reads their blocks (decode_pool/ defers
+        such aborts to the step boundary)."""
         if self.onboarder is not None and self.onboarder.num_pending:
             for seq in self.onboarder.ready():
                 self.scheduler.add(seq)
@@ -219,23 +255,37 @@ class LLMEngine:
         if not out.scheduled:
             if self.onboarder is not None:
                 self.onboarder.wait(timeout=0.01)  # nothing runs until a G3 read lands
-            return []
-        logits = self.runner.execute(out, on_layer(out) if on_layer is not None else None)
-        self.scheduler.update(out)
+            return None
         completing = [e.seq for e in out.scheduled if e.completes]
-        reqs = [self._requests[s.request_id] for s in completing]
+        return StepPlan(out, completing, [self._requests[s.request_id] for s in completing])
+
+    def execute_step(self, plan: StepPlan, on_layer: LayerHook | None = None) -> SampleOutput:
+        """The compute half: forward pass and sampling. It changes no bookkeeping (scheduler, block
+        manager, request table), so it may run while another thread does (under the caller's lock)."""
+        out, completing = plan.out, plan.completing
+        t0 = time.perf_counter()
+        logits = self.runner.execute(out, on_layer(out) if on_layer is not None else None)
         sampled = self.sampler.sample(
             logits,
             [s.params for s in completing],
-            [r.seed for r in reqs],
+            [r.seed for r in plan.reqs],
             [s.num_tokens for s in completing],  # the position of the token being sampled
             [(s.prompt_token_ids, s.output_token_ids) for s in completing],
         )
+        self.step_costs.record(out.shape, time.perf_counter() - t0, out.num_prefill_tokens)
+        return sampled
+
+    def finish_step(self, plan: StepPlan, sampled: SampleOutput) -> list[RequestOutput]:
+        """The bookkeeping half after a forward: computed tokens advance, sampled tokens are
+        appended, stops are checked and finished sequences free their blocks."""
+        self.scheduler.update(plan.out)
         outputs: list[RequestOutput] = []
-        for i, (seq, req) in enumerate(zip(completing, reqs, strict=True)):
+        for i, (seq, req) in enumerate(zip(plan.completing, plan.reqs, strict=True)):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted while the forward ran
             token = sampled.token_ids[i]
             seq.output_token_ids.append(token)
-            reason = self._stop_reason(seq, token)
+            reason = self.stop_reason(seq, token)
             text = ""
             if req.detok is not None:
                 text = req.detok.step(token)
@@ -259,7 +309,9 @@ class LLMEngine:
             outputs.append(result)
         return outputs
 
-    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    def stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Why ``seq`` ends with ``token`` (its last output): EOS, a stop token id, max_tokens or
+        the context length; None: it goes on. Stop strings are the detokenizer's."""
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
             return FinishReason.STOP
@@ -359,9 +411,9 @@ class LLMEngine:
         self.block_manager.mark_computed(seq, n)
         seq.output_token_ids.append(first_token)
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.config.detokenize:
             detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, stop=list(seq.params.stop))
-        reason = self._stop_reason(seq, first_token)
+        reason = self.stop_reason(seq, first_token)
         text = ""
         if detok is not None:
             text = detok.step(first_token)

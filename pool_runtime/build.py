@@ -33,7 +33,8 @@ def build_engine(cfg: WorkerConfig, tp: TPGroup | None = None) -> tuple[LLMEngin
         t = cfg.tiers
         disk_dir = str(Path(t.disk_dir) / cfg.worker_id) if t.disk_dir else None
         tiers = EngineTiers(dataclasses.replace(t, disk_dir=disk_dir), cfg.worker_id)
-    engine = LLMEngine(cfg.engine, tiers=tiers, tp=tp)
+    # token ids only: the router's front door makes the text, once per request
+    engine = LLMEngine(dataclasses.replace(cfg.engine, detokenize=False), tiers=tiers, tp=tp)
     return engine, tiers.store if tiers is not None else None
 
 

@@ -6,11 +6,13 @@ prefill worker. One request's handoff (ARCHITECTURE.md, "The KV handoff")::
     coordinator                 decode worker                       prefill worker
     WorkRequest ──reserve──────▶ blocks under a lease
                 ◀── KVGrant ──── (dest: the blocks still to fill)
-    WorkRequest + KVGrant ──────────────────────────────────prefill──▶ chunks; each layer streamed
+    WorkRequest + KVGrant ─────────────────────────────prefill stream──▶ chunks; each layer streamed
+                ◀───────────────────────────── FirstToken(committed=False) (sampled: to the client now)
+    start(FirstToken) ─────────▶ kept until the KV commits
                                  digests verified, commit, ack ◀─────── over kv_transfer
-                ◀──────────────────────────────────── FirstToken ───── (only after the ack)
-    start(FirstToken) ─────────▶ joins the running batch
-    take() ◀──── TokenChunk* ─── continuous batching
+                                 joins the running batch
+                ◀───────────────────────────── FirstToken(committed=True) (after the ack: figures)
+    stream() ◀─ TokenBatch* ──── one stream per router: every request's new tokens, per step
 
 Tensor-parallel workers (pool_runtime/rank_group.py): ``reserve`` is told the prefill worker's
 :class:`~kv_transfer.heads.KVShardLayout` and refuses one it cannot take (:class:`IncompatibleKV`,
@@ -105,6 +107,12 @@ class FirstToken:
     kv_transfer_start_ns: int = 0  # time.time_ns() when the first layer was posted; 0: nothing sent
     kv_transfer_s: float = 0.0  # first layer posted -> the decode worker's commit ack
     kv_layers: int = 0  # distinct layers sent
+    # Why the request ends with this very token (EOS, a stop token id, max_tokens, the context
+    # length), judged by the request's own parameters; None: it goes on.
+    finish_reason: str | None = None
+    # False: sampled, the handoff still completing behind it (the prefill stream's first item);
+    # True: the decode worker committed the KV (the transfer figures above are final).
+    committed: bool = True
 
 
 @dataclass(slots=True)
@@ -125,6 +133,9 @@ class TokenChunk:
     num_cached_tokens: int = 0
     # time.monotonic() when the worker produced it (one clock for every process on a host)
     produced_at: float = 0.0
+    # Which attempt of the request (Route.attempt) it belongs to: the router drops a chunk of an
+    # earlier attempt (a retried handoff, a resume) still in flight when the next one starts.
+    attempt: int = 0
     # Set by the coordinator: error_kind on an error chunk (one of ERROR_KINDS); on the last chunk
     # of a disaggregated request, the prefill worker, the KV bytes it sent (every attempt) and the
     # prompt tokens it served from its prefix cache.
@@ -132,3 +143,21 @@ class TokenChunk:
     prefill_worker: str = ""
     kv_bytes: int = 0
     prefill_cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request's tokens go on a decode worker: its router's channel (one stream per router)
+    and the attempt they belong to (every chunk carries it back)."""
+
+    channel: str = ""
+    attempt: int = 0
+
+
+@dataclass(slots=True)
+class TokenBatch:
+    """One message of a decode worker's token stream (decode_pool/outbox.py): every chunk its steps
+    produced for one router since the previous message, in the order produced. Empty: a heartbeat."""
+
+    worker_id: str
+    chunks: list[TokenChunk] = field(default_factory=list)

@@ -43,3 +43,7 @@ class WorkerLoad:
     # Where it runs: the node's name as the topology keys it (deploy/pools.py); "local" in-process
     node: str = "local"
     tensor_parallel_size: int = 1  # ranks (processes, devices) its model is split over
+    # Measured speed (engine/step_cost.py), 0 until measured: a step with no prefill chunk, and the
+    # prefill tokens per second of steps that carried chunks (moving averages).
+    decode_step_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0

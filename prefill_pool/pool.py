@@ -4,6 +4,10 @@
 and returns one :class:`RayPrefillHandle` per replica, which is what ``router.coordinator.Pools``
 takes. ``shutdown(handles)`` kills them.
 
+A prefill is one Ray streaming call (``PrefillActor.prefill_stream``) of two items: the first token as
+soon as it is sampled — the router streams it to the client while the KV handoff completes behind
+it — and then the committed FirstToken, once the decode worker acked.
+
 Tracing (pool_runtime/tracing.py): ``prefill`` carries the caller's trace context; the actor opens
 ``tandem.prefill`` (queued + computed, until the decode worker's commit ack) and, from the worker's
 :class:`~pool_runtime.handoff.FirstToken`, its child ``tandem.kv_transfer`` (first layer posted ->
@@ -18,6 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import ray
@@ -27,7 +34,7 @@ from kv_transfer.heads import KVShardLayout
 from pool_runtime.actor_telemetry import ActorTelemetry
 from pool_runtime.actors import ActorIdentity, PoolSpec, call
 from pool_runtime.config import WorkerConfig
-from pool_runtime.handoff import FirstToken, KVGrant, WorkRequest
+from pool_runtime.handoff import FirstToken, KVGrant, WorkerDied, WorkRequest
 from pool_runtime.reports import WorkerLoad
 from pool_runtime.tp_actors import placed_actor_class, rank_usage, start_rank_group
 from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
@@ -62,9 +69,16 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
         }
         return [mine, *rank_usage(self.ranks)]
 
-    def prefill(self, req: WorkRequest, grant: KVGrant, carrier: dict[str, str] | None = None) -> FirstToken:
+    @ray.method(num_returns="streaming")
+    def prefill_stream(
+        self, req: WorkRequest, grant: KVGrant, carrier: dict[str, str] | None = None
+    ) -> Iterator[FirstToken]:
+        """Prefill ``req`` into ``grant``: yields the first token as soon as it is sampled
+        (``committed=False``), then, once the decode worker acked the commit, the committed
+        FirstToken with the transfer's figures. Raises if the prefill or the handoff fails."""
         if not self.tracing.enabled:
-            return super().prefill(req, grant)
+            yield from self._prefill_items(req, grant)
+            return
         attrs: dict[str, Any] = {
             "tandem.request_id": req.request_id,
             "tandem.worker_id": self.worker_id,
@@ -72,17 +86,33 @@ class PrefillActor(ActorIdentity, ActorTelemetry, PrefillWorker):
             "tandem.prompt_tokens": len(req.prompt_token_ids),
         }
         tracer = self.tracing.tracer
-        with tracer.start_as_current_span(
-            "tandem.prefill", extract_context(carrier), attributes=attrs
-        ) as span:
-            first = super().prefill(req, grant)
-            span.set_attribute("tandem.prefill.cached_tokens", first.num_cached_tokens)
-            span.set_attribute(
-                "tandem.prefill.computed_tokens", len(req.prompt_token_ids) - first.num_cached_tokens
-            )
-            if first.kv_transfer_start_ns:
-                _transfer_span(tracer, first, grant)
-        return first
+        span = tracer.start_span("tandem.prefill", extract_context(carrier), attributes=attrs)
+        try:
+            for first in self._prefill_items(req, grant):
+                if first.committed:
+                    span.set_attribute("tandem.prefill.cached_tokens", first.num_cached_tokens)
+                    span.set_attribute(
+                        "tandem.prefill.computed_tokens", len(req.prompt_token_ids) - first.num_cached_tokens
+                    )
+                    if first.kv_transfer_start_ns:
+                        _transfer_span(tracer, first, grant, span)
+                yield first
+        except BaseException as e:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, repr(e)))
+            raise
+        finally:
+            span.end()
+
+    def _prefill_items(self, req: WorkRequest, grant: KVGrant) -> Iterator[FirstToken]:
+        items: queue.SimpleQueue[FirstToken | Future[FirstToken]] = queue.SimpleQueue()
+        fut = self.submit(req, grant, on_first=items.put)
+        fut.add_done_callback(items.put)
+        item = items.get()
+        if isinstance(item, FirstToken):  # sampled; the handoff completes behind it
+            yield item
+            item = items.get()
+        assert isinstance(item, Future)
+        yield item.result()  # the committed FirstToken, or the prefill's / handoff's error
 
     def cancel_and_wait(self, request_id: str) -> None:
         """``cancel``, returning once the loop has released the request (so the caller may free
@@ -103,8 +133,16 @@ class RayPrefillHandle:
             self._layout = await call(self.actor.layout.remote(), self.worker_id)
         return self._layout
 
-    async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken:
-        return await call(self.actor.prefill.remote(req, grant, inject_context()), self.worker_id)
+    async def prefill(self, req: WorkRequest, grant: KVGrant) -> AsyncIterator[FirstToken]:
+        """The sampled first token, then the committed one (WorkerDied when the actor dies)."""
+        from ray.exceptions import RayActorError
+
+        gen = self.actor.prefill_stream.remote(req, grant, inject_context())
+        try:
+            async for ref in gen:
+                yield await ref
+        except RayActorError as e:
+            raise WorkerDied(f"worker {self.worker_id} died: {type(e).__name__}") from e
 
     async def cancel(self, request_id: str) -> None:
         await call(self.actor.cancel_and_wait.remote(request_id), self.worker_id)
@@ -119,11 +157,12 @@ class RayPrefillHandle:
         return await call(self.actor.tier_usage.remote(), self.worker_id)
 
 
-def _transfer_span(tracer: trace.Tracer, r: FirstToken, grant: KVGrant) -> None:
-    """The handoff's transfer, a child of the current (prefill) span, from the worker's timings."""
+def _transfer_span(tracer: trace.Tracer, r: FirstToken, grant: KVGrant, parent: Any) -> None:
+    """The handoff's transfer, a child of the prefill span, from the worker's timings."""
     gbps = r.kv_bytes / r.kv_transfer_s / 1e9 if r.kv_transfer_s > 0 else 0.0
     span = tracer.start_span(
         "tandem.kv_transfer",
+        context=trace.set_span_in_context(parent),
         start_time=r.kv_transfer_start_ns,
         attributes={
             "tandem.request_id": r.request_id,

@@ -10,8 +10,9 @@ of several prompts come from it), given a hook that sees the batch and then ever
     forward     -> after layer l's K/V are written: send_layer(dest, l, blocks filled so far)
     update()    -> full blocks enter the prefix cache
     last chunk  -> the engine samples the first token and finishes the request (its full blocks
-                   stay in the prefix cache); then this worker waits for the decode worker's
-                   commit ack and returns the token
+                   stay in the prefix cache); the token goes to the caller at once (``on_first``:
+                   the router streams it to the client while the handoff completes), then this
+                   worker waits for the decode worker's commit ack and resolves the future
 
 A block is sent once per layer: in the step that fills it, or in the prompt's last step for a
 trailing partial block. Blocks the decode worker already holds (``KVGrant.num_cached_blocks``) are
@@ -72,6 +73,7 @@ class _Job:
     grant: KVGrant
     seq: Sequence  # the engine's (engine.sequence(request_id)): blocks, cached and computed tokens
     future: Future[FirstToken]
+    on_first: Callable[[FirstToken], None] | None
     sent_upto: int = 0  # blocks [0, sent_upto) of the prompt have been sent (all layers)
     error: str = ""
     kv_bytes: int = 0
@@ -141,12 +143,17 @@ class PrefillWorker:
         self.faults = _Faults()
 
     # -- thread-safe API ----------------------------------------------------------------------------
-    def submit(self, req: WorkRequest, grant: KVGrant) -> Future[FirstToken]:
+    def submit(
+        self, req: WorkRequest, grant: KVGrant, on_first: Callable[[FirstToken], None] | None = None
+    ) -> Future[FirstToken]:
+        """Queue ``req``; the future resolves once the decode worker committed its KV.
+        ``on_first`` is called (on the loop thread, before the ack) with the sampled first token
+        (``committed=False``)."""
         fut: Future[FirstToken] = Future()
         if self._closed:
             fut.set_exception(PoolError(f"prefill worker {self.worker_id} is closed"))
             return fut
-        self._inbox.put(("add", (req, grant, fut)))
+        self._inbox.put(("add", (req, grant, fut, on_first)))
         self._wake.set()
         return fut
 
@@ -300,10 +307,15 @@ class PrefillWorker:
             self.faults.hold(job.req.request_id, layer, before=False)
 
     def _complete(self, job: _Job, token: int, logprob: float | None, top: Any) -> None:
-        """The engine sampled ``job``'s first token (and finished the request): wait for the decode
-        worker's commit ack, then answer the caller."""
+        """The engine sampled ``job``'s first token (and finished the request): hand the token to
+        the caller, wait for the decode worker's commit ack, then resolve the caller's future."""
         rid = job.req.request_id
         error = job.error
+        reason = self._finish_reason(job, token)
+        if job.on_first is not None and not error:
+            first = FirstToken(rid, token, self.worker_id, logprob, top, job.seq.num_cached_tokens)
+            first.finish_reason, first.committed = reason, False
+            job.on_first(first)
 
         def finish_mine() -> None:
             nonlocal error
@@ -339,8 +351,17 @@ class PrefillWorker:
                     kv_transfer_start_ns=job.kv_start_ns,
                     kv_transfer_s=t,
                     kv_layers=len(job.kv_layers),
+                    finish_reason=reason,
                 )
             )
+
+    def _finish_reason(self, job: _Job, token: int) -> str | None:
+        """Whether the first token ends the request under its own parameters (the engine ran it
+        with max_tokens=1, so its own finish says nothing): EOS, a stop id, max_tokens, length."""
+        seq = Sequence(job.req.request_id, job.req.prompt_token_ids, job.req.params)
+        seq.output_token_ids.append(token)
+        reason = self.engine.stop_reason(seq, token)
+        return reason.value if reason is not None else None
 
     def _drop(self, job: _Job) -> None:
         """Abort the request in the engine (its full prompt blocks stay as cached prefix; an
@@ -360,7 +381,13 @@ class PrefillWorker:
                 self._cancel(arg[0])
                 arg[1].set()
 
-    def _add(self, req: WorkRequest, grant: KVGrant, fut: Future[FirstToken]) -> None:
+    def _add(
+        self,
+        req: WorkRequest,
+        grant: KVGrant,
+        fut: Future[FirstToken],
+        on_first: Callable[[FirstToken], None] | None,
+    ) -> None:
         rid = req.request_id
         if rid in self._cancelled:
             # The cancel overtook the request (two concurrent calls): the decode side has already
@@ -378,7 +405,7 @@ class PrefillWorker:
             return
         seq = self.engine.sequence(rid)
         assert seq is not None
-        self._jobs[rid] = _Job(req, grant, seq, fut)
+        self._jobs[rid] = _Job(req, grant, seq, fut, on_first)
 
     def _cancel(self, request_id: str) -> None:
         self._cancelled[request_id] = None

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 from pool_runtime.reports import WorkerLoad
 from router.validation import ModelLimits
@@ -110,7 +111,12 @@ class ChunkStats:
 
 @dataclass(slots=True)
 class Chunk:
-    """New tokens of one request since its previous chunk; ``finish_reason`` set on the last one."""
+    """New tokens of one request since its previous chunk; ``finish_reason`` set on the last one.
+
+    ``text``: a backend that makes no text (``detokenizer`` gives one) leaves it "" and the front
+    door fills it in; ``partial``: what is known of the request's stats so far (the first chunk
+    carries it), from which the front door builds the last chunk's when a stop string ends the
+    request before the backend does."""
 
     token_ids: list[int]
     text: str
@@ -119,6 +125,7 @@ class Chunk:
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     stats: ChunkStats | None = None  # last chunk only
     produced_at: float = 0.0  # time.monotonic() when the backend produced it; 0 = unknown (other process)
+    partial: ChunkStats | None = None
 
 
 @runtime_checkable
@@ -140,6 +147,11 @@ class Backend(Protocol):
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of token ids (raises InvalidRequest, field ``tokens``, without a tokenizer)."""
+        ...
+
+    def detokenizer(self, request: BackendRequest) -> IncrementalDetokenizer | None:
+        """The request's incremental detokenizer, when the backend streams token ids only and the
+        front door is to make the text (and find the stop strings); None: chunks carry their text."""
         ...
 
     def generate(self, request: BackendRequest) -> AsyncGenerator[Chunk, None]:
@@ -183,3 +195,10 @@ def decode_ids(tokenizer: Any, token_ids: Sequence[int], skip_special_tokens: bo
 
 def total_tokens(chunks: Sequence[Chunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
+
+
+def make_detokenizer(tokenizer: Any, request: BackendRequest) -> IncrementalDetokenizer | None:
+    """``detokenizer`` for a backend holding an ``engine.tokenizer.Tokenizer`` (or None)."""
+    if tokenizer is None:
+        return None
+    return IncrementalDetokenizer(tokenizer, request.prompt_token_ids, stop=list(request.params.stop))

@@ -10,10 +10,18 @@ This is the API a router backend calls::
 
 Per request (``always``, or ``auto`` with a long prompt)::
 
-    pick prefill ─▶ decode.reserve(its KV layout) ─▶ prefill.prefill ─▶ decode.start ─▶ decode.take ...
-                       │ dead / failed: decode.cancel, reserve again, next prefill worker
-    decode dead at any point: resume on the next decode worker from prompt + tokens streamed so far
-    (same seed: the sampler's (seed, position) rule continues the stream identically)
+    pick prefill ─▶ decode.reserve(its KV layout, channel) ─▶ prefill.prefill (a stream of two):
+                       first token sampled ──▶ to the client at once; decode.start(first)
+                       committed ──▶ the decode worker streams the rest over the router's channel
+                       │ dead / failed (before or after the first token): decode.cancel, reserve
+                       │ again, next prefill worker (after the first token: from prompt + first)
+    decode dead at any point: resume on the next decode worker — or, with none left, on the same one
+    once Ray has restarted it (up to ``restart_wait_s``) — from prompt + tokens streamed so far (same
+    seed: the sampler's (seed, position) rule continues the stream identically)
+
+Tokens come from the decode workers' token streams (router/token_streams.py): one stream per decode
+worker for this router's ``channel``, fanned out to the requests; a request subscribes before it is
+started, so none of its chunks can go by unseen.
 
 ``never`` prefills on the decode worker (conditional disaggregation); ``auto`` lets the request
 decide (the router sets ``always`` / ``never`` per request from its cost model), else prompts of at
@@ -35,62 +43,29 @@ import dataclasses
 import itertools
 import logging
 import random
-import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
-
-from opentelemetry import trace
+from typing import TypeVar
 
 from engine.sampling_params import SamplingParams
-from kv_transfer.heads import KVShardLayout
-from kv_transfer.protocol import KVTransferError, NoRoomError
+from kv_transfer.protocol import KVTransferError
 from pool_runtime.handoff import (
     DISAGGREGATION_MODES,
-    UNKNOWN_REQUEST,
     FirstToken,
-    InvalidWorkRequest,
-    KVGrant,
     PoolError,
+    Route,
     TokenChunk,
     WorkerDied,
     WorkRequest,
 )
 from pool_runtime.reports import WorkerLoad
+from router.failures import brief, error_kind, event, failure_reason, notify
+from router.pool_handles import DecodeHandle, PrefillHandle
+from router.token_streams import Subscription, TokenStreams
 
 log = logging.getLogger(__name__)
-
-
-class PrefillHandle(Protocol):
-    worker_id: str
-
-    async def kv_layout(self) -> KVShardLayout | None:
-        """Its KV pool's layout (model, dtype, block size, heads over its tensor-parallel ranks),
-        which the decode worker checks and plans the handoff by; None: the decode worker's model
-        on one rank."""
-        ...
-
-    async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken: ...
-
-    async def cancel(self, request_id: str) -> None: ...
-
-    async def load(self) -> WorkerLoad: ...
-
-
-class DecodeHandle(Protocol):
-    worker_id: str
-
-    async def reserve(self, req: WorkRequest, source: KVShardLayout | None = None) -> KVGrant: ...
-
-    async def start(self, request_id: str, first: FirstToken) -> None: ...
-
-    async def submit_local(self, req: WorkRequest) -> None: ...
-
-    async def take(self, request_id: str, timeout_s: float) -> list[TokenChunk]: ...
-
-    async def cancel(self, request_id: str) -> bool: ...
-
-    async def load(self) -> WorkerLoad: ...
 
 
 @dataclass(slots=True)
@@ -122,7 +97,12 @@ class _Live:
     done: bool = False  # the decode worker sent the last chunk (and so released the request itself)
     prefill_attempts: int = 0
     decode_attempts: int = 0
-    firsts: list[FirstToken] = field(default_factory=list)  # one per successful prefill attempt
+    firsts: list[FirstToken] = field(default_factory=list)  # one per committed prefill attempt
+    dead_prefill: set[str] = field(default_factory=set)
+    sub: Subscription | None = None  # where its tokens arrive, while a decode worker holds it
+    attempt: int = 0  # Route.attempt of its latest reservation / local prefill
+    finished_early: bool = False  # the prefill worker's first token ended it
+    start_error: str = ""  # the decode worker refused this attempt's start
 
     def work(self) -> WorkRequest:
         """The request as a worker gets it now: resumed requests carry their streamed tokens."""
@@ -138,9 +118,13 @@ class _CallerCancelled(Exception):
     pass
 
 
+class _DecodeDied(WorkerDied):
+    """The decode worker died while the handoff was in flight (not the prefill worker's fault)."""
+
+
 class Pools:
     """Lifecycle: construct over live handles -> ``submit`` concurrently -> ``close`` (cancels
-    what is in flight)."""
+    what is in flight, stops the token streams)."""
 
     def __init__(
         self,
@@ -149,7 +133,8 @@ class Pools:
         disaggregation: str = "always",
         max_attempts: int = 3,
         auto_min_prompt_tokens: int = 64,
-        take_timeout_s: float = 1.0,
+        restart_wait_s: float = 60.0,
+        channel: str | None = None,
     ) -> None:
         if disaggregation not in DISAGGREGATION_MODES:
             raise ValueError(f"disaggregation must be one of {DISAGGREGATION_MODES}, got {disaggregation!r}")
@@ -162,7 +147,9 @@ class Pools:
         self.disaggregation = disaggregation
         self.max_attempts = max_attempts
         self.auto_min_prompt_tokens = auto_min_prompt_tokens
-        self.take_timeout_s = take_timeout_s
+        self.restart_wait_s = restart_wait_s  # how long a request waits for a dead decode worker's restart
+        # this router's channel on every decode worker (unique: several routers may share the pools)
+        self.streams = TokenStreams(channel or f"router-{uuid.uuid4().hex[:16]}")
         self._rr_prefill = itertools.count()
         self._rr_decode = itertools.count()
         self._live: dict[str, _Live] = {}
@@ -198,6 +185,8 @@ class Pools:
         if live is None or live.cancelled:
             return False
         live.cancelled, live.cancel_reason = True, reason
+        if live.sub is not None:  # wake the request where it waits for tokens
+            live.sub.put(_CallerCancelled())
         await self._release(live)
         return True
 
@@ -212,6 +201,7 @@ class Pools:
     async def close(self) -> None:
         for rid in list(self._live):
             await self.cancel(rid)
+        await self.streams.close()
 
     # -- one request ---------------------------------------------------------------------------------
     def _mode(self, req: PoolRequest) -> str:
@@ -227,56 +217,85 @@ class Pools:
         mode = self._mode(live.req)
         dead_decode: set[str] = set()
         while True:
-            d = self._pick(self.decode, self._rr_decode, dead_decode, live.req.decode_worker)
-            if d is None or live.decode_attempts >= self.max_attempts:
+            d = await self._decode_worker(live, dead_decode)
+            if d is None:
                 msg = f"no decode worker left after {live.decode_attempts} attempts"
                 yield self._error(live, msg, "unavailable")
                 return
             live.decode_attempts += 1
             live.decode = d
+            live.sub = sub = self.streams.subscribe(d, rid)
             try:
                 if mode == "never":
-                    await d.submit_local(live.work())
+                    await d.submit_local(live.work(), self._route(live, sub))
                 else:
-                    await self._handoff(live, d)
+                    async for first in self._handoff(live, d, sub):
+                        yield first
+                    if live.finished_early:
+                        return
                 if live.cancelled:
                     raise _CallerCancelled
                 while True:
-                    for c in await d.take(rid, self.take_timeout_s):
-                        if c.error.startswith(UNKNOWN_REQUEST):
-                            if live.cancelled:
-                                raise _CallerCancelled
-                            raise WorkerDied(f"decode worker {d.worker_id} lost {rid} (restarted?)")
-                        live.streamed += c.token_ids
-                        live.done = c.finished
-                        if c.finished and live.firsts:
-                            self._annotate(live, c)
+                    c = await sub.get()
+                    if c.error:
+                        if live.cancelled:
+                            raise _CallerCancelled
+                        c.error_kind = c.error_kind or "failed"
                         yield c
-                        if c.finished:
-                            return
+                        return
+                    live.streamed += c.token_ids
+                    live.done = c.finished
+                    if c.finished and live.firsts:
+                        self._annotate(live, c)
+                    yield c
+                    if c.finished:
+                        return
             except _CallerCancelled:
                 yield self._error(live, live.cancel_reason)
                 return
-            except WorkerDied as e:
+            except (WorkerDied, _DecodeDied) as e:
                 live.decode = None
                 if live.cancelled:
                     yield self._error(live, live.cancel_reason)
                     return
-                dead_decode.add(d.worker_id)  # resume on another one
-                _event("tandem.decode_resume", d.worker_id, e, streamed=len(live.streamed))
+                dead_decode.add(d.worker_id)  # resume elsewhere (or on it, once restarted)
+                event("tandem.decode_resume", d.worker_id, e, streamed=len(live.streamed))
             except (PoolError, KVTransferError) as e:
                 if live.cancelled:
                     yield self._error(live, live.cancel_reason)
                     return
-                yield self._error(live, _brief(e), _error_kind(e))
+                yield self._error(live, brief(e), error_kind(e))
                 return
+            finally:
+                self.streams.unsubscribe(sub)
+                live.sub = None
 
-    async def _handoff(self, live: _Live, d: DecodeHandle) -> None:
+    async def _decode_worker(self, live: _Live, dead: set[str]) -> DecodeHandle | None:
+        """The next decode worker for the request: a live one; with none left, the first dead one
+        to answer again (Ray restarts a dead worker), waiting up to ``restart_wait_s``."""
+        if live.decode_attempts >= self.max_attempts:
+            return None
+        d = self._pick(self.decode, self._rr_decode, dead, live.req.decode_worker)
+        if d is not None or not dead:
+            return d
+        deadline = time.monotonic() + self.restart_wait_s
+        while time.monotonic() < deadline and not live.cancelled:
+            for h in self.decode:
+                try:
+                    await asyncio.wait_for(h.load(), timeout=max(0.1, deadline - time.monotonic()))
+                except Exception:  # still down (or restarting)
+                    continue
+                dead.discard(h.worker_id)
+                return h
+            await asyncio.sleep(0.25)
+        return None
+
+    async def _handoff(self, live: _Live, d: DecodeHandle, sub: Subscription) -> AsyncIterator[TokenChunk]:
         """Reserve on ``d``, prefill on a prefill worker (retrying on another one when it dies or the
-        transfer fails), then start the request on ``d``. Raises WorkerDied if ``d`` dies."""
+        transfer fails), yield the first token the moment it is sampled, start the request on
+        ``d`` and see the handoff through. Raises WorkerDied if ``d`` dies."""
         rid = live.req.request_id
-        work = live.work()
-        dead_prefill: set[str] = set()
+        dead_prefill = live.dead_prefill
         last_error = ""
         while live.prefill_attempts < self.max_attempts:
             p = self._pick(self.prefill, self._rr_prefill, dead_prefill, live.req.prefill_worker)
@@ -286,16 +305,34 @@ class Pools:
                 layout = await p.kv_layout()
             except WorkerDied as e:
                 dead_prefill.add(p.worker_id)
-                last_error = f"prefill on {p.worker_id} failed: {_brief(e)}"
+                last_error = f"prefill on {p.worker_id} failed: {brief(e)}"
                 continue
+            work = live.work()
             # d checks that it can take p's KV (IncompatibleKV: a clear error, nothing held)
-            grant = await d.reserve(work, layout)
+            grant = await d.reserve(work, layout, self._route(live, sub))
             if live.cancelled:  # the cancel may have reached d before the reservation did
                 raise _CallerCancelled
             live.prefill_attempts += 1
             live.prefill = p
+            live.start_error = ""
+            streamed_first = False
             try:
-                first = await p.prefill(work, grant)
+                async for first in p.prefill(work, grant):
+                    if first.committed:
+                        live.firsts.append(first)
+                        notify(live.req.on_handoff, first, d.worker_id)
+                        if streamed_first:
+                            continue  # the commit behind a first token already streamed
+                    streamed_first = True
+                    chunk = self._first_chunk(live, first, len(work.prompt_token_ids), d.worker_id)
+                    yield chunk
+                    if chunk.finished:  # nothing to start: the release path frees d's blocks
+                        return
+                    if live.cancelled:
+                        raise _CallerCancelled
+                    await self._start(live, p, d, first)
+            except _DecodeDied:
+                raise
             except (WorkerDied, KVTransferError, PoolError) as e:
                 live.prefill = None
                 if live.cancelled:
@@ -303,21 +340,66 @@ class Pools:
                 if isinstance(e, PoolError) and not isinstance(e, KVTransferError):
                     await d.cancel(rid)
                     raise
-                last_error = f"prefill on {p.worker_id} failed: {_brief(e)}"
+                last_error = f"prefill on {p.worker_id} failed: {brief(e)}"
                 dead_prefill.add(p.worker_id)
-                _notify(live.req.on_handoff_failure, p.worker_id, d.worker_id, _failure_reason(e))
-                _event("tandem.prefill_retry", p.worker_id, e)
+                notify(live.req.on_handoff_failure, p.worker_id, d.worker_id, failure_reason(e))
+                event("tandem.prefill_retry", p.worker_id, e)
                 await d.cancel(rid)  # frees the reservation; raises WorkerDied if d is the dead one
-                continue
+                continue  # from prompt + what was streamed (a first token, if it was)
             live.prefill = None
-            live.firsts.append(first)
-            _notify(live.req.on_handoff, first, d.worker_id)
-            if live.cancelled:
-                raise _CallerCancelled
-            await d.start(rid, first)
+            if live.start_error:  # committed, yet the decode worker refused to start it
+                raise PoolError(f"{rid}: decode worker {d.worker_id} did not start it: {live.start_error}")
             return
         await d.cancel(rid)
         raise PoolError(f"{rid}: prefill failed {live.prefill_attempts} times; last: {last_error}")
+
+    async def _start(self, live: _Live, p: PrefillHandle, d: DecodeHandle, first: FirstToken) -> None:
+        """Start the request on ``d`` with its first token (the handoff still completing). A dead
+        ``d`` is the decode worker's failure, not the prefill's: the prefill is cancelled and the
+        request resumes elsewhere. A refusal (the reservation failed meanwhile: a bad digest, an
+        expired lease) is left to the prefill stream, which reports the handoff's own error."""
+        rid = live.req.request_id
+        try:
+            await d.start(rid, first)
+        except WorkerDied:
+            with contextlib.suppress(Exception):
+                await p.cancel(rid)
+            live.prefill = None
+            raise _DecodeDied(d.worker_id) from None
+        except PoolError as e:
+            live.start_error = brief(e)
+
+    def _route(self, live: _Live, sub: Subscription) -> Route:
+        """A new attempt's route: this router's channel, and a tag the worker echoes on every chunk."""
+        live.attempt += 1
+        sub.next_attempt(live.attempt)
+        return Route(self.streams.channel, live.attempt)
+
+    def _first_chunk(
+        self, live: _Live, first: FirstToken, prompt_tokens: int, decode_worker: str
+    ) -> TokenChunk:
+        """The prefill worker's first token as the stream's chunk. When it ends the request it is
+        the last chunk, but the request is not ``done``: the decode worker still holds its KV,
+        which the release path frees."""
+        live.streamed.append(first.token_id)
+        done = first.finish_reason is not None
+        live.finished_early = done
+        chunk = TokenChunk(
+            live.req.request_id,
+            [first.token_id],
+            finished=done,
+            finish_reason=first.finish_reason,
+            logprobs=[first.logprob],
+            top_logprobs=[first.top_logprobs],
+            worker_id=decode_worker,  # the worker that serves the request from here on
+            num_prompt_tokens=prompt_tokens,
+            num_cached_tokens=first.num_cached_tokens,
+            produced_at=time.monotonic(),
+            prefill_worker=first.worker_id,
+            prefill_cached_tokens=first.num_cached_tokens,
+            kv_bytes=sum(f.kv_bytes for f in live.firsts),
+        )
+        return chunk
 
     async def _release(self, live: _Live) -> None:
         """Cancel on whatever workers hold the request: the prefill worker first, so that nothing is
@@ -356,44 +438,3 @@ class Pools:
             if h.worker_id == preferred:
                 return h
         return alive[next(rr) % len(alive)]
-
-
-def _notify(observer: Callable[..., None] | None, *args: object) -> None:
-    """Tell an observer (metrics) about a handoff; an observer must never fail the request."""
-    if observer is not None:
-        try:
-            observer(*args)
-        except Exception:
-            log.warning("handoff observer %r failed", observer, exc_info=True)
-
-
-def _failure_reason(e: BaseException) -> str:
-    return "worker_died" if isinstance(e, WorkerDied) else "transfer"
-
-
-def _event(name: str, worker_id: str, e: BaseException, **attrs: int) -> None:
-    """A failover on the request's current span (a no-op when it is not recorded)."""
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(name, {"tandem.worker": worker_id, "tandem.error": str(e), **attrs})
-
-
-def _brief(e: BaseException) -> str:
-    """What a client may read of a worker's failure: the original exception's message (Ray's
-    re-raised form carries the worker's whole traceback, with colour codes) on one line."""
-    cause = getattr(e, "cause", None)
-    text = str(cause if isinstance(cause, BaseException) else e)
-    text = _ANSI.sub("", text).strip()
-    return text.splitlines()[-1].strip() if text else type(e).__name__
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _error_kind(e: BaseException) -> str:
-    """TokenChunk.error_kind of a failure (Ray re-raises a worker's exception as its own class)."""
-    if isinstance(e, NoRoomError):
-        return "overloaded"
-    if isinstance(e, InvalidWorkRequest):
-        return "invalid"
-    return "failed"

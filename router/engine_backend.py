@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.detokenizer import IncrementalDetokenizer
 from engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
 from pool_runtime.reports import WorkerLoad
 from router.backend import (
@@ -41,6 +42,7 @@ from router.backend import (
     decode_ids,
     encode_chat,
     finish_reason_name,
+    make_detokenizer,
     model_info,
 )
 from router.errors import BackendUnavailable, InvalidRequest
@@ -81,7 +83,8 @@ class EngineBackend:
         max_tokens_limit: int | None = None,
         default_max_tokens: int = 64,
     ) -> None:
-        self._engine = LLMEngine(engine_config)
+        # token ids only: the front door makes the text (router/front_door.py)
+        self._engine = LLMEngine(dataclasses.replace(engine_config, detokenize=False))
         eng = self._engine
         self._info = model_info(
             eng.model_config,
@@ -116,6 +119,9 @@ class EngineBackend:
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return decode_ids(self._engine.tokenizer, token_ids, skip_special_tokens)
+
+    def detokenizer(self, request: BackendRequest) -> IncrementalDetokenizer | None:
+        return make_detokenizer(self._engine.tokenizer, request)
 
     def load(self) -> BackendLoad:
         copy = dataclasses.replace(self._load)
@@ -211,20 +217,20 @@ class EngineBackend:
         live = self._live.get(out.request_id)
         if live is None:  # aborted while this step ran
             return
+        first = live.num_tokens == 0
         live.num_tokens += len(out.new_token_ids)
         chunk = Chunk(
-            list(out.new_token_ids),
+            out.new_token_ids,
             out.text,
             finish_reason_name(out.finish_reason) if out.finished else None,
-            list(out.logprobs),
-            list(out.top_logprobs),
+            out.logprobs,
+            out.top_logprobs,
             produced_at=time.monotonic(),
         )
-        if out.finished:
-            del self._live[out.request_id]
+        if out.finished or first:
             now = time.monotonic()
             started = live.started if live.started is not None else live.received
-            chunk.stats = ChunkStats(
+            stats = ChunkStats(
                 prompt_tokens=out.num_prompt_tokens,
                 completion_tokens=live.num_tokens,
                 cached_tokens=out.num_cached_tokens,
@@ -233,6 +239,11 @@ class EngineBackend:
                 prefill_worker=WORKER_ID,
                 decode_worker=WORKER_ID,
             )
+            if out.finished:
+                del self._live[out.request_id]
+                chunk.stats = stats
+            else:
+                chunk.partial = stats
         self._send(live, chunk)
 
     @staticmethod

@@ -9,8 +9,10 @@ values to its stream of chunks, through the same checks, admission queue, backen
                                  -> check_prompt_length -> BackendRequest
     stream(request, timing) ---> admission slot (bounded; a full queue sheds) -> backend.generate
                                  -> Chunk ... (the last carries stats)
-        per chunk:     TTFT / inter-token latency recorded; the front door converts the chunk to its
-                       wire form, then calls ``timing.handed(chunk)`` (router time per token)
+        per chunk:     its text, made here from the token ids by the request's one incremental
+                       detokenizer (stop strings found here: a match ends the stream and cancels
+                       the request downstream); TTFT / inter-token latency recorded; the front door
+                       converts the chunk to its wire form, then calls ``timing.handed(chunk)``
         after the last: queue time, prefix hits, token counts, end-to-end latency, the request's
                        outcome and the router's overhead recorded (router/telemetry.py)
 
@@ -22,14 +24,18 @@ codes in one place. No gRPC, no HTTP here.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from engine.detokenizer import IncrementalDetokenizer
 from router.admission import AdmissionQueue
-from router.backend import Backend, BackendRequest, Chunk
+from router.backend import Backend, BackendRequest, Chunk, ChunkStats
 from router.errors import BackendUnavailable
 from router.security import Guard, KeyStore
 from router.telemetry import Telemetry, setup_telemetry
@@ -130,46 +136,134 @@ class FrontDoor:
         )
 
     async def stream(self, breq: BackendRequest, timing: RequestTiming) -> AsyncIterator[Chunk]:
-        """The request's chunks, with telemetry; closing it cancels the request downstream."""
+        """The request's chunks, with their text and telemetry; closing it cancels the request
+        downstream. A backend that streams token ids only gets its text made here, once, by one
+        incremental detokenizer per request, which also finds the stop strings: a match ends the
+        stream at that token (finish_reason "stop") and cancels the rest downstream.
+
+        The request's span is current only while the backend runs (around each of its steps), never
+        across a ``yield``: a client that goes away closes this generator from another context,
+        where OpenTelemetry could not detach a context attached here."""
         tel, model = self.telemetry, breq.model
-        with tel.tracer.start_as_current_span("tandem.generate") as span:
-            span.set_attribute("tandem.request_id", breq.request_id)
-            span.set_attribute("tandem.model", model)
-            span.set_attribute("tandem.front_door", timing.front_door)
-            span.set_attribute("tandem.prompt_tokens", len(breq.prompt_token_ids))
-            span.set_attribute("tandem.max_tokens", breq.params.max_tokens)
+        span = tel.tracer.start_span(
+            "tandem.generate",
+            attributes={
+                "tandem.request_id": breq.request_id,
+                "tandem.model": model,
+                "tandem.front_door": timing.front_door,
+                "tandem.prompt_tokens": len(breq.prompt_token_ids),
+                "tandem.max_tokens": breq.params.max_tokens,
+            },
+        )
+        ctx = trace.set_span_in_context(span)
+        try:
             async with self.admission.slot():
                 timing.last_at = timing.arrival
-                tokens = 0
-                async with aclosing(self.backend.generate(breq)) as chunks:
-                    async for chunk in chunks:
-                        now = time.monotonic()
-                        if timing.first_at is None:
-                            timing.first_at = now
-                            tel.record_first_token(now - timing.arrival, model)
-                        elif chunk.token_ids:
-                            tel.record_token_gap((now - timing.last_at) / len(chunk.token_ids), model)
-                        timing.last_at = now
-                        tokens += len(chunk.token_ids)
-                        st = chunk.stats
-                        if st is not None:
-                            tel.record_finished(
-                                model,
-                                chunk.finish_reason or "",
-                                st.prompt_tokens,
-                                st.completion_tokens,
-                                st.queue_time_s,
-                                now - timing.arrival,
-                            )
-                            tel.record_prefix(st.prompt_tokens, st.cached_tokens, st.prefill_worker)
-                            span.set_attribute("tandem.completion_tokens", st.completion_tokens)
-                            span.set_attribute("tandem.cached_tokens", st.cached_tokens)
-                            span.set_attribute("tandem.decode_worker", st.decode_worker)
-                            span.set_attribute("tandem.prefill_worker", st.prefill_worker)
-                            span.set_attribute("tandem.kv_bytes_moved", st.kv_bytes_moved)
-                            span.set_attribute("tandem.finish_reason", chunk.finish_reason or "")
+                text = _Text(self.backend.detokenizer(breq), breq, time.monotonic())
+                agen = self.backend.generate(breq)
+                try:
+                    while True:
+                        token = otel_context.attach(ctx)
+                        try:
+                            chunk = await anext(agen)
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            otel_context.detach(token)
+                        last = text.apply(chunk)
+                        self._record(chunk, timing, span, model)
                         yield chunk
-                        if st is not None:
+                        if chunk.stats is not None:
                             tel.record_overhead(
-                                timing.front_door, timing.router_request_s, timing.router_token_s, tokens
+                                timing.front_door, timing.router_request_s, timing.router_token_s, text.tokens
                             )
+                        if last:
+                            break  # a stop string ended it before the backend did: cancel the rest
+                finally:
+                    token = otel_context.attach(ctx)
+                    try:
+                        await agen.aclose()
+                    finally:
+                        otel_context.detach(token)
+        finally:
+            span.end()
+
+    def _record(self, chunk: Chunk, timing: RequestTiming, span: trace.Span, model: str) -> None:
+        tel = self.telemetry
+        now = time.monotonic()
+        if timing.first_at is None:
+            timing.first_at = now
+            tel.record_first_token(now - timing.arrival, model)
+        elif chunk.token_ids:
+            tel.record_token_gap((now - timing.last_at) / len(chunk.token_ids), model)
+        timing.last_at = now
+        st = chunk.stats
+        if st is None:
+            return
+        tel.record_finished(
+            model,
+            chunk.finish_reason or "",
+            st.prompt_tokens,
+            st.completion_tokens,
+            st.queue_time_s,
+            now - timing.arrival,
+        )
+        tel.record_prefix(st.prompt_tokens, st.cached_tokens, st.prefill_worker)
+        span.set_attribute("tandem.completion_tokens", st.completion_tokens)
+        span.set_attribute("tandem.cached_tokens", st.cached_tokens)
+        span.set_attribute("tandem.decode_worker", st.decode_worker)
+        span.set_attribute("tandem.prefill_worker", st.prefill_worker)
+        span.set_attribute("tandem.kv_bytes_moved", st.kv_bytes_moved)
+        span.set_attribute("tandem.finish_reason", chunk.finish_reason or "")
+
+
+class _Text:
+    """One request's text at the front door: its detokenizer (None: the backend's chunks carry
+    text), the tokens seen, and the stats known so far (for a stop string's early end)."""
+
+    __slots__ = ("detok", "request", "started", "tokens", "partial")
+
+    def __init__(self, detok: IncrementalDetokenizer | None, request: BackendRequest, started: float) -> None:
+        self.detok = detok
+        self.request = request
+        self.started = started
+        self.tokens = 0
+        self.partial: ChunkStats | None = None
+
+    def apply(self, chunk: Chunk) -> bool:
+        """Give ``chunk`` its text; True when a stop string ended the request at one of its tokens
+        (the chunk is cut after that token and becomes the last, with stats)."""
+        if chunk.partial is not None:
+            self.partial = chunk.partial
+        detok = self.detok
+        if detok is None:
+            self.tokens += len(chunk.token_ids)
+            return False
+        pieces = []
+        for i, t in enumerate(chunk.token_ids):
+            pieces.append(detok.step(t))
+            if detok.stopped:
+                keep = i + 1
+                del chunk.token_ids[keep:], chunk.logprobs[keep:], chunk.top_logprobs[keep:]
+                chunk.text = "".join(pieces)
+                self.tokens += keep
+                if chunk.finish_reason is None or chunk.stats is None:
+                    chunk.finish_reason = "stop"
+                    chunk.stats = self._stats()
+                else:
+                    chunk.finish_reason, chunk.stats.completion_tokens = "stop", self.tokens
+                return True
+        self.tokens += len(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            pieces.append(detok.flush())
+        chunk.text = "".join(pieces)
+        return False
+
+    def _stats(self) -> ChunkStats:
+        """The last chunk's stats when the front door ends the request: what the backend told so
+        far, with the tokens counted here."""
+        p = self.partial
+        now = time.monotonic()
+        if p is None:
+            return ChunkStats(len(self.request.prompt_token_ids), self.tokens, 0, 0.0, now - self.started)
+        return dataclasses.replace(p, completion_tokens=self.tokens, backend_time_s=now - self.started)

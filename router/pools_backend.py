@@ -43,6 +43,7 @@ from typing import Any, cast
 
 from opentelemetry import trace
 
+from engine.detokenizer import IncrementalDetokenizer
 from memory_tiers.metadata import InProcessMetadataStore, MetadataStore, WorkerInfo
 from pool_runtime.handoff import FirstToken, PoolError, TokenChunk
 from pool_runtime.reports import TierUsage, WorkerLoad
@@ -54,6 +55,7 @@ from router.backend import (
     ChunkStats,
     decode_ids,
     encode_chat,
+    make_detokenizer,
     model_info,
 )
 from router.coordinator import PoolRequest, Pools
@@ -157,6 +159,9 @@ class PoolsBackend:
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return decode_ids(self._tokenizer, token_ids, skip_special_tokens)
 
+    def detokenizer(self, request: BackendRequest) -> IncrementalDetokenizer | None:
+        return make_detokenizer(self._tokenizer, request)
+
     def load(self) -> BackendLoad:
         workers = [dataclasses.replace(w, node=self._nodes.get(w.worker_id, "local")) for w in self._loads]
         alive = not self._closed and any(w.role == "decode" for w in self._loads)
@@ -205,17 +210,20 @@ class PoolsBackend:
                 async for c in chunks:
                     if c.error:
                         raise _error_for(c)
+                    first = count == 0
                     count += len(c.token_ids)
                     chunk = Chunk(
-                        list(c.token_ids),
+                        c.token_ids,
                         c.text,
                         c.finish_reason if c.finished else None,
-                        list(c.logprobs),
-                        list(c.top_logprobs),
+                        c.logprobs,
+                        c.top_logprobs,
                         produced_at=c.produced_at,
                     )
                     if c.finished:
                         chunk.stats = self._stats(request, c, count, started)
+                    elif first:  # who serves it and its cached tokens: known from the first token
+                        chunk.partial = self._stats(request, c, count, started)
                     yield chunk
         except PoolError as e:  # refused before it started: the id is in flight already
             raise InvalidRequest("request_id", f"request id {preq.request_id!r} is already in use") from e

@@ -50,6 +50,9 @@ class ScriptedBackend:
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) % 1000 for c in text]
 
+    def detokenizer(self, request: BackendRequest) -> None:
+        return None  # its chunks carry their own text
+
     async def generate(self, request: BackendRequest) -> AsyncIterator[Chunk]:
         if request.prompt_token_ids[0] == 7:
             raise RuntimeError("boom")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -176,9 +177,9 @@ def test_pool_errors_become_statuses(kind: str, code: grpc.StatusCode, details: 
 
 
 class _CachingPrefill(FakePrefill):
-    async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken:
-        first = await super().prefill(req, grant)
-        return dataclasses.replace(first, num_cached_tokens=16, kv_bytes=4096)
+    async def prefill(self, req: WorkRequest, grant: KVGrant) -> AsyncIterator[FirstToken]:
+        async for first in super().prefill(req, grant):
+            yield dataclasses.replace(first, num_cached_tokens=16, kv_bytes=4096 if first.committed else 0)
 
 
 def test_the_last_chunk_carries_the_handoff_facts_and_errors_their_kind() -> None:
@@ -191,7 +192,9 @@ def test_the_last_chunk_carries_the_handoff_facts_and_errors_their_kind() -> Non
 
     ok, failed = asyncio.run(main())
     facts = [(c.prefill_worker, c.kv_bytes, c.prefill_cached_tokens, c.finished) for c in ok]
-    assert facts == [("", 0, 0, False), ("prefill-0", 4096, 16, True)]
+    # the first token (from the prefill worker, before its commit) says who prefilled; the last
+    # carries the committed handoff's bytes
+    assert facts == [("prefill-0", 0, 16, False), ("prefill-0", 4096, 16, True)]
     assert [(c.error_kind, c.error) for c in failed][-1] == (
         "unavailable",
         "no decode worker left after 1 attempts",
@@ -213,7 +216,7 @@ def test_a_workers_evictions_leave_the_index(tmp_path) -> None:
 
     def run(rid: str, prompt: list[int]) -> None:
         worker.submit_local(WorkRequest(rid, prompt, SamplingParams(max_tokens=2, seed=1)))
-        while not any(c.finished for c in worker.take(rid)):
+        while not any(c.finished for c in worker.drain("", 0.0) if c.request_id == rid):
             worker.step()
 
     try:

@@ -5,6 +5,8 @@ Each fake records the calls it gets, so the tests assert the exact protocol sequ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,9 +14,10 @@ import pytest
 from engine.sampling_params import SamplingParams
 from kv_transfer.protocol import KVTransferError
 from pool_runtime.handoff import (
-    UNKNOWN_REQUEST,
     FirstToken,
     KVGrant,
+    Route,
+    TokenBatch,
     TokenChunk,
     WorkerDied,
     WorkRequest,
@@ -31,19 +34,34 @@ def _tok(pos: int) -> int:
 
 
 class FakePrefill:
-    def __init__(self, worker_id: str, fail: BaseException | None = None) -> None:
+    """Yields the sampled first token, then (after ``commit_gate``, if set) the committed one; fails
+    with ``fail`` before the first token, or with ``fail_after_first`` between the two."""
+
+    def __init__(
+        self, worker_id: str, fail: BaseException | None = None, fail_after_first: BaseException | None = None
+    ) -> None:
         self.worker_id = worker_id
         self.fail = fail
+        self.fail_after_first = fail_after_first
+        self.commit_gate: asyncio.Event | None = None
+        self.finish_reason: str | None = None  # the first token ends the request
         self.calls: list[tuple[Any, ...]] = []
 
     async def kv_layout(self) -> None:
         return None
 
-    async def prefill(self, req: WorkRequest, grant: KVGrant) -> FirstToken:
+    async def prefill(self, req: WorkRequest, grant: KVGrant) -> AsyncIterator[FirstToken]:
         self.calls.append(("prefill", req.request_id, len(req.prompt_token_ids), grant.worker_id))
         if self.fail is not None:
             raise self.fail
-        return FirstToken(req.request_id, _tok(len(req.prompt_token_ids)), self.worker_id)
+        first = FirstToken(req.request_id, _tok(len(req.prompt_token_ids)), self.worker_id)
+        first.finish_reason, first.committed = self.finish_reason, False
+        yield first
+        if self.commit_gate is not None:
+            await self.commit_gate.wait()
+        if self.fail_after_first is not None:
+            raise self.fail_after_first
+        yield dataclasses.replace(first, committed=True, kv_bytes=64)
 
     async def cancel(self, request_id: str) -> None:
         self.calls.append(("cancel", request_id))
@@ -53,50 +71,78 @@ class FakePrefill:
 
 
 class FakeDecode:
-    """Streams one token per take; dies (WorkerDied) when ``die_at`` tokens have been produced."""
+    """Streams one token per request per step over its token stream; dies (WorkerDied, then down
+    until ``revive``) when a request reaches position ``die_at``."""
 
     def __init__(self, worker_id: str, die_at: int | None = None) -> None:
         self.worker_id = worker_id
         self.die_at = die_at
+        self.dead = False
         self.calls: list[tuple[Any, ...]] = []
-        self.live: dict[str, list[int]] = {}  # rid -> [next position, tokens left]
+        self.live: dict[str, list[int]] = {}  # rid -> [next position, tokens left, attempt]
+        self.routes: dict[str, Route] = {}
         self.gate: asyncio.Event | None = None  # when set, reserve waits for it
+        self.stale: list[TokenChunk] = []  # sent once, first thing on the next stream message
 
-    async def reserve(self, req: WorkRequest, source: Any = None) -> KVGrant:
+    async def reserve(self, req: WorkRequest, source: Any = None, route: Route = Route()) -> KVGrant:
+        self._check()
         self.calls.append(("reserve", req.request_id, len(req.prompt_token_ids), req.params.max_tokens))
         if self.gate is not None:
             await self.gate.wait()
+        self.routes[req.request_id] = route
         return KVGrant(req.request_id, self.worker_id, dest=None)  # type: ignore[arg-type]
 
     async def start(self, request_id: str, first: FirstToken) -> None:
+        self._check()
         self.calls.append(("start", request_id, first.token_id))
-        prompt_len = first.token_id - 100
         max_tokens = next(c[3] for c in reversed(self.calls) if c[0] == "reserve")
-        self.live[request_id] = [prompt_len, max_tokens]
+        if max_tokens > 1:  # the first token came from the prefill worker
+            self.live[request_id] = [
+                first.token_id - 100 + 1,
+                max_tokens - 1,
+                self.routes[request_id].attempt,
+            ]
 
-    async def submit_local(self, req: WorkRequest) -> None:
+    async def submit_local(self, req: WorkRequest, route: Route = Route()) -> None:
+        self._check()
         self.calls.append(("local", req.request_id, len(req.prompt_token_ids), req.params.max_tokens))
-        self.live[req.request_id] = [len(req.prompt_token_ids), req.params.max_tokens]
+        self.live[req.request_id] = [len(req.prompt_token_ids), req.params.max_tokens, route.attempt]
 
-    async def take(self, request_id: str, timeout_s: float) -> list[TokenChunk]:
-        st = self.live.get(request_id)
-        if st is None:
-            return [TokenChunk(request_id, [], finished=True, finish_reason="abort", error=UNKNOWN_REQUEST)]
-        if self.die_at is not None and st[0] >= self.die_at:
-            raise WorkerDied(self.worker_id)
-        pos, left = st
-        st[0], st[1] = pos + 1, left - 1
-        done = st[1] == 0
-        if done:
-            del self.live[request_id]
-        return [TokenChunk(request_id, [_tok(pos)], finished=done, finish_reason="length" if done else None)]
+    async def stream(self, channel: str) -> AsyncIterator[TokenBatch]:
+        self._check()
+        while True:
+            await asyncio.sleep(0.001)
+            chunks, self.stale = self.stale, []
+            for rid, st in list(self.live.items()):
+                pos, left, attempt = st
+                if self.die_at is not None and pos >= self.die_at:
+                    self.dead, self.live = True, {}
+                    raise WorkerDied(self.worker_id)
+                st[0], st[1] = pos + 1, left - 1
+                done = st[1] == 0
+                if done:
+                    del self.live[rid]
+                chunks.append(
+                    TokenChunk(rid, [_tok(pos)], finished=done, finish_reason="length" if done else None,
+                               worker_id=self.worker_id, attempt=attempt)
+                )  # fmt: skip
+            yield TokenBatch(self.worker_id, chunks)
 
     async def cancel(self, request_id: str) -> bool:
+        self._check()
         self.calls.append(("cancel", request_id))
         return self.live.pop(request_id, None) is not None
 
     async def load(self) -> WorkerLoad:
+        self._check()
         return WorkerLoad(self.worker_id, "decode")
+
+    def revive(self) -> None:
+        self.dead, self.die_at = False, None
+
+    def _check(self) -> None:
+        if self.dead:
+            raise WorkerDied(f"{self.worker_id} is down")
 
 
 def _run(pools: Pools, req: PoolRequest, stop_after: int | None = None) -> list[TokenChunk]:
@@ -108,6 +154,7 @@ def _run(pools: Pools, req: PoolRequest, stop_after: int | None = None) -> list[
             if stop_after is not None and len(out) == stop_after:
                 await gen.aclose()
                 break
+        await pools.close()
         return out
 
     return asyncio.run(go())
@@ -225,7 +272,7 @@ def test_a_workers_failure_reaches_the_client_as_its_message_not_rays_traceback(
     from ray.exceptions import RayTaskError
 
     from kv_transfer.protocol import KVTransferError
-    from router.coordinator import _brief
+    from router.failures import brief as _brief
 
     cause = KVTransferError("r1: digest mismatch in block 3")
     trace = (
@@ -239,3 +286,85 @@ def test_a_workers_failure_reaches_the_client_as_its_message_not_rays_traceback(
     assert _brief(raised) == "r1: digest mismatch in block 3"
     assert _brief(ValueError("one line")) == "one line"
     assert _brief(RuntimeError()) == "RuntimeError"
+
+
+def test_first_token_reaches_the_client_before_the_handoff_commits() -> None:
+    p, d = FakePrefill("p0"), FakeDecode("d0")
+    p.commit_gate = asyncio.Event()
+    pools = Pools([p], [d])
+
+    async def go() -> list[TokenChunk]:
+        gen = pools.submit(_req())
+        first = await gen.__anext__()
+        # the commit is still held back: yet the client has the first token, and d has it to start
+        assert not p.commit_gate.is_set() and first.token_ids == [105] and not first.finished
+        assert first.prefill_worker == "p0" and first.worker_id == "d0"
+        assert p.commit_gate is not None
+        p.commit_gate.set()
+        rest = [c async for c in gen]
+        await pools.close()
+        return [first, *rest]
+
+    chunks = asyncio.run(go())
+    assert _tokens(chunks) == [105, 106, 107, 108]
+    assert chunks[-1].kv_bytes == 64 and chunks[-1].prefill_worker == "p0"
+    assert d.calls == [("reserve", "r", 5, 4), ("start", "r", 105)]
+
+
+def test_a_handoff_failing_after_the_first_token_resumes_after_it() -> None:
+    bad = FakePrefill("p0", fail_after_first=KVTransferError("digest mismatch on layer 2"))
+    good, d = FakePrefill("p1"), FakeDecode("d0")
+    chunks = _run(Pools([bad, good], [d]), _req(prefill_worker="p0"))
+    # 105 streamed from p0; p1 prefills prompt + 105 and continues with 106: no token twice
+    assert _tokens(chunks) == [105, 106, 107, 108] and chunks[-1].error == ""
+    assert bad.calls == [("prefill", "r", 5, "d0")] and good.calls == [("prefill", "r", 6, "d0")]
+    assert d.calls == [
+        ("reserve", "r", 5, 4), ("start", "r", 105), ("cancel", "r"),
+        ("reserve", "r", 6, 3), ("start", "r", 106),
+    ]  # fmt: skip
+
+
+def test_a_stale_chunk_of_an_earlier_attempt_is_dropped() -> None:
+    bad = FakePrefill("p0", fail_after_first=KVTransferError("lease expired"))
+    good, d = FakePrefill("p1"), FakeDecode("d0")
+    # the first attempt's decode output, still in flight when the retry has started
+    d.stale = [TokenChunk("r", [999], attempt=1), TokenChunk("r", [], finished=True, error="x", attempt=1)]
+    chunks = _run(Pools([bad, good], [d]), _req(prefill_worker="p0"))
+    assert _tokens(chunks) == [105, 106, 107, 108] and chunks[-1].error == ""
+
+
+def test_a_first_token_that_ends_the_request_is_the_last_chunk_and_frees_the_reservation() -> None:
+    p, d = FakePrefill("p0"), FakeDecode("d0")
+    p.finish_reason = "stop"
+    chunks = _run(Pools([p], [d]), _req())
+    assert [(c.token_ids, c.finished, c.finish_reason) for c in chunks] == [([105], True, "stop")]
+    assert ("start", "r", 105) not in d.calls and d.calls[-1] == ("cancel", "r")
+
+
+def test_with_no_other_decode_worker_a_request_waits_for_the_restart() -> None:
+    d, p = FakeDecode("d0", die_at=7), FakePrefill("p0")
+    pools = Pools([p], [d], restart_wait_s=10.0)
+
+    async def go() -> list[TokenChunk]:
+        async def restart_later() -> None:
+            while not d.dead:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.3)  # Ray takes a while to restart the worker
+            d.revive()
+
+        restarter = asyncio.ensure_future(restart_later())
+        chunks = [c async for c in pools.submit(_req(max_tokens=5))]
+        await restarter
+        await pools.close()
+        return chunks
+
+    chunks = asyncio.run(go())
+    assert _tokens(chunks) == [105, 106, 107, 108, 109] and chunks[-1].error == ""
+    assert p.calls == [("prefill", "r", 5, "d0"), ("prefill", "r", 7, "d0")]
+
+
+def test_a_decode_worker_that_stays_down_ends_the_request_unavailable() -> None:
+    d, p = FakeDecode("d0", die_at=7), FakePrefill("p0")
+    chunks = _run(Pools([p], [d], restart_wait_s=0.2), _req(max_tokens=5))
+    assert _tokens(chunks) == [105, 106]
+    assert chunks[-1].error_kind == "unavailable" and chunks[-1].finish_reason == "abort"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 from decode_pool.worker import DecodeWorker
 from engine.llm_engine import EngineConfig
@@ -37,13 +38,34 @@ def prefill_all(p: PrefillWorker, futs: list[Future[FirstToken]], max_steps: int
     raise AssertionError("prefill did not finish")
 
 
+# per decode worker: the chunks drained from its default channel, by request, not yet taken
+_PENDING: WeakKeyDictionary[DecodeWorker, dict[str, list[TokenChunk]]] = WeakKeyDictionary()
+
+
+def take(d: DecodeWorker, rid: str) -> list[TokenChunk]:
+    """The chunks of ``rid`` the worker has put on its (default) channel since the last take."""
+    pending = _PENDING.setdefault(d, {})
+    for c in d.drain("", 0.0):
+        pending.setdefault(c.request_id, []).append(c)
+    return pending.pop(rid, [])
+
+
+def start(d: DecodeWorker, rid: str, first: FirstToken) -> None:
+    """``d.start``, with the first token queued as the request's first chunk, as the router streams
+    it from the prefill worker (the decode worker does not send it again)."""
+    d.start(rid, first)
+    done = first.finish_reason is not None
+    chunk = TokenChunk(rid, [first.token_id], finished=done, finish_reason=first.finish_reason)
+    _PENDING.setdefault(d, {}).setdefault(rid, []).insert(0, chunk)
+
+
 def decode_all(d: DecodeWorker, rids: list[str], max_steps: int = 1000) -> dict[str, list[TokenChunk]]:
     chunks: dict[str, list[TokenChunk]] = {r: [] for r in rids}
     done: set[str] = set()
     for _ in range(max_steps):
         for r in rids:
             if r not in done:
-                got = d.take(r)
+                got = take(d, r)
                 chunks[r] += got
                 if got and got[-1].finished:
                     done.add(r)
@@ -59,6 +81,6 @@ def handoff(p: PrefillWorker, d: DecodeWorker, reqs: list[WorkRequest]) -> dict[
     futs = [p.submit(r, g) for r, g in zip(reqs, grants, strict=True)]
     prefill_all(p, futs)
     for r, f in zip(reqs, futs, strict=True):
-        d.start(r.request_id, f.result())
+        start(d, r.request_id, f.result())
     chunks = decode_all(d, [r.request_id for r in reqs])
     return {rid: [t for c in cs for t in c.token_ids] for rid, cs in chunks.items()}
