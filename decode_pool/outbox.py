@@ -11,7 +11,10 @@ has accumulated, as one message::
 
 The step loop never waits for a reader: a slow or stalled stream only makes the next drain bigger
 (bounded: a request's chunks are at most its tokens), so one slow client cannot stall the others
-or the batch. Thread-safe; plain Python (no Ray, no torch).
+or the batch. One reader per channel: a stream that opens a channel supersedes the one before it
+(a router that reconnected, or restarted its event loop), whose next drain returns None — so no
+chunk is ever drained into a stream nobody reads any more. Thread-safe; plain Python (no Ray, no
+torch).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pool_runtime.handoff import TokenChunk
 @dataclass(slots=True)
 class _Channel:
     chunks: list[TokenChunk] = field(default_factory=list)
-    readers: int = 0  # open streams (a reconnecting router may briefly hold two)
+    reader: int = 0  # the stream that reads it (its ``open`` number); 0: none
 
 
 class TokenOutbox:
@@ -35,26 +38,32 @@ class TokenOutbox:
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._channels: dict[str, _Channel] = {}
+        self._readers = 0  # streams opened so far
         self._closed = False
 
-    def open(self, channel: str) -> None:
-        """A stream starts reading ``channel`` (it keeps what was put before it opened)."""
+    def open(self, channel: str) -> int:
+        """A stream starts reading ``channel`` (it gets what was put before it opened); returns its
+        reader number. The channel's previous stream, if any, is superseded."""
         with self._cv:
-            self._channels.setdefault(channel, _Channel()).readers += 1
+            self._readers += 1
+            self._channels.setdefault(channel, _Channel()).reader = self._readers
+            self._cv.notify_all()  # a superseded drain returns
+            return self._readers
 
-    def release(self, channel: str) -> bool:
-        """A stream of ``channel`` ended; True when it was the last one reading it."""
+    def release(self, channel: str, reader: int) -> bool:
+        """Stream ``reader`` of ``channel`` ended; True when it was the channel's reader (nobody
+        reads the channel now)."""
         with self._cv:
             ch = self._channels.get(channel)
-            if ch is None:
+            if ch is None or ch.reader != reader:
                 return False
-            ch.readers -= 1
-            return ch.readers <= 0
+            ch.reader = 0
+            return True
 
     def is_read(self, channel: str) -> bool:
         with self._cv:
             ch = self._channels.get(channel)
-            return ch is not None and ch.readers > 0
+            return ch is not None and ch.reader != 0
 
     def put(self, channel: str, chunks: list[TokenChunk]) -> None:
         if not chunks:
@@ -63,13 +72,17 @@ class TokenOutbox:
             self._channels.setdefault(channel, _Channel()).chunks.extend(chunks)
             self._cv.notify_all()
 
-    def drain(self, channel: str, timeout_s: float) -> list[TokenChunk]:
+    def drain(self, channel: str, timeout_s: float, reader: int | None = None) -> list[TokenChunk] | None:
         """Everything put for ``channel`` since the last drain, waiting up to ``timeout_s`` for at
-        least one chunk ([] on timeout or once closed)."""
+        least one chunk ([] on timeout or once closed). ``reader``: the stream asking; None once
+        another stream has superseded it (it must stop). Without one (tests) no check."""
         with self._cv:
             ch = self._channels.setdefault(channel, _Channel())
-            if not ch.chunks and not self._closed:
-                self._cv.wait_for(lambda: bool(ch.chunks) or self._closed, timeout_s)
+            gone = lambda: reader is not None and ch.reader != reader  # noqa: E731
+            if not ch.chunks and not self._closed and not gone():
+                self._cv.wait_for(lambda: bool(ch.chunks) or self._closed or gone(), timeout_s)
+            if gone():
+                return None
             out, ch.chunks = ch.chunks, []
             return out
 

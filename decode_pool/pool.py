@@ -45,6 +45,7 @@ from pool_runtime.tp_actors import placed_actor_class, rank_usage, start_rank_gr
 from pool_runtime.tracing import TelemetryConfig, extract_context, inject_context
 
 STREAM_BACKPRESSURE = 16  # unread TokenBatch items before Ray pauses a stream's generator
+DRAIN_TIMEOUT_S = 1.0  # a stream's heartbeat when nothing happens
 
 
 @dataclass(slots=True)
@@ -104,15 +105,21 @@ class DecodeActor(ActorIdentity, ActorTelemetry, DecodeWorker):
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
     def stream(self, channel: str) -> Iterator[TokenBatch]:
-        """The router ``channel``'s token stream: one TokenBatch per drain (empty: a heartbeat, so
-        a router that went away is noticed). Ends when the worker closes; when the router drops
-        it, the channel's requests are cancelled."""
-        self.outbox.open(channel)
+        """The router ``channel``'s token stream: first an empty TokenBatch (the stream is live:
+        the router starts requests only after it), then one per drain (empty: a heartbeat, so a
+        router that went away is noticed). Ends when the worker closes, or when a newer stream of
+        the same channel supersedes it; when the router drops it, the channel's requests are
+        cancelled (after a grace for a reconnect)."""
+        reader = self.outbox.open(channel)
         try:
+            yield TokenBatch(self.worker_id)
             while not self._closed:
-                yield TokenBatch(self.worker_id, self.drain(channel))
+                chunks = self.outbox.drain(channel, DRAIN_TIMEOUT_S, reader)
+                if chunks is None:
+                    return  # superseded
+                yield TokenBatch(self.worker_id, chunks)
         finally:
-            self.close_channel(channel)
+            self.close_channel(channel, reader)
 
     def _emitted(self, chunks: list[TokenChunk]) -> None:
         if not self._spans:

@@ -253,14 +253,15 @@ class DecodeWorker(FaultHooks, StepLoop):
 
     # -- the token channel ---------------------------------------------------------------------------
     def drain(self, channel: str = "", timeout_s: float = _DRAIN_TIMEOUT_S) -> list[TokenChunk]:
-        """The chunks produced for ``channel`` since the last drain (up to ``timeout_s`` for one)."""
-        return self.outbox.drain(channel, timeout_s)
+        """The chunks produced for ``channel`` since the last drain (up to ``timeout_s`` for one),
+        for a caller without a stream (tests stepping the worker by hand)."""
+        return self.outbox.drain(channel, timeout_s) or []
 
-    def close_channel(self, channel: str, grace_s: float = _CHANNEL_GRACE_S) -> None:
-        """A reader of ``channel`` is gone. If no stream reads it again within ``grace_s`` (a
-        router reconnecting), its router closed or died: nobody will read its requests' tokens,
-        so they are cancelled and their blocks freed."""
-        if not self.outbox.release(channel) or self._closed:
+    def close_channel(self, channel: str, reader: int, grace_s: float = _CHANNEL_GRACE_S) -> None:
+        """Stream ``reader`` of ``channel`` is gone. If it was the channel's reader and no stream
+        reads the channel again within ``grace_s`` (a router reconnecting), its router closed or
+        died: nobody will read its requests' tokens, so they are cancelled and their blocks freed."""
+        if not self.outbox.release(channel, reader) or self._closed:
             return
         timer = threading.Timer(grace_s, self._orphaned, (channel,))
         timer.daemon = True

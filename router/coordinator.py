@@ -226,6 +226,7 @@ class Pools:
             live.decode = d
             live.sub = sub = self.streams.subscribe(d, rid)
             try:
+                await self.streams.connected(d, self.restart_wait_s)
                 if mode == "never":
                     await d.submit_local(live.work(), self._route(live, sub))
                 else:

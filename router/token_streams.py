@@ -8,9 +8,10 @@ message out to the requests waiting on it.
                                                 └──▶ (no subscriber: dropped — cancelled, resumed)
     decode-1 ──stream(channel)──▶ reader task ──▶ ...
 
-A request subscribes *before* it is started on its worker, so no chunk of it can go by unseen (the
-worker keeps a channel's chunks until a stream drains them: decode_pool/outbox.py). The reader never
-waits for a subscriber: each subscription is an unbounded queue, bounded in practice by the
+A request subscribes *before* it is started on its worker, and only once the worker's stream is
+live (``connected``: its first, empty message has arrived), so no chunk of it can go by unseen —
+the worker keeps a channel's chunks until its current stream drains them (decode_pool/outbox.py).
+The reader never waits for a subscriber: each subscription is an unbounded queue, bounded in practice by the
 request's own tokens, so a client that reads slowly holds only its own chunks, never the stream.
 
 When a worker's stream fails because the worker died (``WorkerDied``), every subscription on it
@@ -85,6 +86,7 @@ class _Reader:
         self.handle = handle
         self.subs: dict[str, Subscription] = {}
         self.task: asyncio.Task[None] | None = None
+        self.live = asyncio.Event()  # the current stream has delivered its first message
 
 
 class TokenStreams:
@@ -98,18 +100,34 @@ class TokenStreams:
 
     def subscribe(self, handle: StreamingHandle, request_id: str) -> Subscription:
         """Start receiving ``request_id``'s chunks from ``handle``'s worker (replacing an earlier
-        subscription of the same request there)."""
+        subscription of the same request there). Start the request only after ``connected``."""
         if self._closed:
             raise RuntimeError("the token streams are closed")
+        reader = self._reader(handle)
+        sub = Subscription(request_id, handle.worker_id)
+        reader.subs[request_id] = sub
+        return sub
+
+    async def connected(self, handle: StreamingHandle, timeout_s: float = 60.0) -> None:
+        """Wait until ``handle``'s stream is live (at once, but for its first request and after a
+        reconnect); WorkerDied when it is not within ``timeout_s``."""
+        reader = self._reader(handle)
+        if reader.live.is_set():
+            return
+        try:
+            await asyncio.wait_for(reader.live.wait(), timeout_s)
+        except TimeoutError:
+            raise WorkerDied(f"worker {handle.worker_id}: no token stream after {timeout_s:.0f} s") from None
+
+    def _reader(self, handle: StreamingHandle) -> _Reader:
+        """The worker's reader, (re)started in the running event loop when it is not running."""
         reader = self._readers.get(handle.worker_id)
         if reader is None:
             reader = self._readers[handle.worker_id] = _Reader(handle)
         if reader.task is None or reader.task.done():
-            reader.handle = handle
+            reader.handle, reader.live = handle, asyncio.Event()
             reader.task = asyncio.create_task(self._read(reader), name=f"tokens-{handle.worker_id}")
-        sub = Subscription(request_id, handle.worker_id)
-        reader.subs[request_id] = sub
-        return sub
+        return reader
 
     def unsubscribe(self, sub: Subscription) -> None:
         reader = self._readers.get(sub.worker_id)
@@ -131,6 +149,7 @@ class TokenStreams:
             try:
                 async for batch in reader.handle.stream(self.channel):
                     backoff = _BACKOFF_S[0]
+                    reader.live.set()
                     self.batches += 1
                     subs = reader.subs
                     for chunk in batch.chunks:
@@ -145,6 +164,7 @@ class TokenStreams:
             except Exception as e:  # a stream that broke some other way: treated as a dead worker
                 log.warning("token stream of %s failed", reader.handle.worker_id, exc_info=True)
                 error = WorkerDied(f"worker {reader.handle.worker_id}: token stream failed: {e}")
+            reader.live.clear()
             self._fail(reader, error)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, _BACKOFF_S[1])
