@@ -359,12 +359,14 @@ class DecodeWorker(FaultHooks, StepLoop):
     def _adopt(self, r: _Reserved, seq: Sequence, first: FirstToken) -> None:
         out = self.engine.add_prefilled(seq, first.token_id, r.req.seed, first.logprob, first.top_logprobs)
         self._count_tokens(r.req.request_id, 1)
-        if out.finished:  # the first token ended it: the router streamed it already, nothing to send
+        if out.finished:  # the first token ended it: nothing more to send
             self._routes.pop(r.req.request_id, None)
-            reason = out.finish_reason.value if out.finish_reason is not None else None
-            self._emitted(
-                [TokenChunk(out.request_id, out.new_token_ids, finished=True, finish_reason=reason)]
-            )
+        # the router streamed the first token already; it counts as served here (the actor's spans)
+        reason = out.finish_reason.value if out.finish_reason is not None else None
+        first_chunk = TokenChunk(
+            out.request_id, out.new_token_ids, finished=out.finished, finish_reason=reason
+        )
+        self._emitted([first_chunk])
 
     def _admit(self) -> bool:
         """Requests parked in G2 join the running batch, oldest first, while G1 has room for them:

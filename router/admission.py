@@ -32,6 +32,8 @@ class AdmissionQueue:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self.num_shed = 0  # requests refused with Overloaded since start
+        self.num_admitted = 0  # requests given a slot since start
+        self.peak = 0  # most requests in flight and queued at once since start
 
     @property
     def in_flight(self) -> int:
@@ -65,6 +67,8 @@ class AdmissionQueue:
             raise BackendUnavailable("server is shutting down")
         if self._in_flight < self.max_concurrency and not self.queued:
             self._in_flight += 1
+            self.num_admitted += 1
+            self.peak = max(self.peak, self._in_flight + self.queued)
             return
         if self.queued >= self.max_queue:
             self.num_shed += 1
@@ -74,6 +78,7 @@ class AdmissionQueue:
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        self.peak = max(self.peak, self._in_flight + self.queued)
         try:
             await fut
         except asyncio.CancelledError:
@@ -88,6 +93,7 @@ class AdmissionQueue:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)  # the slot moves to the waiter: in_flight is unchanged
+                self.num_admitted += 1
                 return
         self._in_flight -= 1
 

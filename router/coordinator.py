@@ -98,7 +98,6 @@ class _Live:
     prefill_attempts: int = 0
     decode_attempts: int = 0
     firsts: list[FirstToken] = field(default_factory=list)  # one per committed prefill attempt
-    dead_prefill: set[str] = field(default_factory=set)
     sub: Subscription | None = None  # where its tokens arrive, while a decode worker holds it
     attempt: int = 0  # Route.attempt of its latest reservation / local prefill
     finished_early: bool = False  # the prefill worker's first token ended it
@@ -296,7 +295,7 @@ class Pools:
         transfer fails), yield the first token the moment it is sampled, start the request on
         ``d`` and see the handoff through. Raises WorkerDied if ``d`` dies."""
         rid = live.req.request_id
-        dead_prefill = live.dead_prefill
+        dead_prefill: set[str] = set()
         last_error = ""
         while live.prefill_attempts < self.max_attempts:
             p = self._pick(self.prefill, self._rr_prefill, dead_prefill, live.req.prefill_worker)
@@ -356,15 +355,14 @@ class Pools:
 
     async def _start(self, live: _Live, p: PrefillHandle, d: DecodeHandle, first: FirstToken) -> None:
         """Start the request on ``d`` with its first token (the handoff still completing). A dead
-        ``d`` is the decode worker's failure, not the prefill's: the prefill is cancelled and the
-        request resumes elsewhere. A refusal (the reservation failed meanwhile: a bad digest, an
-        expired lease) is left to the prefill stream, which reports the handoff's own error."""
+        ``d`` is the decode worker's failure, not the prefill's: the request resumes elsewhere (the
+        prefill worker finds out from its transport; it is not cancelled, which would bar the
+        request id there). A refusal (the reservation failed meanwhile: a bad digest, an expired
+        lease) is left to the prefill stream, which reports the handoff's own error."""
         rid = live.req.request_id
         try:
             await d.start(rid, first)
         except WorkerDied:
-            with contextlib.suppress(Exception):
-                await p.cancel(rid)
             live.prefill = None
             raise _DecodeDied(d.worker_id) from None
         except PoolError as e:

@@ -66,6 +66,23 @@ def record(fig: Figures) -> None:
     )
 
 
+def counted(fig: Figures, s: Served) -> None:
+    """The case's requests and the most streams held at once, as the server counted them (its
+    admission: every request that reached it, admitted or shed; in flight + queued at the peak)."""
+    adm = s.server.admission
+    fig.requests = adm.num_admitted + adm.num_shed
+    fig.streams_held = adm.peak
+
+
+async def recovered(fig: Figures, s: Served) -> list[tuple[str, int, int]]:
+    """After a fault: the router idle and every worker back to no block in use or reserved (a
+    killed one restarted); the fault counts as survived only then."""
+    blocks = await worker_blocks(s)
+    assert leaked(blocks) == 0, blocks
+    fig.survived += 1
+    return blocks
+
+
 def finish(fig: Figures, blocks: Any, t0: float) -> None:
     """A case's end: the blocks left on the workers counted, its wall time taken, its figures
     recorded; then no block may have leaked."""

@@ -57,19 +57,20 @@ def test_corrupted_payload_is_caught_and_never_served(workers, checkpoint: Path,
                     await h.actor.corrupt_next_payload.remote(rid, 0)
             after = await _faults(decode)
             blocks = await harness.worker_blocks(s)
+            harness.counted(fig, s)
             await harness.assert_still_serving(s, reference)
             return list(once), always, before, after, blocks
 
     once, always, before, after, blocks = asyncio.run(main())
     corrupted = after["corrupted"] - before["corrupted"]
     caught = after["digest_mismatches"] - before["digest_mismatches"]
+    fig.faults, fig.survived = corrupted, caught  # a damaged payload survived: the digest refused it
+    fig.outcome = {**harness.tally(once), f"{always.code.name} (corrupted every attempt)": 1}
     assert corrupted >= 6 + 1 and caught == corrupted  # every damaged payload was refused
     for i, o in enumerate(once):
         assert o.code == grpc.StatusCode.OK, (i, o.code, o.details)
         assert o.ids == reference[PROMPTS[i % 6 % 4]], i  # retried: nothing damaged reached the client
     assert always.code != grpc.StatusCode.OK and always.ids == [], (always.code, always.ids)
     assert "digest mismatch" in always.details, always.details
-    fig.requests, fig.streams_held, fig.faults, fig.survived = 13, 12, corrupted, corrupted
-    fig.outcome = {**harness.tally(once), f"{always.code.name} (corrupted every attempt)": 1}
     print(f"  corrupted payloads {corrupted}, caught by the digest {caught}; always: {always.details!r}")
     harness.finish(fig, blocks, t0)

@@ -39,13 +39,21 @@ def test_redis_restarted_under_load(workers, checkpoint: Path, reference) -> Non
                     batch = [asyncio.ensure_future(stream(s.stub, PROMPTS[i % 4])) for i in range(PER_ROUND)]
                     await asyncio.sleep(0)  # let them start
                     await asyncio.to_thread(redis.kill)
+                    fig.faults += 1
                     more = [asyncio.ensure_future(stream(s.stub, PROMPTS[i % 4])) for i in range(PER_ROUND)]
                     await asyncio.to_thread(redis.start)
-                    outs += await asyncio.gather(*batch, *more)
+                    got = await asyncio.gather(*batch, *more)
+                    # the restart survived: every stream of its round ended with exactly its tokens
+                    fig.survived += all(
+                        o.code == grpc.StatusCode.OK and o.ids == reference[PROMPTS[i % PER_ROUND % 4]]
+                        for i, o in enumerate(got)
+                    )
+                    outs += got
                 # reconnected: the store answers again and the router indexes new blocks in it
                 after = await stream(s.stub, PROMPTS[3])
                 outs.append(after)
                 blocks = await harness.worker_blocks(s)
+                harness.counted(fig, s)
                 await harness.assert_still_serving(s, reference)
                 keys = await asyncio.to_thread(lambda: len(store._r.keys("tandem:blk:*")))
                 return outs, blocks, keys
@@ -59,7 +67,5 @@ def test_redis_restarted_under_load(workers, checkpoint: Path, reference) -> Non
         assert o.ids == reference[PROMPTS[i % PER_ROUND % 4]], i
     assert outs[-1].ids == reference[PROMPTS[3]]
     assert keys > 0  # the block index is written again after the restarts
-    fig.requests, fig.streams_held = len(outs), 2 * PER_ROUND
-    fig.faults = fig.survived = ROUNDS
     fig.outcome = harness.tally(outs)
     harness.finish(fig, blocks, t0)

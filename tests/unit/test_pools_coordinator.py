@@ -154,8 +154,7 @@ def _run(pools: Pools, req: PoolRequest, stop_after: int | None = None) -> list[
             if stop_after is not None and len(out) == stop_after:
                 await gen.aclose()
                 break
-        await pools.close()
-        return out
+        return out  # asyncio.run then stops the token stream readers (the next run starts new ones)
 
     return asyncio.run(go())
 

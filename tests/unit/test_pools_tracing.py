@@ -90,7 +90,8 @@ def test_handles_see_the_request_context_through_the_coordinator() -> None:
     class CtxPrefill(FakePrefill):
         async def prefill(self, req, grant):  # type: ignore[no-untyped-def]
             seen.append(inject_context())
-            return await super().prefill(req, grant)
+            async for first in super().prefill(req, grant):
+                yield first
 
     pools = Pools([CtxPrefill("p0")], [FakeDecode("d0")])
     chunks = _run(pools, _req())

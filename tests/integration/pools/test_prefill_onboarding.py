@@ -16,7 +16,7 @@ from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from memory_tiers.tier_store import TierConfig
 from prefill_pool.worker import PrefillWorker
-from tests.integration.pools.helpers import decode_all, handoff, prefill_all, work, worker_config
+from tests.integration.pools.helpers import decode_all, handoff, prefill_all, start, work, worker_config
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def _second(p: PrefillWorker, ckpt: Path, second: list[int]) -> tuple[list[int],
         fut = p.submit(req, grant)
         prefill_all(p, [fut])
         first = fut.result()
-        d.start(req.request_id, first)
+        start(d, req.request_id, first)
         chunks = decode_all(d, [req.request_id])[req.request_id]
         assert d.load().used_blocks == 0
         return [t for c in chunks for t in c.token_ids], first.num_cached_tokens

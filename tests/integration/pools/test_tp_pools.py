@@ -205,20 +205,31 @@ def test_a_layout_mismatch_is_refused_at_reserve(pools: Pools, ckpt: Path) -> No
 
 
 @pytest.mark.parametrize("after_chunks", [0, 2])
-def test_cancel_returns_every_ranks_blocks(pools: Pools, after_chunks: int) -> None:
-    """0: cancelled while the 41-token prompt is prefilled and streamed TP2 -> TP2 (6 steps);
-    2: while decoding on the TP2 decode worker."""
+def test_cancel_returns_every_ranks_blocks(pools: Pools, after_chunks: int, tmp_path: Path) -> None:
+    """0: cancelled while the 41-token prompt is prefilled and streamed TP2 -> TP2 (6 steps): the
+    prefill worker is held after layer 0 of its first chunk (its ``pause_at_layer`` seam), so the
+    cancel lands mid-transfer for sure; 2: while decoding on the TP2 decode worker."""
+    import ray
+
+    rid = f"cancel-{after_chunks}"
+    marker = tmp_path / "held.marker"
+    if after_chunks == 0:
+        p = _handle(pools, "prefill-tp2-0")
+        ray.get(p.actor.pause_at_layer.remote(rid, 0, str(marker), False, 60.0))
 
     async def go() -> list[TokenChunk]:
         got: list[TokenChunk] = []
-        rid = f"cancel-{after_chunks}"
         gen = pools.submit(
             _req(rid, FAULT_PROMPTS[0], prefill_worker="prefill-tp2-0", decode_worker="decode-tp2-0")
         )
         if after_chunks == 0:
             first = asyncio.ensure_future(gen.__anext__())
-            await asyncio.sleep(0.15)
-            await pools.cancel(rid)
+            while not marker.exists():  # the prefill is held mid-transfer
+                await asyncio.sleep(0.01)
+            cancelling = asyncio.ensure_future(pools.cancel(rid))
+            await asyncio.sleep(0)  # the cancel is marked before the worker goes on
+            marker.unlink()
+            await cancelling
             got.append(await first)
         else:
             async for c in gen:
@@ -229,7 +240,10 @@ def test_cancel_returns_every_ranks_blocks(pools: Pools, after_chunks: int) -> N
         return got
 
     got = asyncio.run(go())
-    assert got[-1].error == "cancelled" or not got[-1].finished
+    if after_chunks == 0:  # nothing was streamed: the stream's one chunk is the cancel
+        assert [(c.token_ids, c.error, c.finished) for c in got] == [([], "cancelled", True)]
+    else:
+        assert len(got) == 2 and not got[-1].finished and got[-1].error == ""
     assert _all_returned(pools) == IDLE
 
 
