@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--rate", type=float, default=math.inf, help="requests/s (default inf: all at once)")
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="most requests in flight at once (default: no limit)"
+    )
     p.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson")
     p.add_argument("--prompt-len", default="uniform:16:64", help="fixed:N | uniform:LO:HI | normal:MEAN:STD")
     p.add_argument("--output-len", default="fixed:32")
@@ -75,13 +78,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the latency distributions")
 
 
-async def _one(stub: Any, req: BenchRequest, t0: float, deadline: float) -> RequestResult:
+async def _one(
+    stub: Any, req: BenchRequest, t0: float, deadline: float, slots: asyncio.Semaphore | None = None
+) -> RequestResult:
+    await asyncio.sleep(max(0.0, t0 + req.send_at - time.monotonic()))
+    if slots is None:
+        return await _send(stub, req, t0, deadline)
+    async with slots:
+        return await _send(stub, req, t0, deadline)
+
+
+async def _send(stub: Any, req: BenchRequest, t0: float, deadline: float) -> RequestResult:
     import grpc
 
     from router.client import build_request
 
     res = RequestResult(req.index, len(req.prompt_token_ids))
-    await asyncio.sleep(max(0.0, t0 + req.send_at - time.monotonic()))
     start = time.monotonic()
     res.sent = start - t0
     if start >= deadline:
@@ -114,7 +126,7 @@ async def _one(stub: Any, req: BenchRequest, t0: float, deadline: float) -> Requ
 
 
 async def run_load(
-    address: str, workload: list[BenchRequest], max_duration: float
+    address: str, workload: list[BenchRequest], max_duration: float, concurrency: int | None = None
 ) -> tuple[list[RequestResult], float]:
     import grpc
 
@@ -126,7 +138,8 @@ async def run_load(
         # Connect before the clock starts, so the first requests do not pay the TCP/HTTP2 handshake.
         await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         t0 = time.monotonic()
-        results = await asyncio.gather(*(_one(stub, r, t0, t0 + max_duration) for r in workload))
+        slots = asyncio.Semaphore(concurrency) if concurrency else None
+        results = await asyncio.gather(*(_one(stub, r, t0, t0 + max_duration, slots) for r in workload))
         return list(results), time.monotonic() - t0
 
 
@@ -220,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--warmup must be in [0, 64]")
         if args.max_duration <= 0:
             raise ValueError("--max-duration must be > 0")
+        if args.concurrency is not None and args.concurrency < 1:
+            raise ValueError("--concurrency must be >= 1")
         prompt_len, output_len = parse_length(args.prompt_len), parse_length(args.output_len)
         if args.server:
             _check_loopback(args.server)
@@ -271,11 +286,13 @@ def run(args: argparse.Namespace) -> int:
             for protocol in protocols:
                 load = warm if phase == "warm-up" else workloads[protocol]
                 if protocol == "grpc":
-                    runs[protocol] = asyncio.run(run_load(address, load, args.max_duration))
+                    runs[protocol] = asyncio.run(run_load(address, load, args.max_duration, args.concurrency))
                 else:
                     from benchmarks.serve_http import run_load_http
 
-                    runs[protocol] = asyncio.run(run_load_http(http_url, info.name, load, args.max_duration))
+                    runs[protocol] = asyncio.run(
+                        run_load_http(http_url, info.name, load, args.max_duration, args.concurrency)
+                    )
     finally:
         if proc is not None:
             _stop(proc)
@@ -298,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
             "output_len",
             "shared_prefix_len",
             "num_prefixes",
+            "concurrency",
         )
     }
     summary["workload"]["rate"] = str(args.rate)

@@ -5,6 +5,12 @@ Each request is a streamed ``POST /v1/completions`` with the prompt as token ids
 many tokens it carries: the inter-token gaps are per token, as gRPC's) and Tandem's
 ``return_timings`` extension (the server's own timings on the finishing chunk, what gRPC's last
 message carries). Connections are opened before the clock starts, as the gRPC client's channel is.
+
+Other servers (``tandem bench compare`` drives llama.cpp's and vLLM's with this same client):
+``return_timings`` is sent to Tandem only, and a server that reports no running usage (llama.cpp)
+streams one token per chunk, so a chunk without usage counts one token; the final usage chunk,
+when it comes, gives the exact total. ``concurrency``: at most that many requests in flight (a
+request waits for a free one before it is sent, as ``vllm bench serve --max-concurrency``).
 """
 
 from __future__ import annotations
@@ -20,12 +26,28 @@ from benchmarks.serve_workload import BenchRequest
 
 
 async def _one(
-    session: Any, url: str, model: str, req: BenchRequest, t0: float, deadline: float
+    session: Any,
+    url: str,
+    model: str,
+    req: BenchRequest,
+    t0: float,
+    deadline: float,
+    slots: asyncio.Semaphore | None = None,
+    tandem: bool = True,
+) -> RequestResult:
+    await asyncio.sleep(max(0.0, t0 + req.send_at - time.monotonic()))
+    if slots is None:
+        return await _send(session, url, model, req, t0, deadline, tandem)
+    async with slots:
+        return await _send(session, url, model, req, t0, deadline, tandem)
+
+
+async def _send(
+    session: Any, url: str, model: str, req: BenchRequest, t0: float, deadline: float, tandem: bool
 ) -> RequestResult:
     import aiohttp
 
     res = RequestResult(req.index, len(req.prompt_token_ids))
-    await asyncio.sleep(max(0.0, t0 + req.send_at - time.monotonic()))
     start = time.monotonic()
     res.sent = start - t0
     if start >= deadline:
@@ -39,8 +61,9 @@ async def _one(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        "return_timings": True,
     }
+    if tandem:
+        body["return_timings"] = True
     last_t, seen = start, 0
     try:
         timeout = aiohttp.ClientTimeout(total=max(0.1, deadline - start))
@@ -57,7 +80,13 @@ async def _one(
                     return res
                 now = time.monotonic()
                 usage = event.get("usage") or {}
-                n = usage.get("completion_tokens", seen) - seen if event["choices"] else 0
+                if not event["choices"]:
+                    n = 0
+                elif "completion_tokens" in usage:
+                    n = usage["completion_tokens"] - seen
+                else:  # no running usage (llama.cpp): one token per chunk, but a bare finishing one
+                    c = event["choices"][0]
+                    n = 0 if not c.get("text") and c.get("finish_reason") else 1
                 seen += n
                 if n and math.isnan(res.ttft):
                     res.ttft = now - start
@@ -73,7 +102,9 @@ async def _one(
                         res.router_token_time = t["router_token_time_s"]
                         res.queue_time = t["queue_time_s"]
                 if not event["choices"]:  # the usage chunk: the totals
-                    res.cached_tokens = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    res.cached_tokens = details.get("cached_tokens", 0) or 0
+                    seen = usage.get("completion_tokens", seen)
             res.output_tokens = seen
         res.e2e = time.monotonic() - start
     except (TimeoutError, aiohttp.ClientError) as e:
@@ -82,7 +113,12 @@ async def _one(
 
 
 async def run_load_http(
-    url: str, model: str, workload: list[BenchRequest], max_duration: float
+    url: str,
+    model: str,
+    workload: list[BenchRequest],
+    max_duration: float,
+    concurrency: int | None = None,
+    tandem: bool = True,
 ) -> tuple[list[RequestResult], float]:
     import aiohttp
 
@@ -93,9 +129,10 @@ async def run_load_http(
             async with session.get(f"{url}/v1/models") as r:
                 await r.read()
 
-        await asyncio.gather(*(warm() for _ in range(min(len(workload), 64))))
+        await asyncio.gather(*(warm() for _ in range(min(len(workload), concurrency or 64, 64))))
+        slots = asyncio.Semaphore(concurrency) if concurrency else None
         t0 = time.monotonic()
         results = await asyncio.gather(
-            *(_one(session, url, model, r, t0, t0 + max_duration) for r in workload)
+            *(_one(session, url, model, r, t0, t0 + max_duration, slots, tandem) for r in workload)
         )
         return list(results), time.monotonic() - t0

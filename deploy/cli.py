@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "benchmarks.bench_serve",
         "load generator against tandem serve (gRPC, HTTP or both): throughput, TTFT, ITL, latency",
     ),
+    "bench compare": (
+        "benchmarks.bench_compare",
+        "Tandem's setups (engine, pools) and llama.cpp / vLLM servers at several concurrencies, one client",
+    ),
     "bench guidellm": (
         "benchmarks.bench_guidellm",
         "guidellm (make bench-http installs it apart) against tandem serve's OpenAI API; tokens checked",

@@ -54,6 +54,10 @@ class EngineSection(_Strict):
     max_model_len: int | None = Field(default=None, ge=1)  # None: the checkpoint's max_position_embeddings
     attn_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
     enable_prefix_caching: bool = True
+    # A bounded iteration: each step's predicted time (measured step costs) stays within this, the
+    # prefill chunks shrinking to fit beside the running decodes; None: the token budget alone.
+    max_step_time_ms: float | None = Field(default=None, gt=0)
+    min_prefill_tokens: int = Field(default=16, ge=1)  # a step's first prefill chunk gets at least this
 
 
 class PoolConfig(_Strict):

@@ -88,6 +88,8 @@ def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = N
         max_num_batched_tokens=e.max_num_batched_tokens,
         max_model_len=e.max_model_len,
         enable_prefix_caching=e.enable_prefix_caching,
+        max_step_time_s=e.max_step_time_ms / 1e3 if e.max_step_time_ms is not None else None,
+        min_prefill_tokens=e.min_prefill_tokens,
     )
 
 
