@@ -48,6 +48,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "benchmarks.bench_compare",
         "Tandem's setups (engine, pools) and llama.cpp / vLLM servers at several concurrencies, one client",
     ),
+    "bench token-channel": (
+        "benchmarks.bench_token_channel",
+        "a decode worker's tokens to the router: one Ray stream vs a Ray call per request (vs ZeroMQ)",
+    ),
     "bench guidellm": (
         "benchmarks.bench_guidellm",
         "guidellm (make bench-http installs it apart) against tandem serve's OpenAI API; tokens checked",

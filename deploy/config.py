@@ -73,6 +73,9 @@ class PoolConfig(_Strict):
     num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA (per rank)
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # custom Ray resources
     node_labels: dict[str, str] = Field(default_factory=dict)  # Ray node labels the worker must match
+    # Compute threads of each worker (per rank): torch's and the C kernels'. None: Ray's default for
+    # an actor of num_cpus, floor(num_cpus) but at least 1 — one thread for a 0.5-CPU worker.
+    threads: int | None = Field(default=None, ge=1, le=1024)
 
     @field_validator("resources")
     @classmethod

@@ -118,6 +118,7 @@ def worker_config(
         tiers=tier_config(cfg) if tp == 1 else None,
         kv_backend=KV_BACKEND,
         tensor_parallel_size=tp,
+        torch_threads=pool.threads or 0,
     )
 
 
