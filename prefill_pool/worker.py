@@ -189,6 +189,8 @@ class PrefillWorker:
             total_blocks=bm.num_blocks,
             cached_blocks=bm.num_cached_blocks,
             tensor_parallel_size=self.kv_layout.tp_size,
+            decode_step_s=self.engine.step_costs.decode_step_s() or 0.0,
+            prefill_tokens_per_s=self.engine.step_costs.prefill_tokens_per_s() or 0.0,
         )
 
     def crash_after_layer(self, request_id: str, layer: int, rank: int = 0) -> None:

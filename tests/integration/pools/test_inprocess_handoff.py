@@ -85,6 +85,14 @@ def test_handoff_matches_single_engine(pair, prompts, expected) -> None:
     _assert_idle(p, d)
 
 
+def test_workers_report_their_measured_speed(pair, prompts) -> None:
+    p, d = pair
+    assert (p.load().prefill_tokens_per_s, d.load().decode_step_s) == (0.0, 0.0)  # nothing measured yet
+    handoff(p, d, [work(f"s{i}", pr, MAX_NEW) for i, pr in enumerate(prompts)])
+    # steps that carried prompt chunks (prefill) and steps of decodes alone (decode), as measured
+    assert p.load().prefill_tokens_per_s > 0 and d.load().decode_step_s > 0
+
+
 def test_first_token_finishes_request(pair, prompts, expected) -> None:
     p, d = pair
     got = handoff(p, d, [work("one", prompts[2], max_tokens=1)])

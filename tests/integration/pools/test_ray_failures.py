@@ -104,9 +104,22 @@ def test_decode_killed_mid_generation_resumes(cluster, prompts, expected) -> Non
     pools = Pools(prefill, decode)
     pid_before = ray.get(decode[0].actor.pid.remote())
     ray.get(decode[0].actor.crash_after_tokens.remote("kill-d", 5))
-    chunks = asyncio.run(_stream(pools, _req("kill-d", prompts[1], decode_worker="decode-0")))
+
+    async def go() -> tuple[list[TokenChunk], list[list[TokenChunk]]]:
+        # bystanders on both workers' token streams: those on the killed one resume too
+        others = [
+            asyncio.ensure_future(
+                _stream(pools, _req(f"by-{i}", prompts[i], decode_worker=f"decode-{i % 2}"))
+            )
+            for i in (0, 2, 3)
+        ]
+        victim = await _stream(pools, _req("kill-d", prompts[1], decode_worker="decode-0"))
+        return victim, list(await asyncio.gather(*others))
+
+    chunks, others = asyncio.run(go())
     assert [t for c in chunks for t in c.token_ids] == expected[1]  # resumed: the same tokens
     assert chunks[-1].finished and chunks[-1].error == "" and chunks[-1].worker_id == "decode-1"
+    assert [[t for c in o for t in c.token_ids] for o in others] == [expected[i] for i in (0, 2, 3)]
     assert _pid_when_back(decode[0]) != pid_before
     assert _zero_blocks(pools) == IDLE
 
@@ -124,11 +137,17 @@ def test_decode_killed_in_colocated_mode_resumes(cluster, prompts, expected) -> 
 
 
 @pytest.mark.parametrize("after_chunks", [0, 1, 3])
-def test_cancel_at_any_point_returns_every_block(cluster, prompts, after_chunks: int) -> None:
-    """after_chunks = 0 cancels while reserving / prefilling / transferring (a 41-token prompt at
-    8 tokens a step); 1 and 3 cancel while decoding. The other requests still complete."""
+def test_cancel_at_any_point_returns_every_block(cluster, prompts, after_chunks: int, tmp_path: Path) -> None:
+    """after_chunks = 0 cancels mid-transfer: the prefill worker is held after layer 0 of the
+    41-token prompt's first 8-token chunk (its ``pause_at_layer`` seam), so the stage is certain;
+    1 and 3 cancel while decoding. The other requests still complete."""
+    import ray
+
     prefill, decode = cluster
     pools = Pools(prefill, decode)
+    rid, marker = f"v{after_chunks}", tmp_path / "held.marker"
+    if after_chunks == 0:
+        ray.get(prefill[1].actor.pause_at_layer.remote(rid, 0, str(marker), False, 60.0))
 
     async def go() -> tuple[list[TokenChunk], list[list[TokenChunk]]]:
         others = [
@@ -136,13 +155,15 @@ def test_cancel_at_any_point_returns_every_block(cluster, prompts, after_chunks:
             for i, p in enumerate(prompts)
         ]
         victim: list[TokenChunk] = []
-        gen = pools.submit(
-            _req(f"v{after_chunks}", prompts[0], prefill_worker="prefill-1", decode_worker="decode-1")
-        )
+        gen = pools.submit(_req(rid, prompts[0], prefill_worker="prefill-1", decode_worker="decode-1"))
         if after_chunks == 0:
             first = asyncio.ensure_future(gen.__anext__())
-            await asyncio.sleep(0.05)
-            await pools.cancel(f"v{after_chunks}")
+            while not marker.exists():  # held mid-transfer
+                await asyncio.sleep(0.01)
+            cancelling = asyncio.ensure_future(pools.cancel(rid))
+            await asyncio.sleep(0)  # marked cancelled before the worker goes on
+            marker.unlink()
+            await cancelling
             victim.append(await first)
             await gen.aclose()
         else:
@@ -155,10 +176,48 @@ def test_cancel_at_any_point_returns_every_block(cluster, prompts, after_chunks:
 
     victim, others = asyncio.run(go())
     if after_chunks == 0:
-        # a cancel that lands before the first token ends the stream with "cancelled"; one that
-        # lands later (the machine was slow) still stops it before the end
-        assert victim[-1].error == "cancelled" or not victim[-1].finished
+        assert [(c.token_ids, c.error, c.finished) for c in victim] == [([], "cancelled", True)]
     else:
         assert len(victim) == after_chunks and not victim[-1].finished
     assert all(o[-1].finished and o[-1].error == "" for o in others)
+    assert _zero_blocks(pools) == IDLE
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_a_slow_reader_holds_up_no_other_stream(cluster, prompts, expected, mode: str) -> None:
+    """Five requests share one decode worker's token stream; one client reads its first chunk and
+    then stops reading. The four others finish with their exact tokens while it has still read one
+    chunk (the stream fans out into per-request queues: nothing waits for a slow reader); then it
+    reads the rest, exact too, and nothing is held."""
+    prefill, decode = cluster
+    pools = Pools(prefill, decode, disaggregation=mode)
+
+    async def go() -> tuple[list[TokenChunk], int, list[list[TokenChunk]]]:
+        others_done = asyncio.Event()
+        slow: list[TokenChunk] = []
+        read_when_others_done = -1
+
+        async def slow_reader() -> None:
+            nonlocal read_when_others_done
+            async for c in pools.submit(_req(f"slow-{mode}", prompts[0], decode_worker="decode-0")):
+                slow.append(c)
+                if len(slow) == 1:
+                    await others_done.wait()  # the client stalls: reads nothing more for now
+                    read_when_others_done = len(slow)
+
+        reader = asyncio.ensure_future(slow_reader())
+        others = await asyncio.gather(
+            *(
+                _stream(pools, _req(f"fast-{mode}-{i}", p, decode_worker="decode-0"))
+                for i, p in enumerate(prompts)
+            )
+        )
+        others_done.set()
+        await reader
+        return slow, read_when_others_done, list(others)
+
+    slow, read_then, others = asyncio.run(go())
+    assert read_then == 1  # every other stream finished while the slow one had read one chunk
+    assert [[t for c in o for t in c.token_ids] for o in others] == expected
+    assert [t for c in slow for t in c.token_ids] == expected[0] and slow[-1].error == ""
     assert _zero_blocks(pools) == IDLE
