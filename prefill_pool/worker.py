@@ -97,10 +97,15 @@ class _Faults:
     crash_after_layer: dict[str, int] = field(default_factory=dict)
     # request id -> (layer, before the send?, marker file, longest hold in seconds)
     pause_at_layer: dict[str, tuple[int, bool, str, float]] = field(default_factory=dict)
+    # request ids whose cancel is in the loop's inbox (a held request's cancel ends its hold)
+    cancel_queued: set[str] = field(default_factory=set)
+    holding: str = ""  # the request held now
 
     def hold(self, request_id: str, layer: int, before: bool) -> None:
         """Hold here if a pause is set for this point: create the marker file, then wait until the
-        test deletes it (or the hold times out, so a forgotten pause cannot wedge a worker)."""
+        test deletes it, or the request's cancel is queued (so a test can cancel at exactly this
+        stage: the loop handles the cancel at its next step), or the hold times out (so a forgotten
+        pause cannot wedge a worker)."""
         key = request_id if request_id in self.pause_at_layer else "*"  # "*": the next request
         pause = self.pause_at_layer.get(key)
         if pause is None or pause[:2] != (layer, before):
@@ -110,8 +115,14 @@ class _Faults:
         with open(marker, "w"):
             pass
         deadline = time.monotonic() + longest
-        while os.path.exists(marker) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.holding = request_id
+        try:
+            while os.path.exists(marker) and request_id not in self.cancel_queued:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        finally:
+            self.holding = ""
 
 
 class PrefillWorker:
@@ -168,6 +179,8 @@ class PrefillWorker:
         the request's blocks are freed."""
         done = threading.Event()
         self._inbox.put(("cancel", (request_id, done)))
+        if self.faults.pause_at_layer or self.faults.holding:  # the pause seam is in use (tests)
+            self.faults.cancel_queued.add(request_id)
         self._wake.set()
         return done
 
@@ -215,6 +228,7 @@ class PrefillWorker:
     def clear_pauses(self) -> None:
         """Test hook: forget every pause not reached yet."""
         self.faults.pause_at_layer.clear()
+        self.faults.cancel_queued.clear()
 
     # -- the loop -------------------------------------------------------------------------------------
     def start_loop(self) -> None:

@@ -324,6 +324,8 @@ class Pools:
                         if streamed_first:
                             continue  # the commit behind a first token already streamed
                     streamed_first = True
+                    if live.cancelled:  # sampled as the cancel came: nothing more goes out
+                        raise _CallerCancelled
                     chunk = self._first_chunk(live, first, len(work.prompt_token_ids), d.worker_id)
                     yield chunk
                     if chunk.finished:  # nothing to start: the release path frees d's blocks

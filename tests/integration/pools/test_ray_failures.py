@@ -155,15 +155,14 @@ def test_cancel_at_any_point_returns_every_block(cluster, prompts, after_chunks:
             for i, p in enumerate(prompts)
         ]
         victim: list[TokenChunk] = []
-        gen = pools.submit(_req(rid, prompts[0], prefill_worker="prefill-1", decode_worker="decode-1"))
+        # a prompt no other request shares: no prefix hit shortens its prefill to fewer chunks
+        gen = pools.submit(_req(rid, prompts[0][::-1], prefill_worker="prefill-1", decode_worker="decode-1"))
         if after_chunks == 0:
             first = asyncio.ensure_future(gen.__anext__())
             while not marker.exists():  # held mid-transfer
                 await asyncio.sleep(0.01)
-            cancelling = asyncio.ensure_future(pools.cancel(rid))
-            await asyncio.sleep(0)  # marked cancelled before the worker goes on
+            await pools.cancel(rid)  # its cancel, once queued on the worker, ends the hold there
             marker.unlink()
-            await cancelling
             victim.append(await first)
             await gen.aclose()
         else:
