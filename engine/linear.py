@@ -46,7 +46,9 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 # the kernel's arithmetic is its intrinsics: no -ffast-math
-GEMM = NativeLibrary("cpu_gemm.c", ("-O3", "-march=native", "-fopenmp", f"-DMC={_MC}"), _declare)
+GEMM = NativeLibrary(
+    "cpu_gemm.c", ("-O3", "-march=native", "-fopenmp", f"-DMC={_MC}"), _declare, headers=("gemm_micro.h",)
+)
 
 
 def onednn_available() -> bool:
