@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.native import NativeLibrary
+from engine.quant.weight import Weight
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,8 +77,14 @@ def resolve(backend: str, dtype: torch.dtype, device: torch.device) -> str:
     return backend
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> Linear:
-    """``x (T, in) -> (T, out)`` with ``weight (out, in)``; ``backend`` already resolved."""
+def make_linear(weight: Weight, bias: torch.Tensor | None, backend: str) -> Linear:
+    """``x (T, in) -> (T, out)`` with ``weight (out, in)``; ``backend`` already resolved. A quantized
+    weight goes to its linear method (``engine.quant.method``): packed bytes, dequantized in the
+    kernel."""
+    if not isinstance(weight, torch.Tensor):
+        from engine.quant.method import make_quant_linear
+
+        return make_quant_linear(weight, bias, backend)
     if backend == "torch":
         return lambda x: F.linear(x, weight, bias)
     if backend == "cpu":

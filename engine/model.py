@@ -31,6 +31,8 @@ from engine.kernels.cpu_fused import FusedCpuOps, LayerOps, TorchLayerOps
 from engine.kv_layout import KVLayout, torch_dtype
 from engine.linear import Linear, make_linear, resolve
 from engine.parallel import ShardInfo, TPGroup, shard_info, shard_weights
+from engine.quant.method import cat_rows, embedding, resolve_mode
+from engine.quant.weight import Weight, dense, is_quantized
 from engine.rope import RotaryTables
 from engine.weights import LayerWeights, ModelWeights, load_weights
 
@@ -87,7 +89,7 @@ class Model:
         worker can ship that layer while the next ones are computed."""
         c, tp = self.config, self.tp
         T, H, D, eps, ops = input_ids.shape[0], self.shard.num_heads, c.head_dim, c.rms_norm_eps, self.ops
-        x = F.embedding(input_ids, self.weights.embed)  # (T, hidden), a fresh tensor
+        x = embedding(self.weights.embed, input_ids, self.dtype)  # (T, hidden), a fresh tensor
         state = ops.prepare(positions, meta.slot_mapping, kv_cache.shape[1] * kv_cache.shape[4])  # N * B
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to x
         for i, (w, lin) in enumerate(zip(self.weights.layers, self.layers, strict=True)):
@@ -141,12 +143,19 @@ class _LayerLinears:
             return cls(lambda x: (q(x), k(x), v(x)), o, lambda x: (gate(x), up(x)), down)
         parts = _qkv(w)
         sizes = [wt.shape[0] for wt, _ in parts]
+        fused_qkv, fused_gate_up = cat_rows([wt for wt, _ in parts]), cat_rows([w.gate_proj, w.up_proj])
+        if fused_qkv is None or fused_gate_up is None:  # quantized parts of different formats
+            q, k, v = (make_linear(wt, b, backend) for wt, b in parts)
+            gate, up = make_linear(w.gate_proj, None, backend), make_linear(w.up_proj, None, backend)
+            return cls(lambda x: (q(x), k(x), v(x)), o, lambda x: (gate(x), up(x)), down)
         bias = None
         if any(b is not None for _, b in parts):
-            bias = torch.cat([b if b is not None else wt.new_zeros(wt.shape[0]) for wt, b in parts])
-        qkv = make_linear(torch.cat([wt for wt, _ in parts]), bias, backend)
+            bias = torch.cat(
+                [b if b is not None else torch.zeros(n) for (_, b), n in zip(parts, sizes, strict=True)]
+            )
+        qkv = make_linear(fused_qkv, bias, backend)
         inter = w.gate_proj.shape[0]
-        gate_up = make_linear(torch.cat([w.gate_proj, w.up_proj]), None, backend)
+        gate_up = make_linear(fused_gate_up, None, backend)
 
         def split_qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             q, k, v = qkv(x).split(sizes, dim=-1)
@@ -159,7 +168,7 @@ class _LayerLinears:
         return cls(split_qkv, o, split_gate_up, down)
 
 
-def _qkv(w: LayerWeights) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _qkv(w: LayerWeights) -> list[tuple[Weight, torch.Tensor | None]]:
     return [(w.q_proj, w.q_bias), (w.k_proj, w.k_bias), (w.v_proj, w.v_bias)]
 
 
@@ -170,11 +179,38 @@ def load_model(
     device: str = "cpu",
     linear_backend: str = "auto",
     tp: TPGroup | None = None,
+    quantized_weights: str = "auto",
 ) -> Model:
     """Parse the config, map the weights (this rank's shard of them, with ``tp``) and build the model
-    (no KV cache: the caller allocates it with ``model.kv_layout(block_size).allocate(num_blocks)``)."""
+    (no KV cache: the caller allocates it with ``model.kv_layout(block_size).allocate(num_blocks)``).
+    ``quantized_weights``: ``auto`` | ``native`` | ``dequantize`` (engine/quant/method.py)."""
     config = ModelConfig.from_pretrained(path, dtype=dtype)
-    weights = load_weights(path, config, device=device)
+    run_dtype, dev = torch_dtype(dtype), torch.device(device)
+    mode = resolve_mode(quantized_weights, resolve(linear_backend, run_dtype, dev), run_dtype, dev)
+    weights = load_weights(path, config, device=device, native=mode == "native")
     if tp is not None and tp.size > 1:
+        # a shard's row-parallel weights are column slices, which cut quantized blocks: dense first
+        weights = _dense(weights, run_dtype)
         weights = shard_weights(weights, config, tp.rank, tp.size)
     return Model(config, weights, attn_backend, device, linear_backend, tp)
+
+
+def _dense(weights: ModelWeights, dtype: torch.dtype) -> ModelWeights:
+    """``weights`` with every quantized one dequantized (the reference floats, in ``dtype``)."""
+
+    def d(w: Weight) -> Weight:
+        return dense(w, dtype) if is_quantized(w) else w
+
+    layers = tuple(
+        dataclasses.replace(
+            lw,
+            **{
+                f: d(getattr(lw, f))
+                for f in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+            },
+        )
+        for lw in weights.layers
+    )
+    embed = d(weights.embed)
+    lm_head = embed if weights.lm_head is weights.embed else d(weights.lm_head)
+    return ModelWeights(embed=embed, layers=layers, norm=weights.norm, lm_head=lm_head)

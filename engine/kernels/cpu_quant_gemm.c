@@ -1,0 +1,405 @@
+/* y = x @ W^T (+ bias) with W kept quantized: GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) or
+ * block-scaled FP8 (e4m3), dequantized inside the matmul; fp32 x and y; AVX2/FMA or AVX-512.
+ *
+ * Exactness. Every output is the same float the fp32 GEMM (cpu_gemm.c) gives over the weights
+ * dequantized at load by gguf.quants (or FP8's reference): each weight is dequantized with exactly
+ * numpy's operations (a multiply and an add are two roundings: this file is compiled with
+ * -ffp-contract=off, so the compiler never fuses them into an FMA, and without -ffast-math), into
+ * a 16-row panel block of fp32 laid out like cpu_gemm.c's packed panels, and that block goes
+ * through the very same micro-kernel (gemm_micro.h): one chain of FMAs over k, in order, per
+ * output, whatever the row count or thread count.
+ *
+ * Layout. W (N, K) is repacked once from its GGUF rows into panels of 16 rows; a panel is its blocks
+ * along k, each block a *record* holding the 16 rows' fields side by side, so that one vector load
+ * gives one field for 16 rows (GGUF keeps a row's block together: good for a dot product along k,
+ * which would sum in another order). Same fields, same bits; only the K-quants' 6-bit scales are
+ * unpacked to bytes (+3% bytes). Per 16 rows (lane r), offsets in bytes:
+ *
+ *   Q8_0 (32 k)   d fp16[16] @0 | q int8 @32 + kk*16 + r
+ *   Q4_0 (32 k)   d @0 | nibble pairs @32 + j*16 + r: q[2j] | q[2j+1] << 4
+ *   Q4_1 (32 k)   d @0 | m @32 | pairs @64
+ *   Q4_K (256 k)  d @0 | dmin @32 | sc u8 @64 + s*16 | m u8 @192 + s*16 | pairs @320 (128 of them)
+ *   Q5_K (256 k)  as Q4_K (low 4 bits) | 5th bits @2368 + o*16 + r: bit t is k = 8o + t
+ *   Q6_K (256 k)  d @0 | sc int8 @32 + g*16 | pairs of low nibbles @288 | top 2 bits @2336 + u*16 + r:
+ *                 bits 2t..2t+1 are k = 4u + t
+ *   FP8  (128 k)  scale f32[16] @0 | q e4m3 @64 + kk*16 + r
+ *
+ * Rows past N are zeros (their outputs are never stored). Threads share the panels; each panel's k
+ * blocks (QKB) are dequantized once into the thread's scratch and used by all M rows of x.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "gemm_micro.h" /* NR, micro, rows_kblock */
+
+#ifndef QKB
+#define QKB 256 /* k per dequantized panel block: 16 KB of fp32, L1-resident */
+#endif
+
+enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, FP8, NTYPES };
+static const int64_t BLOCK_K[NTYPES] = {32, 32, 32, 256, 256, 256, 128};
+static const int64_t GGUF_BYTES[NTYPES] = {34, 18, 20, 144, 176, 210, 128}; /* FP8: q bytes only */
+static const int64_t RECORD[NTYPES] = {544, 288, 320, 2368, 2880, 3360, 2112};
+
+int tandem_quant_supported(void) {
+#if defined(HAVE_MICRO) && defined(__F16C__)
+#if defined(__AVX512F__) && !defined(TANDEM_GEMM_AVX2)
+    return 512;
+#else
+    return 256;
+#endif
+#else
+    return 0;
+#endif
+}
+
+int64_t tandem_quant_packed_bytes(int t, int64_t n, int64_t k) {
+    if (t < 0 || t >= NTYPES || k % BLOCK_K[t]) return -1;
+    return (n + NR - 1) / NR * (k / BLOCK_K[t]) * RECORD[t];
+}
+
+/* ---- repacking (once, at load) ---------------------------------------------------------------- */
+
+/* One GGUF block of one row -> its quants q[0..qk) (unsigned, as stored: Q8_0 and FP8 as raw
+ * bytes), fp16 d and m/dmin bits, and per-sub-block scales sc / mins mn. */
+static void unpack_block(int t, const uint8_t *b, uint8_t *q, uint16_t *d, uint16_t *mm, uint8_t *sc,
+                         uint8_t *mn) {
+    switch (t) {
+    case Q8_0:
+        memcpy(d, b, 2);
+        memcpy(q, b + 2, 32);
+        break;
+    case Q4_0:
+    case Q4_1: {
+        const uint8_t *qs = b + (t == Q4_0 ? 2 : 4);
+        memcpy(d, b, 2);
+        if (t == Q4_1) memcpy(mm, b + 2, 2);
+        for (int i = 0; i < 16; i++) q[i] = qs[i] & 15, q[i + 16] = qs[i] >> 4;
+        break;
+    }
+    case Q4_K:
+    case Q5_K: {
+        memcpy(d, b, 2);
+        memcpy(mm, b + 2, 2);
+        const uint8_t *s = b + 4;
+        for (int j = 0; j < 4; j++) {
+            sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
+            sc[j + 4] = (s[j + 8] & 15) | ((s[j] >> 6) << 4);
+            mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+        }
+        const uint8_t *qs = b + (t == Q4_K ? 16 : 48), *qh = b + 16;
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 32; i++) q[c * 64 + i] = qs[c * 32 + i] & 15, q[c * 64 + 32 + i] = qs[c * 32 + i] >> 4;
+        if (t == Q5_K)
+            for (int j = 0; j < 8; j++)
+                for (int i = 0; i < 32; i++) q[j * 32 + i] |= ((qh[i] >> j) & 1) << 4;
+        break;
+    }
+    case Q6_K: {
+        const uint8_t *ql = b, *qh = b + 128;
+        memcpy(sc, b + 192, 16);
+        memcpy(d, b + 208, 2);
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 64; i++) {
+                q[h * 128 + i] = ql[h * 64 + i] & 15;
+                q[h * 128 + 64 + i] = ql[h * 64 + i] >> 4;
+            }
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int i = 0; i < 32; i++) q[h * 128 + s * 32 + i] |= ((qh[h * 32 + i] >> (2 * s)) & 3) << 4;
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+/* lane r of a record from one row's unpacked block */
+static void put_lane(int t, uint8_t *rec, int r, const uint8_t *q, uint16_t d, uint16_t mm, const uint8_t *sc,
+                     const uint8_t *mn) {
+    uint16_t *h = (uint16_t *)rec;
+    switch (t) {
+    case Q8_0:
+        h[r] = d;
+        for (int kk = 0; kk < 32; kk++) rec[32 + kk * 16 + r] = q[kk];
+        break;
+    case Q4_0:
+    case Q4_1: {
+        const int at = t == Q4_0 ? 32 : 64;
+        h[r] = d;
+        if (t == Q4_1) h[16 + r] = mm;
+        for (int j = 0; j < 16; j++) rec[at + j * 16 + r] = q[2 * j] | q[2 * j + 1] << 4;
+        break;
+    }
+    case Q4_K:
+    case Q5_K:
+        h[r] = d, h[16 + r] = mm;
+        for (int s = 0; s < 8; s++) rec[64 + s * 16 + r] = sc[s], rec[192 + s * 16 + r] = mn[s];
+        for (int j = 0; j < 128; j++) rec[320 + j * 16 + r] = (q[2 * j] & 15) | (q[2 * j + 1] & 15) << 4;
+        if (t == Q5_K)
+            for (int o = 0; o < 32; o++) {
+                uint8_t bits = 0;
+                for (int i = 0; i < 8; i++) bits |= ((q[8 * o + i] >> 4) & 1) << i;
+                rec[2368 + o * 16 + r] = bits;
+            }
+        break;
+    case Q6_K:
+        h[r] = d;
+        for (int g = 0; g < 16; g++) rec[32 + g * 16 + r] = sc[g];
+        for (int j = 0; j < 128; j++) rec[288 + j * 16 + r] = (q[2 * j] & 15) | (q[2 * j + 1] & 15) << 4;
+        for (int u = 0; u < 64; u++) {
+            uint8_t bits = 0;
+            for (int i = 0; i < 4; i++) bits |= ((q[4 * u + i] >> 4) & 3) << (2 * i);
+            rec[2336 + u * 16 + r] = bits;
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+/* GGUF rows w (N rows of K / qk blocks, rows `stride` bytes apart) -> panels. FP8 instead takes the
+ * e4m3 bytes (N, K) in w and the fp32 scales (ceil(N / bn), K / 128) in `scales`, block rows bn. */
+int tandem_quant_pack(int t, const uint8_t *w, int64_t stride, int64_t n, int64_t k, const float *scales,
+                      int64_t bn, uint8_t *out) {
+    if (tandem_quant_packed_bytes(t, n, k) < 0) return -1;
+    const int64_t qk = BLOCK_K[t], blocks = k / qk, rec_bytes = RECORD[t];
+    const int64_t panels = (n + NR - 1) / NR;
+    memset(out, 0, (size_t)(panels * blocks * rec_bytes));
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        uint8_t q[256], sc[16] = {0}, mn[8] = {0};
+        for (int64_t b = 0; b < blocks; b++) {
+            uint8_t *rec = out + (p * blocks + b) * rec_bytes;
+            for (int r = 0; r < NR && p * NR + r < n; r++) {
+                const int64_t row = p * NR + r;
+                if (t == FP8) {
+                    memcpy((float *)rec + r, scales + (row / bn) * blocks + b, 4);
+                    for (int kk = 0; kk < 128; kk++) rec[64 + kk * 16 + r] = w[row * stride + b * 128 + kk];
+                    continue;
+                }
+                uint16_t d = 0, mm = 0;
+                unpack_block(t, w + row * stride + b * GGUF_BYTES[t], q, &d, &mm, sc, mn);
+                put_lane(t, rec, r, q, d, mm, sc, mn);
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- 16 lanes of fp32, as one zmm or two ymm ---------------------------------------------------- */
+#ifdef HAVE_MICRO
+#if defined(__AVX512F__) && !defined(TANDEM_GEMM_AVX2)
+typedef __m512 vf;
+typedef __m512i vi;
+static inline vf ld_f16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vf ld_f32(const uint8_t *p) { return _mm512_loadu_ps((const float *)p); }
+static inline vi ld_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi ld_s8(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi iand(vi a, int c) { return _mm512_and_si512(a, _mm512_set1_epi32(c)); }
+static inline vi ior(vi a, vi b) { return _mm512_or_si512(a, b); }
+static inline vi isrl(vi a, int c) { return _mm512_srlv_epi32(a, _mm512_set1_epi32(c)); }
+static inline vi isll(vi a, int c) { return _mm512_sllv_epi32(a, _mm512_set1_epi32(c)); }
+static inline vi isub(vi a, int c) { return _mm512_sub_epi32(a, _mm512_set1_epi32(c)); }
+static inline vf cvt(vi a) { return _mm512_cvtepi32_ps(a); }
+static inline vf fmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf fadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf fsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline void st(float *p, vf a) { _mm512_storeu_ps(p, a); }
+/* e4m3 byte -> fp32: the 7 value bits shifted into an fp16 (same mantissa, exponent bias 15
+ * against 7) times 2^8, exact for normals and subnormals alike; 0x7F / 0xFF are NaN */
+static inline vf e4m3(vi b) {
+    const vi h = ior(isll(iand(b, 0x80), 8), isll(iand(b, 0x7F), 7));
+    const vf v = fmul(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)), _mm512_set1_ps(256.0f));
+    const __mmask16 nan = _mm512_cmpeq_epi32_mask(iand(b, 0x7F), _mm512_set1_epi32(0x7F));
+    return _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(NAN));
+}
+#else
+typedef struct {
+    __m256 a, b;
+} vf;
+typedef struct {
+    __m256i a, b;
+} vi;
+static inline vf ld_f16(const uint8_t *p) {
+    return (vf){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)))};
+}
+static inline vf ld_f32(const uint8_t *p) {
+    return (vf){_mm256_loadu_ps((const float *)p), _mm256_loadu_ps((const float *)p + 8)};
+}
+static inline vi ld_u8(const uint8_t *p) {
+    return (vi){_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
+}
+static inline vi ld_s8(const uint8_t *p) {
+    return (vi){_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
+}
+static inline vi iand(vi x, int c) {
+    const __m256i m = _mm256_set1_epi32(c);
+    return (vi){_mm256_and_si256(x.a, m), _mm256_and_si256(x.b, m)};
+}
+static inline vi ior(vi x, vi y) { return (vi){_mm256_or_si256(x.a, y.a), _mm256_or_si256(x.b, y.b)}; }
+static inline vi isrl(vi x, int c) {
+    const __m256i s = _mm256_set1_epi32(c);
+    return (vi){_mm256_srlv_epi32(x.a, s), _mm256_srlv_epi32(x.b, s)};
+}
+static inline vi isll(vi x, int c) {
+    const __m256i s = _mm256_set1_epi32(c);
+    return (vi){_mm256_sllv_epi32(x.a, s), _mm256_sllv_epi32(x.b, s)};
+}
+static inline vi isub(vi x, int c) {
+    const __m256i m = _mm256_set1_epi32(c);
+    return (vi){_mm256_sub_epi32(x.a, m), _mm256_sub_epi32(x.b, m)};
+}
+static inline vf cvt(vi x) { return (vf){_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32_ps(x.b)}; }
+static inline vf fmul(vf x, vf y) { return (vf){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+static inline vf fadd(vf x, vf y) { return (vf){_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+static inline vf fsub(vf x, vf y) { return (vf){_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+static inline void st(float *p, vf x) { _mm256_storeu_ps(p, x.a), _mm256_storeu_ps(p + 8, x.b); }
+static inline __m256 e4m3_8(__m256i b) {
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 8),
+                                      _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F)), 7));
+    /* the 8 low halves of h, packed to 8 x fp16 */
+    const __m128i h16 = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h16), _mm256_set1_ps(256.0f));
+    const __m256i nan = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F)), _mm256_set1_epi32(0x7F));
+    return _mm256_blendv_ps(v, _mm256_set1_ps(NAN), _mm256_castsi256_ps(nan));
+}
+static inline vf e4m3(vi x) { return (vf){e4m3_8(x.a), e4m3_8(x.b)}; }
+#endif
+
+/* ---- dequantizing records into a panel block (kk * 16 + r), numpy's operations ------------------ */
+
+/* Q4_0 / Q4_1 / K-quant nibble pairs: 2 k per 16 bytes */
+static inline void pairs(const uint8_t *p, vi *lo, vi *hi) {
+    const vi b = ld_u8(p);
+    *lo = iand(b, 15), *hi = isrl(b, 4);
+}
+
+static void dq_record(int t, const uint8_t *rec, float *w) {
+    switch (t) {
+    case Q8_0: {
+        const vf d = ld_f16(rec);
+        for (int kk = 0; kk < 32; kk++) st(w + kk * NR, fmul(cvt(ld_s8(rec + 32 + kk * 16)), d)); /* x * d */
+        break;
+    }
+    case Q4_0: {
+        const vf d = ld_f16(rec);
+        for (int j = 0; j < 16; j++) {
+            vi lo, hi;
+            pairs(rec + 32 + j * 16, &lo, &hi);
+            st(w + (2 * j) * NR, fmul(d, cvt(isub(lo, 8)))); /* d * (q - 8) */
+            st(w + (2 * j + 1) * NR, fmul(d, cvt(isub(hi, 8))));
+        }
+        break;
+    }
+    case Q4_1: {
+        const vf d = ld_f16(rec), m = ld_f16(rec + 32);
+        for (int j = 0; j < 16; j++) {
+            vi lo, hi;
+            pairs(rec + 64 + j * 16, &lo, &hi);
+            st(w + (2 * j) * NR, fadd(fmul(d, cvt(lo)), m)); /* (d * q) + m */
+            st(w + (2 * j + 1) * NR, fadd(fmul(d, cvt(hi)), m));
+        }
+        break;
+    }
+    case Q4_K:
+    case Q5_K: {
+        const vf d = ld_f16(rec), dmin = ld_f16(rec + 32);
+        for (int s = 0; s < 8; s++) {
+            const vf ds = fmul(d, cvt(ld_u8(rec + 64 + s * 16)));     /* d * sc */
+            const vf dm = fmul(dmin, cvt(ld_u8(rec + 192 + s * 16))); /* dmin * m */
+            for (int j = 0; j < 16; j++) {
+                const int kk = s * 32 + 2 * j;
+                vi lo, hi;
+                pairs(rec + 320 + (kk / 2) * 16, &lo, &hi);
+                if (t == Q5_K) {
+                    const vi bits = ld_u8(rec + 2368 + (kk / 8) * 16);
+                    lo = ior(lo, isll(iand(isrl(bits, kk % 8), 1), 4));
+                    hi = ior(hi, isll(iand(isrl(bits, kk % 8 + 1), 1), 4));
+                }
+                st(w + kk * NR, fsub(fmul(ds, cvt(lo)), dm)); /* (ds * q) - dm */
+                st(w + (kk + 1) * NR, fsub(fmul(ds, cvt(hi)), dm));
+            }
+        }
+        break;
+    }
+    case Q6_K: {
+        const vf d = ld_f16(rec);
+        for (int g = 0; g < 16; g++) {
+            const vf ds = fmul(d, cvt(ld_s8(rec + 32 + g * 16))); /* d * sc */
+            for (int j = 0; j < 8; j++) {
+                const int kk = g * 16 + 2 * j;
+                vi lo, hi;
+                pairs(rec + 288 + (kk / 2) * 16, &lo, &hi);
+                const vi bits = ld_u8(rec + 2336 + (kk / 4) * 16);
+                lo = isub(ior(lo, isll(iand(isrl(bits, 2 * (kk % 4)), 3), 4)), 32);
+                hi = isub(ior(hi, isll(iand(isrl(bits, 2 * (kk % 4) + 2), 3), 4)), 32);
+                st(w + kk * NR, fmul(ds, cvt(lo))); /* ds * (q - 32) */
+                st(w + (kk + 1) * NR, fmul(ds, cvt(hi)));
+            }
+        }
+        break;
+    }
+    case FP8: {
+        const vf s = ld_f32(rec);
+        for (int kk = 0; kk < 128; kk++) st(w + kk * NR, fmul(e4m3(ld_u8(rec + 64 + kk * 16)), s)); /* q * s */
+        break;
+    }
+    default:
+        break;
+    }
+}
+#endif
+
+/* The dequantized panels themselves ((ceil(N/16), K, 16) fp32, cpu_gemm.c's packed layout): what
+ * the kernel multiplies by, for tests. */
+int tandem_quant_unpack(int t, const uint8_t *packed, int64_t n, int64_t k, float *out) {
+#ifdef HAVE_MICRO
+    if (tandem_quant_packed_bytes(t, n, k) < 0) return -1;
+    const int64_t blocks = k / BLOCK_K[t], panels = (n + NR - 1) / NR;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t b = 0; b < blocks; b++)
+            dq_record(t, packed + (p * blocks + b) * RECORD[t], out + (p * k + b * BLOCK_K[t]) * NR);
+    return 0;
+#else
+    (void)t, (void)packed, (void)n, (void)k, (void)out;
+    return -1;
+#endif
+}
+
+/* y (M, N) = x (M, K; rows x_stride apart) @ W^T + bias, W packed by tandem_quant_pack; bias NULL or
+ * N floats; scratch: threads * (QKB + M) * 16 floats. Returns -1 where the kernel is not compiled in. */
+int tandem_quant_gemm(int t, const float *restrict x, int64_t x_stride, int64_t m, const uint8_t *restrict packed,
+                      int64_t n, int64_t k, const float *restrict bias, float *restrict y, float *restrict scratch,
+                      int threads) {
+#ifdef HAVE_MICRO
+    if (tandem_quant_packed_bytes(t, n, k) < 0) return -1;
+    const int64_t qk = BLOCK_K[t], blocks = k / qk, rec_bytes = RECORD[t];
+    const int64_t panels = (n + NR - 1) / NR, per_thread = (QKB + m) * NR;
+    const int64_t step = QKB / qk * qk; /* k per panel block: whole records */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < panels; p++) {
+        float *w = scratch + (int64_t)omp_get_thread_num() * per_thread, *acc = w + QKB * NR;
+        const uint8_t *src = packed + p * blocks * rec_bytes;
+        for (int64_t k0 = 0; k0 < k; k0 += step) {
+            const int64_t kn = k - k0 < step ? k - k0 : step;
+            for (int64_t b = 0; b < kn / qk; b++) dq_record(t, src + (k0 / qk + b) * rec_bytes, w + b * qk * NR);
+            rows_kblock(x + k0, x_stride, m, w, kn, acc, k0 == 0, NULL);
+        }
+        const int64_t c0 = p * NR, cols = n - c0 < NR ? n - c0 : NR;
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < cols; j++)
+                y[i * n + c0 + j] = bias ? acc[i * NR + j] + bias[c0 + j] : acc[i * NR + j];
+    }
+    return 0;
+#else
+    (void)t, (void)x, (void)x_stride, (void)m, (void)packed, (void)n, (void)k, (void)bias, (void)y, (void)scratch,
+        (void)threads;
+    return -1;
+#endif
+}
