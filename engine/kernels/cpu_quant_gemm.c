@@ -207,6 +207,8 @@ static inline vf cvt(vi a) { return _mm512_cvtepi32_ps(a); }
 static inline vf fmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf fadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf fsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf ffma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf ffms(vf a, vf b, vf c) { return _mm512_fmsub_ps(a, b, c); }
 static inline void st(float *p, vf a) { _mm512_storeu_ps(p, a); }
 /* e4m3 byte -> fp32: the 7 value bits shifted into an fp16 (same mantissa, exponent bias 15
  * against 7) times 2^8, exact for normals and subnormals alike; 0x7F / 0xFF are NaN */
@@ -259,6 +261,8 @@ static inline vf cvt(vi x) { return (vf){_mm256_cvtepi32_ps(x.a), _mm256_cvtepi3
 static inline vf fmul(vf x, vf y) { return (vf){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
 static inline vf fadd(vf x, vf y) { return (vf){_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
 static inline vf fsub(vf x, vf y) { return (vf){_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+static inline vf ffma(vf x, vf y, vf z) { return (vf){_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
+static inline vf ffms(vf x, vf y, vf z) { return (vf){_mm256_fmsub_ps(x.a, y.a, z.a), _mm256_fmsub_ps(x.b, y.b, z.b)}; }
 static inline void st(float *p, vf x) { _mm256_storeu_ps(p, x.a), _mm256_storeu_ps(p + 8, x.b); }
 static inline __m256 e4m3_8(__m256i b) {
     const __m256i h = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 8),
@@ -272,7 +276,15 @@ static inline __m256 e4m3_8(__m256i b) {
 static inline vf e4m3(vi x) { return (vf){e4m3_8(x.a), e4m3_8(x.b)}; }
 #endif
 
-/* ---- dequantizing records into a panel block (kk * 16 + r), numpy's operations ------------------ */
+/* ---- dequantizing records into a panel block (kk * 16 + r), numpy's operations ------------------
+ *
+ * EXACT: where numpy rounds a product and then a sum (Q4_1: d * q + m; Q4_K, Q5_K: ds * q - dm), the
+ * product is exact in fp32, so a fused multiply-add rounds once to the same float: d is an fp16
+ * (11 significant bits, >= 2^-24), ds = d * sc with a 6-bit sc (17 bits, computed as its own
+ * exact product), q has 4 or 5 bits, so d * q has at most 15 and ds * q at most 22 significant
+ * bits, never past fp32's 24 nor below its normal range. These use explicit FMAs (one instruction
+ * instead of two); everywhere else a product that may round stays its own instruction, and
+ * -ffp-contract=off keeps the compiler from fusing any. Tested bit for bit against gguf.quants. */
 
 /* Q4_0 / Q4_1 / K-quant nibble pairs: 2 k per 16 bytes */
 static inline void pairs(const uint8_t *p, vi *lo, vi *hi) {
@@ -280,7 +292,8 @@ static inline void pairs(const uint8_t *p, vi *lo, vi *hi) {
     *lo = iand(b, 15), *hi = isrl(b, 4);
 }
 
-static void dq_record(int t, const uint8_t *rec, float *w) {
+/* k = 32 s .. 32 s + 31 of one record (s = 0 for the 32-k types) into w (32 x 16 floats) */
+static inline __attribute__((always_inline)) void dq_sub(const int t, const uint8_t *rec, int s, float *w) {
     switch (t) {
     case Q8_0: {
         const vf d = ld_f16(rec);
@@ -302,35 +315,32 @@ static void dq_record(int t, const uint8_t *rec, float *w) {
         for (int j = 0; j < 16; j++) {
             vi lo, hi;
             pairs(rec + 64 + j * 16, &lo, &hi);
-            st(w + (2 * j) * NR, fadd(fmul(d, cvt(lo)), m)); /* (d * q) + m */
-            st(w + (2 * j + 1) * NR, fadd(fmul(d, cvt(hi)), m));
+            st(w + (2 * j) * NR, ffma(d, cvt(lo), m)); /* (d * q) + m: d * q is exact (see EXACT) */
+            st(w + (2 * j + 1) * NR, ffma(d, cvt(hi), m));
         }
         break;
     }
     case Q4_K:
     case Q5_K: {
-        const vf d = ld_f16(rec), dmin = ld_f16(rec + 32);
-        for (int s = 0; s < 8; s++) {
-            const vf ds = fmul(d, cvt(ld_u8(rec + 64 + s * 16)));     /* d * sc */
-            const vf dm = fmul(dmin, cvt(ld_u8(rec + 192 + s * 16))); /* dmin * m */
-            for (int j = 0; j < 16; j++) {
-                const int kk = s * 32 + 2 * j;
-                vi lo, hi;
-                pairs(rec + 320 + (kk / 2) * 16, &lo, &hi);
-                if (t == Q5_K) {
-                    const vi bits = ld_u8(rec + 2368 + (kk / 8) * 16);
-                    lo = ior(lo, isll(iand(isrl(bits, kk % 8), 1), 4));
-                    hi = ior(hi, isll(iand(isrl(bits, kk % 8 + 1), 1), 4));
-                }
-                st(w + kk * NR, fsub(fmul(ds, cvt(lo)), dm)); /* (ds * q) - dm */
-                st(w + (kk + 1) * NR, fsub(fmul(ds, cvt(hi)), dm));
+        const vf ds = fmul(ld_f16(rec), cvt(ld_u8(rec + 64 + s * 16)));      /* d * sc */
+        const vf dm = fmul(ld_f16(rec + 32), cvt(ld_u8(rec + 192 + s * 16))); /* dmin * m */
+        for (int j = 0; j < 16; j++) {
+            const int kk = s * 32 + 2 * j;
+            vi lo, hi;
+            pairs(rec + 320 + (kk / 2) * 16, &lo, &hi);
+            if (t == Q5_K) {
+                const vi bits = ld_u8(rec + 2368 + (kk / 8) * 16);
+                lo = ior(lo, isll(iand(isrl(bits, kk % 8), 1), 4));
+                hi = ior(hi, isll(iand(isrl(bits, kk % 8 + 1), 1), 4));
             }
+            st(w + (2 * j) * NR, ffms(ds, cvt(lo), dm)); /* (ds * q) - dm: ds * q is exact (see EXACT) */
+            st(w + (2 * j + 1) * NR, ffms(ds, cvt(hi), dm));
         }
         break;
     }
     case Q6_K: {
         const vf d = ld_f16(rec);
-        for (int g = 0; g < 16; g++) {
+        for (int g = 2 * s; g < 2 * s + 2; g++) { /* two 16-k groups, one scale each */
             const vf ds = fmul(d, cvt(ld_s8(rec + 32 + g * 16))); /* d * sc */
             for (int j = 0; j < 8; j++) {
                 const int kk = g * 16 + 2 * j;
@@ -339,19 +349,108 @@ static void dq_record(int t, const uint8_t *rec, float *w) {
                 const vi bits = ld_u8(rec + 2336 + (kk / 4) * 16);
                 lo = isub(ior(lo, isll(iand(isrl(bits, 2 * (kk % 4)), 3), 4)), 32);
                 hi = isub(ior(hi, isll(iand(isrl(bits, 2 * (kk % 4) + 2), 3), 4)), 32);
-                st(w + kk * NR, fmul(ds, cvt(lo))); /* ds * (q - 32) */
-                st(w + (kk + 1) * NR, fmul(ds, cvt(hi)));
+                st(w + (kk - 32 * s) * NR, fmul(ds, cvt(lo))); /* ds * (q - 32) */
+                st(w + (kk + 1 - 32 * s) * NR, fmul(ds, cvt(hi)));
             }
         }
         break;
     }
     case FP8: {
-        const vf s = ld_f32(rec);
-        for (int kk = 0; kk < 128; kk++) st(w + kk * NR, fmul(e4m3(ld_u8(rec + 64 + kk * 16)), s)); /* q * s */
+        const vf sc = ld_f32(rec);
+        for (int kk = 0; kk < 32; kk++) st(w + kk * NR, fmul(e4m3(ld_u8(rec + 64 + (32 * s + kk) * 16)), sc)); /* q * s */
         break;
     }
     default:
         break;
+    }
+}
+
+static void dq_record(const int t, const uint8_t *rec, float *w) {
+    for (int s = 0; s < BLOCK_K[t] / 32; s++) dq_sub(t, rec, s, w + s * 32 * NR);
+}
+
+/* ---- few rows: several panels at once ------------------------------------------------------------
+ * With one row of x (a decode step of one stream) a panel is one chain of FMAs, each waiting on the
+ * last (4 cycles): the dequantization finishes long before the chain. So up to SM rows go through
+ * SP panels at a time: 32 k of each panel dequantized into L1, then SP * rows independent chains,
+ * kept in registers over all of k. Each output is still one chain over k in order, the same
+ * floats as rows_kblock gives. */
+#if defined(__AVX512F__) && !defined(TANDEM_GEMM_AVX2)
+#define SP 4
+#define SM 4
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vfma_x(const float *x, const float *w, vf a) {
+    return _mm512_fmadd_ps(_mm512_set1_ps(*x), _mm512_loadu_ps(w), a);
+}
+#else
+#define SP 2
+#define SM 2
+static inline vf vzero(void) { return (vf){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline vf vfma_x(const float *x, const float *w, vf a) {
+    const __m256 xv = _mm256_broadcast_ss(x);
+    return (vf){_mm256_fmadd_ps(xv, _mm256_loadu_ps(w), a.a), _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 8), a.b)};
+}
+#endif
+
+static inline __attribute__((always_inline)) void few_rows(const int t, const float *restrict x, int64_t x_stride,
+                                                           const int mr, const uint8_t *restrict src,
+                                                           int64_t panel_bytes, const int np, int64_t k,
+                                                           float *restrict w, float *restrict out) {
+    vf acc[SP][SM];
+    for (int p = 0; p < np; p++)
+        for (int i = 0; i < mr; i++) acc[p][i] = vzero();
+    const int64_t qk = BLOCK_K[t], rec_bytes = RECORD[t];
+    for (int64_t k0 = 0; k0 < k; k0 += 32) {
+        const uint8_t *rec = src + (k0 / qk) * rec_bytes;
+        const int s = (int)(k0 % qk / 32);
+        for (int p = 0; p < np; p++) dq_sub(t, rec + p * panel_bytes, s, w + p * 32 * NR);
+        for (int kk = 0; kk < 32; kk++)
+            for (int p = 0; p < np; p++)
+                for (int i = 0; i < mr; i++) acc[p][i] = vfma_x(x + i * x_stride + k0 + kk, w + (p * 32 + kk) * NR, acc[p][i]);
+    }
+    for (int p = 0; p < np; p++)
+        for (int i = 0; i < mr; i++) st(out + (i * SP + p) * NR, acc[p][i]);
+}
+
+/* the (type, panels, rows) combination as constants, so every loop above unrolls into registers */
+#define FEW(T, NP, MR) few_rows(T, x, x_stride, MR, src, panel_bytes, NP, k, w, out)
+#define FEW_ROWS(T, NP)                                                                                    \
+    switch (mr) {                                                                                          \
+    case 1: FEW(T, NP, 1); break;                                                                          \
+    case 2: FEW(T, NP, 2); break;                                                                          \
+    SM_CASES(T, NP)                                                                                        \
+    default: break;                                                                                        \
+    }
+#if SM > 2
+#define SM_CASES(T, NP)                                                                                    \
+    case 3: FEW(T, NP, 3); break;                                                                          \
+    case 4: FEW(T, NP, 4); break;
+#define SP_CASES(T)                                                                                        \
+    case 3: FEW_ROWS(T, 3); break;                                                                         \
+    case 4: FEW_ROWS(T, 4); break;
+#else
+#define SM_CASES(T, NP)
+#define SP_CASES(T)
+#endif
+#define FEW_PANELS(T)                                                                                      \
+    switch (np) {                                                                                          \
+    case 1: FEW_ROWS(T, 1); break;                                                                         \
+    case 2: FEW_ROWS(T, 2); break;                                                                         \
+    SP_CASES(T)                                                                                            \
+    default: break;                                                                                        \
+    }
+
+static void few_rows_any(int t, const float *x, int64_t x_stride, int mr, const uint8_t *src, int64_t panel_bytes,
+                         int np, int64_t k, float *w, float *out) {
+    switch (t) {
+    case Q8_0: FEW_PANELS(Q8_0); break;
+    case Q4_0: FEW_PANELS(Q4_0); break;
+    case Q4_1: FEW_PANELS(Q4_1); break;
+    case Q4_K: FEW_PANELS(Q4_K); break;
+    case Q5_K: FEW_PANELS(Q5_K); break;
+    case Q6_K: FEW_PANELS(Q6_K); break;
+    case FP8: FEW_PANELS(FP8); break;
+    default: break;
     }
 }
 #endif
@@ -379,13 +478,28 @@ int tandem_quant_gemm(int t, const float *restrict x, int64_t x_stride, int64_t 
                       int threads) {
 #ifdef HAVE_MICRO
     if (tandem_quant_packed_bytes(t, n, k) < 0) return -1;
-    const int64_t qk = BLOCK_K[t], blocks = k / qk, rec_bytes = RECORD[t];
+    const int64_t qk = BLOCK_K[t], blocks = k / qk, rec_bytes = RECORD[t], panel_bytes = blocks * rec_bytes;
     const int64_t panels = (n + NR - 1) / NR, per_thread = (QKB + m) * NR;
+    if (m <= SM) { /* groups of SP panels, every row of x at once */
+        const int64_t groups = (panels + SP - 1) / SP;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t g = 0; g < groups; g++) {
+            float *w = scratch + (int64_t)omp_get_thread_num() * per_thread, *out = w + SP * 32 * NR;
+            const int np = (int)(panels - g * SP < SP ? panels - g * SP : SP);
+            few_rows_any(t, x, x_stride, (int)m, packed + g * SP * panel_bytes, panel_bytes, np, k, w, out);
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t c = g * SP * NR; c < n && c < (g + 1) * SP * NR; c++) {
+                    const float a = out[i * SP * NR + (c - g * SP * NR)];
+                    y[i * n + c] = bias ? a + bias[c] : a;
+                }
+        }
+        return 0;
+    }
     const int64_t step = QKB / qk * qk; /* k per panel block: whole records */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < panels; p++) {
         float *w = scratch + (int64_t)omp_get_thread_num() * per_thread, *acc = w + QKB * NR;
-        const uint8_t *src = packed + p * blocks * rec_bytes;
+        const uint8_t *src = packed + p * panel_bytes;
         for (int64_t k0 = 0; k0 < k; k0 += step) {
             const int64_t kn = k - k0 < step ? k - k0 : step;
             for (int64_t b = 0; b < kn / qk; b++) dq_record(t, src + (k0 / qk + b) * rec_bytes, w + b * qk * NR);
