@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.attention_backends import get_backend
 from engine.config import ModelConfig
+from engine.kernels.cpu_decode import DecodePlan
 from engine.kernels.cpu_fused import FusedCpuOps, LayerOps, TorchLayerOps
 from engine.kv_layout import KVLayout, torch_dtype
 from engine.linear import Linear, make_linear, resolve
@@ -68,6 +69,21 @@ class Model:
         self.ops: LayerOps = TorchLayerOps(self.rope, self.attn, config.head_dim)
         if getattr(self.attn, "kernel", False) and self.dtype == torch.float32 and self.device.type == "cpu":
             self.ops = FusedCpuOps.create(self.rope, config.head_dim) or self.ops
+        # a decode-only step on one rank, all C kernels: one C call per layer (engine/kernels/cpu_decode.py)
+        self.decode_plan: DecodePlan | None = None
+        if not self.tp.distributed:
+            self.decode_plan = DecodePlan.create(
+                [lin.kernels for lin in self.layers],
+                [(w.input_norm, w.post_norm) for w in weights.layers],
+                weights.norm,
+                self.ops,
+                self.attn,
+                self.shard.num_heads,
+                self.shard.num_kv_heads,
+                config.head_dim,
+                config.rms_norm_eps,
+                self.scale,
+            )
 
     def kv_layout(self, block_size: int) -> KVLayout:
         """This rank's KV pool layout: the checkpoint's, with only the KV heads this rank holds."""
@@ -90,6 +106,8 @@ class Model:
         c, tp = self.config, self.tp
         T, H, D, eps, ops = input_ids.shape[0], self.shard.num_heads, c.head_dim, c.rms_norm_eps, self.ops
         x = embedding(self.weights.embed, input_ids, self.dtype)  # (T, hidden), a fresh tensor
+        if self.decode_plan is not None and on_layer is None and meta.num_prefill_seqs == 0 and T:
+            return self.decode_plan.forward(x, positions, kv_cache, meta)  # the same kernels, from C
         state = ops.prepare(positions, meta.slot_mapping, kv_cache.shape[1] * kv_cache.shape[4])  # N * B
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to x
         for i, (w, lin) in enumerate(zip(self.weights.layers, self.layers, strict=True)):
@@ -133,6 +151,8 @@ class _LayerLinears:
     o: Linear
     gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     down: Linear
+    # the linears themselves, (q/k/v parts, o, gate/up parts, down), for engine.kernels.cpu_decode
+    kernels: tuple[tuple[Linear, ...], Linear, tuple[Linear, ...], Linear] | None = None
 
     @classmethod
     def build(cls, w: LayerWeights, backend: str) -> _LayerLinears:
@@ -147,7 +167,8 @@ class _LayerLinears:
         if fused_qkv is None or fused_gate_up is None:  # quantized parts of different formats
             q, k, v = (make_linear(wt, b, backend) for wt, b in parts)
             gate, up = make_linear(w.gate_proj, None, backend), make_linear(w.up_proj, None, backend)
-            return cls(lambda x: (q(x), k(x), v(x)), o, lambda x: (gate(x), up(x)), down)
+            kernels = ((q, k, v), o, (gate, up), down)
+            return cls(lambda x: (q(x), k(x), v(x)), o, lambda x: (gate(x), up(x)), down, kernels)
         bias = None
         if any(b is not None for _, b in parts):
             bias = torch.cat(
@@ -165,7 +186,7 @@ class _LayerLinears:
             y = gate_up(x)
             return y[:, :inter], y[:, inter:]
 
-        return cls(split_qkv, o, split_gate_up, down)
+        return cls(split_qkv, o, split_gate_up, down, ((qkv,), o, (gate_up,), down))
 
 
 def _qkv(w: LayerWeights) -> list[tuple[Weight, torch.Tensor | None]]:

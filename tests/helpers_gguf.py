@@ -150,8 +150,17 @@ def write_tokenizer(w: Any, kind: str, vocab_size: int) -> None:
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_gguf(path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2", seed: int = 0) -> Path:
-    """The transformers checkpoint at ``checkpoint`` (Llama) as one GGUF file at ``path``."""
+def write_gguf(
+    path: Path,
+    checkpoint: Path,
+    qtype: str,
+    tokenizer: str = "gpt2",
+    seed: int = 0,
+    types: dict[str, str] | None = None,
+) -> Path:
+    """The transformers checkpoint at ``checkpoint`` (Llama) as one GGUF file at ``path``; ``types``
+    gives some tensors another type, by their GGUF name's part (``{"attn_k": "Q6_K"}``), as llama.cpp's
+    mixed files (Q4_K_M: some of attn_v / ffn_down in Q6_K) do."""
     import json
 
     from gguf import GGUFWriter
@@ -180,7 +189,8 @@ def write_gguf(path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2"
             arr = permute(arr, heads)
         elif name.endswith("k_proj.weight"):
             arr = permute(arr, kv_heads)
-        data, ggml_type = _encode(arr, qtype, rng)
+        part = gguf_name(name).split(".")[-2]
+        data, ggml_type = _encode(arr, (types or {}).get(part, qtype), rng)
         w.add_tensor(gguf_name(name), data, raw_dtype=ggml_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()

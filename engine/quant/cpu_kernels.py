@@ -107,33 +107,46 @@ def pack(
     return PackedMatrix(fmt, n, k, out)
 
 
-def quant_linear(packed: PackedMatrix, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x (T, k) fp32 -> (T, n) fp32``: x @ W^T (+ bias) straight from the packed matrix."""
-    lib = _lib()
-    n, k, code, data = packed.n, packed.k, packed.code, packed.data
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    gemm = lib.tandem_quant_gemm
+class QuantLinear:
+    """``x (T, k) fp32 -> (T, n) fp32``: x @ W^T (+ bias) straight from a ``PackedMatrix``. Its fields
+    are what ``engine.kernels.cpu_decode`` hands the same kernel from C."""
 
-    def linear(x: torch.Tensor) -> torch.Tensor:
+    kind = 1  # cpu_decode.c's linear kinds: 0 fp32 panels, 1 quantized panels
+
+    def __init__(self, packed: PackedMatrix, bias: torch.Tensor | None) -> None:
+        self.matrix = packed
+        self.n, self.k, self.qtype, self.packed = packed.n, packed.k, packed.code, packed.data
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self._gemm = _lib().tandem_quant_gemm
+
+    @staticmethod
+    def scratch_floats(m: int, threads: int) -> int:
+        return threads * (_QKB + m) * _NR
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.n, self.k
         if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32 or x.stride(1) != 1:
             raise ValueError(f"expected fp32 (T, {k}) with contiguous rows, got {x.dtype} {tuple(x.shape)}")
         m, threads = x.shape[0], torch.get_num_threads()
         y = torch.empty(m, n, dtype=torch.float32)
         if m:
-            scratch = torch.empty(threads * (_QKB + m) * _NR, dtype=torch.float32)
-            gemm(
-                code,
+            scratch = torch.empty(self.scratch_floats(m, threads), dtype=torch.float32)
+            self._gemm(
+                self.qtype,
                 x.data_ptr(),
                 x.stride(0),
                 m,
-                data.data_ptr(),
+                self.packed.data_ptr(),
                 n,
                 k,
-                None if b is None else b.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr(),
                 y.data_ptr(),
                 scratch.data_ptr(),
                 threads,
             )
         return y
 
-    return linear
+
+def quant_linear(packed: PackedMatrix, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x (T, k) fp32 -> (T, n) fp32``: x @ W^T (+ bias) straight from the packed matrix."""
+    return QuantLinear(packed, bias)
