@@ -31,7 +31,7 @@ typedef void (*rope_fn)(const float *, int64_t, const float *, int64_t, const fl
                         const float *, const float *, float *, float *, const int64_t *, int64_t, int, int, int, int,
                         int);
 typedef void (*attn_fn)(const float *, const float *, const int32_t *, int64_t, const int32_t *, float *, float *,
-                        int64_t, int, int, int, int, float, int, int);
+                        int64_t, int, int, int, int, float, int, int, int);
 
 typedef struct {
     int kind;  /* 0: fp32 panels (cpu_gemm.c), 1: quantized panels (cpu_quant_gemm.c) */
@@ -47,7 +47,7 @@ typedef struct {
     norm_fn norm;
     rope_fn rope;
     attn_fn attn;
-    int sum_width, threads, attn_threads;
+    int sum_width, threads, attn_threads, attn_split;
     float eps, scale;
     int H, H_kv, D, B;
     int64_t hidden;
@@ -107,7 +107,8 @@ int tandem_decode_layer(const tandem_step *s, const tandem_layer *prev, const fl
     s->rope(q, qs, k, ks, v, vs, s->positions, s->cos, s->sin, s->q_rot, l->kv_layer, s->slots, T, s->H, s->H_kv,
             s->D, s->B, s->threads);
     s->attn(s->q_rot, l->kv_layer, s->tables, s->table_stride, s->seq_lens, s->attn_out, s->attn_scratch,
-            s->attn_scratch_stride, s->H, s->H_kv, s->B, s->D, s->scale, (int)(T * s->H_kv), s->attn_threads);
+            s->attn_scratch_stride, s->H, s->H_kv, s->B, s->D, s->scale, (int)(T * s->H_kv) * s->attn_split,
+            s->attn_split, s->attn_threads);
     if (linear(s, &l->o, s->attn_out, qn, s->o_out)) return 1;
     s->norm(s->x, s->o_out, l->post_norm, s->h, T, s->hidden, s->eps, s->sum_width, s->threads);
     float *out = s->gu_out;

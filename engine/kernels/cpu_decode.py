@@ -51,7 +51,7 @@ class _Layer(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [
         *((name, _p) for name in ("gemm_f32", "gemm_q", "norm", "rope", "attn")),
-        *((name, _i) for name in ("sum_width", "threads", "attn_threads")),
+        *((name, _i) for name in ("sum_width", "threads", "attn_threads", "attn_split")),
         ("eps", _f),
         ("scale", _f),
         *((name, _i) for name in ("H", "H_kv", "D", "B")),
@@ -178,7 +178,8 @@ class DecodePlan:
             self._kv_ptr = kv_cache.data_ptr()
         threads = torch.get_num_threads()
         g = s.H // s.H_kv
-        attn_threads = max(1, min(threads, T * s.H_kv))
+        split = cpu_attention.work_split(T * s.H_kv, g, threads)  # as paged_decode chooses
+        attn_threads = max(1, min(threads, T * s.H_kv * split))
         width = g * max(meta.seq_lens_list)
         kinds = [k for layer in self.kernels for k in _flat(layer)]
         scratch_floats = max(k.scratch_floats(T, threads) for k in kinds)
@@ -195,7 +196,7 @@ class DecodePlan:
         tables, seq_lens = meta.block_tables, meta.seq_lens
         if tables.dtype != torch.int32 or tables.stride(1) != 1 or seq_lens.dtype != torch.int32:
             raise ValueError("block_tables and seq_lens must be int32 with contiguous rows")
-        s.B, s.T, s.threads, s.attn_threads = block, T, threads, attn_threads
+        s.B, s.T, s.threads, s.attn_threads, s.attn_split = block, T, threads, attn_threads, split
         s.positions, s.slots = positions.data_ptr(), slots.data_ptr()
         s.tables, s.table_stride, s.seq_lens = tables.data_ptr(), tables.stride(0), seq_lens.data_ptr()
         s.attn_scratch, s.attn_scratch_stride = attn_scratch.data_ptr(), width

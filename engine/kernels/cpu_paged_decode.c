@@ -6,8 +6,10 @@
  * Query heads h*g .. h*g+g-1 read KV head h (GQA, as transformers' repeat_kv).
  *
  * Compiled on first use by engine/kernels/cpu_attention.py with the machine's C compiler
- * (-O3 -march=native -fopenmp); called through ctypes. Work item i covers sequence i / H_kv, KV
- * head i % H_kv; the items are shared among OpenMP threads.
+ * (-O3 -march=native -fopenmp); called through ctypes. Work item i covers sequence i / (H_kv * split),
+ * KV head (i / split) % H_kv and the part i % split of that head's g query heads; the items are
+ * shared among OpenMP threads. A head's numbers do not depend on which heads share its item, so
+ * `split` (more, smaller items when few sequences would leave a thread idle) never changes a result.
  *
  * Softmax: scores of one (sequence, query head) are kept in scratch (ctx floats), the max is
  * subtracted before exp, and the output is divided by the sum once at the end, as SDPA's math path
@@ -25,14 +27,15 @@ static inline float dot(const float *restrict a, const float *restrict b, int d)
     return acc;
 }
 
-/* One work item: sequence s, KV head h; scratch holds g * ctx floats. */
+/* One work item: sequence s, KV head h, query heads j0 .. j1-1 of its g; scratch holds g * ctx floats. */
 static void decode_item(const float *restrict q, const float *restrict kv, const int32_t *restrict tables,
                         int64_t table_stride, const int32_t *restrict seq_lens, float *restrict out,
-                        float *restrict scratch, int H_q, int H_kv, int B, int D, float scale, int item) {
+                        float *restrict scratch, int H_q, int H_kv, int B, int D, float scale, int item, int split) {
     const int g = H_q / H_kv;
     const int64_t head_stride = (int64_t)B * D;
     const int64_t block_stride = 2 * (int64_t)H_kv * head_stride;
-    const int s = item / H_kv, h = item % H_kv;
+    const int s = item / (H_kv * split), h = item / split % H_kv, part = item % split;
+    const int j0 = part * g / split, j1 = (part + 1) * g / split;
     const int ctx = seq_lens[s];
     const int32_t *table = tables + (int64_t)s * table_stride;
     const float *qh = q + ((int64_t)s * H_q + (int64_t)h * g) * D; /* g query rows */
@@ -43,11 +46,11 @@ static void decode_item(const float *restrict q, const float *restrict kv, const
         const int n = ctx - t0 < B ? ctx - t0 : B;
         for (int t = 0; t < n; t++) {
             const float *krow = kb + (int64_t)t * D;
-            for (int j = 0; j < g; j++) scratch[(int64_t)j * ctx + t0 + t] = dot(qh + j * D, krow, D) * scale;
+            for (int j = j0; j < j1; j++) scratch[(int64_t)j * ctx + t0 + t] = dot(qh + j * D, krow, D) * scale;
         }
     }
     float inv_sum[64];
-    for (int j = 0; j < g; j++) {
+    for (int j = j0; j < j1; j++) {
         float *sc = scratch + (int64_t)j * ctx;
         float m = sc[0]; /* ctx >= 1: the query token's own key */
         for (int t = 1; t < ctx; t++) m = sc[t] > m ? sc[t] : m;
@@ -66,7 +69,7 @@ static void decode_item(const float *restrict q, const float *restrict kv, const
         const int n = ctx - t0 < B ? ctx - t0 : B;
         for (int t = 0; t < n; t++) {
             const float *vrow = vb + (int64_t)t * D;
-            for (int j = 0; j < g; j++) {
+            for (int j = j0; j < j1; j++) {
                 const float p = scratch[(int64_t)j * ctx + t0 + t];
                 float *o = oh + j * D;
 #pragma omp simd
@@ -74,7 +77,7 @@ static void decode_item(const float *restrict q, const float *restrict kv, const
             }
         }
     }
-    for (int j = 0; j < g; j++) {
+    for (int j = j0; j < j1; j++) {
         float *o = oh + j * D;
 #pragma omp simd
         for (int i = 0; i < D; i++) o[i] *= inv_sum[j];
@@ -90,9 +93,9 @@ void tandem_paged_decode_f32(const float *restrict q, /* (S, H_q, D) */
                              const int32_t *restrict seq_lens, /* (S,) */
                              float *restrict out,              /* (S, H_q, D) */
                              float *restrict scratch, int64_t scratch_stride, int H_q, int H_kv, int B,
-                             int D, float scale, int num_items, int threads) {
+                             int D, float scale, int num_items, int split, int threads) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int item = 0; item < num_items; item++)
         decode_item(q, kv, tables, table_stride, seq_lens, out, scratch + omp_get_thread_num() * scratch_stride,
-                    H_q, H_kv, B, D, scale, item);
+                    H_q, H_kv, B, D, scale, item, split);
 }

@@ -490,18 +490,27 @@ int tandem_quant_gemm(int t, const float *restrict x, int64_t x_stride, int64_t 
     if (tandem_quant_packed_bytes(t, n, k) < 0) return -1;
     const int64_t qk = BLOCK_K[t], blocks = k / qk, rec_bytes = RECORD[t];
     const int64_t panels = (n + NR - 1) / NR, per_thread = (QKB + m) * NR;
-    if (m <= SM) { /* groups of SP panels, every row of x at once */
-        const int64_t groups = (panels + SP - 1) / SP;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t g = 0; g < groups; g++) {
-            float *out = scratch + (int64_t)omp_get_thread_num() * per_thread;
-            const int np = (int)(panels - g * SP < SP ? panels - g * SP : SP);
-            few_rows_any(t, x, x_stride, (int)m, packed + g * SP * blocks * rec_bytes, np, k, out);
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t c = g * SP * NR; c < n && c < (g + 1) * SP * NR; c++) {
-                    const float a = out[i * SP * NR + (c - g * SP * NR)];
-                    y[i * n + c] = bias ? a + bias[c] : a;
-                }
+    if (m <= SM) {
+        /* every row of x at once, up to SP panels at a time; each thread takes an equal run of
+         * panels (whole groups where it can, a part of one at either end), so a projection of 36
+         * panels splits 18 / 18 rather than 5 groups / 4 */
+#pragma omp parallel num_threads(threads)
+        {
+            const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+            float *out = scratch + (int64_t)tid * per_thread;
+            const int64_t p1 = panels * (tid + 1) / nt;
+            for (int64_t p = panels * tid / nt; p < p1;) {
+                const int64_t g = p / SP, o = p % SP;
+                const int np = (int)(SP - o < p1 - p ? SP - o : p1 - p);
+                /* panel o of group g: the group's records of a block are SP apart */
+                few_rows_any(t, x, x_stride, (int)m, packed + (g * SP * blocks + o) * rec_bytes, np, k, out);
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t c = p * NR; c < n && c < (p + np) * NR; c++) {
+                        const float a = out[i * SP * NR + (c - p * NR)];
+                        y[i * n + c] = bias ? a + bias[c] : a;
+                    }
+                p += np;
+            }
         }
         return 0;
     }

@@ -101,19 +101,21 @@ def test_kernel_equals_the_fp32_gemm_over_the_reference(qtype: str) -> None:
             want = make_linear(ref, b, "cpu")(x)
             got = cpu_kernels.quant_linear(packed, b)(x)
             assert torch.equal(got, want), (m, b is None)
-    # one thread or two: the same floats (panels are shared out, never split along k)
-    x = torch.randn(9, k, generator=g)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_kernels.quant_linear(packed, bias)(x)
-        torch.set_num_threads(2)
-        two = cpu_kernels.quant_linear(packed, bias)(x)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
-    # a row's output does not depend on the rows beside it (batch invariance)
-    assert torch.equal(cpu_kernels.quant_linear(packed, bias)(x[3:4]), one[3:4])
+    # one thread or two (or three: uneven runs of panels): the same floats, on the few-rows path (3
+    # rows) and the panel-block one (9); panels are shared out, never split along k
+    for rows in (3, 9):
+        x = torch.randn(rows, k, generator=g)
+        threads = torch.get_num_threads()
+        try:
+            outs = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                outs.append(cpu_kernels.quant_linear(packed, bias)(x))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        # a row's output does not depend on the rows beside it (batch invariance)
+        assert torch.equal(cpu_kernels.quant_linear(packed, bias)(x[2:3]), outs[0][2:3])
 
 
 def test_fp8_decodes_every_byte_as_torch_does() -> None:
