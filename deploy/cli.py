@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": ("deploy.generate", "generate text in-process (or from a server with --server)"),
     "bench engine": ("benchmarks.bench_engine", "output tokens/s of Tandem vs transformers generate"),
+    "bench quant": (
+        "benchmarks.bench_quant",
+        "a GGUF model natively vs dequantized at 1 and 16 streams, the read roofline, llama.cpp's server",
+    ),
     "bench kernels": (
         "benchmarks.bench_kernels",
         "the model's projections per linear backend (C kernel, oneDNN, torch) at decode and prefill rows",
