@@ -53,6 +53,7 @@ class EngineSection(_Strict):
     max_num_batched_tokens: int = Field(default=512, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)  # None: the checkpoint's max_position_embeddings
     attn_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
+    quantized_weights: Literal["auto", "native", "dequantize"] = "auto"  # engine/quant/method.py
     enable_prefix_caching: bool = True
 
 

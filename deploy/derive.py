@@ -81,6 +81,7 @@ def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = N
         model=model if model is not None else model_dir(cfg),
         dtype=cfg.dtype,
         attn_backend=e.attn_backend,
+        quantized_weights=e.quantized_weights,
         device=device,
         block_size=e.block_size,
         kv_cache_bytes=int(cfg.tiers.g1.capacity),
