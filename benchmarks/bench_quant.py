@@ -75,7 +75,8 @@ def run_tandem(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict[s
     t0 = time.perf_counter()
     for p in prompts:
         engine.add_request(p, params)
-    produced, started, decode_tokens, decode_steps, t_decode = 0, set(), 0, 0, 0.0
+    started: set[str] = set()
+    produced, decode_tokens, decode_steps, t_decode = 0, 0, 0, 0.0
     while engine.has_unfinished():
         ts = time.perf_counter()
         outs = engine.step()

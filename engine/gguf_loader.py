@@ -22,6 +22,7 @@ files are not permuted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ def read_gguf_tensors(
 
             heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
             permuted = permute and name.endswith(("q_proj.weight", "k_proj.weight"))
-            kept = native_tensor(t, (lambda a, h=heads: _unpermute(a, h)) if permuted else None)
+            kept = native_tensor(t, functools.partial(_unpermute, num_heads=heads) if permuted else None)
             if kept is not None:
                 out[name] = kept
                 continue

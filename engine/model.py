@@ -223,12 +223,20 @@ def _dense(weights: ModelWeights, dtype: torch.dtype) -> ModelWeights:
         return dense(w, dtype) if is_quantized(w) else w
 
     layers = tuple(
-        dataclasses.replace(
-            lw,
-            **{
-                f: d(getattr(lw, f))
-                for f in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-            },
+        LayerWeights(
+            input_norm=lw.input_norm,
+            q_proj=d(lw.q_proj),
+            k_proj=d(lw.k_proj),
+            v_proj=d(lw.v_proj),
+            q_bias=lw.q_bias,
+            k_bias=lw.k_bias,
+            v_bias=lw.v_bias,
+            o_proj=d(lw.o_proj),
+            o_bias=lw.o_bias,
+            post_norm=lw.post_norm,
+            gate_proj=d(lw.gate_proj),
+            up_proj=d(lw.up_proj),
+            down_proj=d(lw.down_proj),
         )
         for lw in weights.layers
     )

@@ -49,8 +49,23 @@ def _signature(fn: object, dtype: str, consts: dict[str, object]) -> dict[str, s
     return sig
 
 
+Config = tuple[str, object, str, dict[str, object], int]
+# the quantized linear: every format as served (bf16), fp32 once
+_QUANT: list[Config] = [
+    (
+        f"quant linear {fmt} {dt} {bm}x64x64",
+        triton_kernels._quant_linear_kernel,
+        dt,
+        dict[str, object](QTYPE=code, HAS_BIAS=False, FP32=dt == "fp32", BLOCK_M=bm, BLOCK_N=64)
+        | {"BLOCK_K": 64, "FP8_BN": 128, "FP8_BK": 128},
+        4,
+    )
+    for fmt, code in triton_kernels.QTYPES.items()
+    for dt, bm in (("bf16", 16), ("fp32", 64))
+    if dt == "bf16" or fmt == "Q4_1"
+]
 # (label, kernel, pointer dtype, constexprs, num_warps): the configurations the wrappers launch
-_CONFIGS: list[tuple[str, object, str, dict[str, object], int]] = [
+_CONFIGS: list[Config] = [
     (
         "decode bf16 group8 d128 n16",
         paged_attention._paged_decode_kernel,
@@ -89,19 +104,6 @@ _CONFIGS: list[tuple[str, object, str, dict[str, object], int]] = [
         | {"PRECISION": "ieee"},
         8,
     ),
-    *(
-        (
-            f"quant linear {fmt} {dt} {bm}x64x64",
-            triton_kernels._quant_linear_kernel,
-            dt,
-            {"QTYPE": code, "HAS_BIAS": False, "FP32": dt == "fp32", "BLOCK_M": bm, "BLOCK_N": 64}
-            | {"BLOCK_K": 64, "FP8_BN": 128, "FP8_BK": 128},
-            4,
-        )
-        for fmt, code in triton_kernels.QTYPES.items()
-        for dt, bm in (("bf16", 16), ("fp32", 64))
-        if dt == "bf16" or fmt == "Q4_1"  # every format as served (bf16); fp32 once
-    ),
     (
         "kv_write i16 d128 h8",
         kv_write._kv_write_kernel,
@@ -109,6 +111,7 @@ _CONFIGS: list[tuple[str, object, str, dict[str, object], int]] = [
         {"HEAD_DIM": 128, "BLOCK_D": 128, "H_PAD": 8},
         4,
     ),
+    *_QUANT,
 ]
 
 
