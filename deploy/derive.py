@@ -21,6 +21,7 @@ else turns a TandemConfig into a lower-level config, so a YAML key means the sam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def worker_config(
     would have to offload and onboard its heads in lockstep); ``tiers.g1`` is per rank."""
     tp = pool.tensor_parallel_size
     return WorkerConfig(
-        engine_config(cfg, pool.device, model),
+        dataclasses.replace(engine_config(cfg, pool.device, model), kv_cache_dtype=pool.kv_cache_dtype),
         worker_id=worker_id,
         tiers=tier_config(cfg) if tp == 1 else None,
         kv_backend=KV_BACKEND,

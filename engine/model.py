@@ -30,6 +30,7 @@ from engine.config import ModelConfig
 from engine.kernels.cpu_decode import DecodePlan
 from engine.kernels.cpu_fused import FusedCpuOps, LayerOps, TorchLayerOps
 from engine.kv_layout import KVLayout, torch_dtype
+from engine.kv_quant import QuantizedKVAttention
 from engine.linear import Linear, make_linear, resolve
 from engine.parallel import ShardInfo, TPGroup, shard_info, shard_weights
 from engine.quant.method import cat_rows, embedding, resolve_mode
@@ -50,8 +51,10 @@ class Model:
         device: str | torch.device = "cpu",
         linear_backend: str = "auto",
         tp: TPGroup | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
-        """``weights`` are already this rank's shard when ``tp`` has more than one rank."""
+        """``weights`` are already this rank's shard when ``tp`` has more than one rank.
+        ``kv_cache_dtype``: auto (the run dtype) | fp8_e4m3 | int8 (engine/kv_quant.py)."""
         self.config = config
         self.weights = weights
         self.device = torch.device(device)
@@ -59,6 +62,10 @@ class Model:
         self.shard: ShardInfo = shard_info(config, self.tp.rank, self.tp.size)
         self.dtype = torch_dtype(config.dtype)
         self.attn: AttentionBackend = get_backend(attn_backend, device)
+        self.kv_dtype = KVLayout(1, 1, 1, 1, kv_dtype=kv_cache_dtype).kv_dtype  # validated
+        if self.kv_dtype != "auto":  # rows quantized as written, dequantized per block as read
+            decode_kernel = bool(getattr(self.attn, "kernel", False))
+            self.attn = QuantizedKVAttention(self.attn, self.kv_dtype, decode_kernel)
         self.rope = RotaryTables.build(config, self.dtype, self.device)  # cached once per model
         self.scale = config.head_dim**-0.5
         self.linear_backend = resolve(linear_backend, self.dtype, self.device)
@@ -87,7 +94,8 @@ class Model:
 
     def kv_layout(self, block_size: int) -> KVLayout:
         """This rank's KV pool layout: the checkpoint's, with only the KV heads this rank holds."""
-        return dataclasses.replace(self.config.kv_layout(block_size), num_kv_heads=self.shard.num_kv_heads)
+        layout = self.config.kv_layout(block_size)
+        return dataclasses.replace(layout, num_kv_heads=self.shard.num_kv_heads, kv_dtype=self.kv_dtype)
 
     @torch.inference_mode()
     def forward(
@@ -201,6 +209,7 @@ def load_model(
     linear_backend: str = "auto",
     tp: TPGroup | None = None,
     quantized_weights: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> Model:
     """Parse the config, map the weights (this rank's shard of them, with ``tp``) and build the model
     (no KV cache: the caller allocates it with ``model.kv_layout(block_size).allocate(num_blocks)``).
@@ -213,7 +222,7 @@ def load_model(
         # a shard's row-parallel weights are column slices, which cut quantized blocks: dense first
         weights = _dense(weights, run_dtype)
         weights = shard_weights(weights, config, tp.rank, tp.size)
-    return Model(config, weights, attn_backend, device, linear_backend, tp)
+    return Model(config, weights, attn_backend, device, linear_backend, tp, kv_cache_dtype)
 
 
 def _dense(weights: ModelWeights, dtype: torch.dtype) -> ModelWeights:

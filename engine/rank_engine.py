@@ -31,6 +31,7 @@ class RankEngine:
             config.linear_backend,
             tp,
             config.quantized_weights,
+            config.kv_cache_dtype,
         )
         self.kv_layout, num_blocks = kv_pool(config, self.model)
         self.kv_cache = self.kv_layout.allocate(num_blocks, config.device)  # (L, N, 2, H_kv/tp, B, D)
