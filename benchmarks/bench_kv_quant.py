@@ -113,15 +113,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"host": describe_host(), "model": str(path), "rows": [asdict(r) for r in rows]}))
         return 0
     print(f"host: {describe_host()}")
-    print(f"model: {path.name}; {len(PROMPTS)} prompts x {args.max_new} greedy tokens (fp32 weights)")
+    print(f"model: {path.name}; {len(PROMPTS)} prompts x {args.max_new} greedy tokens, fp32 activations")
     base = rows[0].bytes_per_token
-    print(
-        f"{'KV cache':<10} {'positions':>9} {'greedy agree':>12} {'mean KL':>10} {'max KL':>9} {'bytes/token':>11} {'vs run dtype':>12}"
-    )
+    head = f"{'KV cache':<10} {'positions':>9} {'greedy agree':>12} {'mean KL':>10} {'max KL':>9}"
+    print(head + f" {'bytes/token':>11} {'vs run dtype':>12}")
     for r in rows:
         print(
-            f"{r.kv_dtype:<10} {r.positions:>9} {r.greedy_agreement:>11.1%} {r.mean_kl:>10.2e} {r.max_kl:>9.2e} "
-            f"{r.bytes_per_token:>11} {r.bytes_per_token / base:>11.2f}x"
+            f"{r.kv_dtype:<10} {r.positions:>9} {r.greedy_agreement:>11.1%} {r.mean_kl:>10.2e} "
+            f"{r.max_kl:>9.2e} {r.bytes_per_token:>11} {r.bytes_per_token / base:>11.2f}x"
         )
     print(
         "KL(run dtype's cache || this one) in nats, at every generated position, teacher-forced",
