@@ -70,11 +70,11 @@ def measure(
     outs = engine.generate(ids, SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True))
     engine.close()
     seqs = [p + o.new_token_ids for p, o in zip(ids, outs, strict=True)]
-    reference = load_model(path)
+    reference = engine.model  # the run dtype's cache
     refs = [_logits(reference, s)[len(p) - 1 : -1] for p, s in zip(ids, seqs, strict=True)]  # (n, V) each
     results = []
     for kind in ["auto", *kv_dtypes]:
-        model = load_model(path, kv_cache_dtype=kind)
+        model = reference if kind == "auto" else load_model(path, kv_cache_dtype=kind)
         agree, kls = 0, []
         for p, s, ref in zip(ids, seqs, refs, strict=True):
             got = _logits(model, s)[len(p) - 1 : -1]
