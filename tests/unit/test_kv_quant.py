@@ -108,3 +108,14 @@ def test_a_model_on_a_quantized_pool(kind: str, checkpoint) -> None:  # type: ig
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # ... within its precision
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         load_model(checkpoint, kv_cache_dtype="fp4")
+
+
+def test_the_cost_model_prices_the_bytes_a_quantized_cache_moves(checkpoint) -> None:  # type: ignore[no-untyped-def]
+    from engine.config import ModelConfig
+    from router.pools_backend import cost_params
+
+    mc = ModelConfig.from_pretrained(checkpoint)
+    fp32, fp8 = cost_params(mc, 16), cost_params(mc, 16, "fp8_e4m3")
+    d = mc.head_dim
+    assert fp32.kv_bytes_per_token == 2 * mc.num_layers * mc.num_kv_heads * d * 4
+    assert fp8.kv_bytes_per_token == 2 * mc.num_layers * mc.num_kv_heads * (d + 4)  # codes + a scale per row
