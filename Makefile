@@ -64,8 +64,8 @@ test-fast: $(STAMP)
 # kernels (ATEN_CPU_CAPABILITY), oneDNN and MKL capped at AVX2, and our C kernels built without AVX-512 (TANDEM_CPU_CAPABILITY
 # follows it), so an AVX-512 machine also checks what an AVX2-only one runs. CI runs it after test.
 ISA_TESTS := tests/unit/test_cpu_fused.py tests/unit/test_cpu_kernels.py tests/unit/test_cpu_capability.py \
-	tests/unit/test_quant_kernels.py tests/integration/test_model_logits.py tests/integration/test_engine_golden.py \
-	tests/integration/test_gguf.py
+	tests/unit/test_quant_kernels.py tests/unit/test_cpu_decode_plan.py tests/unit/test_kv_quant.py \
+	tests/integration/test_model_logits.py tests/integration/test_engine_golden.py tests/integration/test_gguf.py
 test-isa: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/pytest -q $(ISA_TESTS)
 
