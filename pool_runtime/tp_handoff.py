@@ -56,6 +56,8 @@ def rank_parts(
     source = source or one_rank(layout)
     why = layout.mismatch(source)
     if why:
+        if layout.dtype != source.dtype:  # the YAML's pools.prefill / pools.decode kv_cache_dtype
+            why += " (pools.prefill.kv_cache_dtype and pools.decode.kv_cache_dtype must hold the same KV)"
         raise IncompatibleKV(f"{who} cannot take KV from this prefill worker: {why}")
     routes = plan_routes(source, layout)
     local = len(layout.rank_heads(0))

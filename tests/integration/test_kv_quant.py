@@ -56,18 +56,21 @@ def test_fp8_handoff_equals_one_engine_with_an_fp8_cache(ckpt: Path, prompts: li
     assert p.load().used_blocks == 0 and d.load().used_blocks == 0
 
 
+@pytest.mark.parametrize(("decode", "prefill"), [("int8", "auto"), ("auto", "fp8_e4m3")])
 def test_a_decode_worker_of_another_cache_dtype_refuses_naming_both(
-    ckpt: Path, prompts: list[list[int]]
+    ckpt: Path, prompts: list[list[int]], decode: str, prefill: str
 ) -> None:
-    d = DecodeWorker(worker_config(ckpt, "d-int8", kv_cache_dtype="int8"))
+    """Both ways: a quantized decode pool behind a default prefill pool, and the reverse."""
+    d = DecodeWorker(worker_config(ckpt, "d0", kv_cache_dtype=decode))
+    names = {"auto": "float32", "int8": "int8", "fp8_e4m3": "fp8_e4m3"}
     try:
-        fp32_prefill = worker_layout(d.engine.model_config, 4, 1)  # a prefill pool with the default cache
-        with pytest.raises(
-            IncompatibleKV, match="decode worker d-int8 cannot take KV .*dtype 'int8' vs 'float32'"
-        ):
-            d.reserve(work("mixed", prompts[1], 4), fp32_prefill)
+        theirs = worker_layout(d.engine.model_config, 4, 1, prefill)  # what the prefill worker announces
+        why = f"decode worker d0 cannot take KV .*dtype '{names[decode]}' vs '{names[prefill]}'"
+        why += " .*kv_cache_dtype"
+        with pytest.raises(IncompatibleKV, match=why):
+            d.reserve(work("mixed", prompts[1], 4), theirs)
         assert d.load().used_blocks == 0  # nothing held
-        same = worker_layout(d.engine.model_config, 4, 1, "int8")
+        same = worker_layout(d.engine.model_config, 4, 1, decode)
         assert d.reserve(work("same", prompts[1], 4), same).dest.block_ids  # the same kind is taken
         assert d.cancel("same")
     finally:
