@@ -9,7 +9,7 @@ C backend, where both sum in the same order) or to fp32 rounding elsewhere.
 
 from __future__ import annotations
 
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -53,7 +53,7 @@ class QuantizedWeight(Protocol):
 
 
 # What engine.weights hands the model for a projection or the embedding.
-Weight = Union[torch.Tensor, QuantizedWeight]  # noqa: UP007 (a runtime alias used in isinstance-free code)
+Weight = torch.Tensor | QuantizedWeight
 
 
 def is_quantized(w: object) -> bool:
