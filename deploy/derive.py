@@ -83,7 +83,7 @@ def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = N
         dtype=cfg.dtype,
         attn_backend=e.attn_backend,
         quantized_weights=e.quantized_weights,
-        kv_cache_dtype=cfg.pools.decode.kv_cache_dtype,  # one engine (--backend engine) decodes; workers: their pool's
+        kv_cache_dtype=cfg.pools.decode.kv_cache_dtype,  # the one engine decodes; a worker: its pool
         device=device,
         block_size=e.block_size,
         kv_cache_bytes=int(cfg.tiers.g1.capacity),
