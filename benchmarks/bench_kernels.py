@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.kernels.native import describe_host
     from engine.linear import cpu_gemm_available, onednn_available
     from engine.model import _LayerLinears
+    from engine.quant.weight import dense
     from engine.weights import load_weights
 
     model_dir = Path(args.model) if args.model else bench_model_dir()
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         ["torch"] + (["onednn"] if onednn_available() else []) + (["cpu"] if cpu_gemm_available() else [])
     )
     flops_per_row = 2 * sum(
-        t.numel()
+        dense(t, torch.float32).numel()
         for w in weights.layers
         for t in (w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj)
     )

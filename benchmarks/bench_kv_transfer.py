@@ -10,6 +10,8 @@ head dim and dtype; block size and tokens per request fix the blocks per request
 
 Receiver block ids are either ``contiguous`` (one descriptor per layer) or ``scattered`` (every
 block its own run: one descriptor per block per layer) to show what descriptor count costs.
+``--kv-dtypes`` repeats it for other KV caches: fp8_e4m3 / int8 rows (engine/kv_quant.py) move as
+bytes with their scales, so a request moves half a bf16 request's bytes (plus 4 per row).
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ PRESETS = {  # layers, KV heads, head dim, dtype
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(PRESETS), default="llama-3-8b")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--kv-dtypes",
+        nargs="+",
+        choices=["auto", "float32", "bfloat16", "fp8_e4m3", "int8"],
+        default=["auto"],
+        help="KV caches to move (auto: the preset's bf16); fp8_e4m3 / int8 rows carry their scales",
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="tokens per request")
     parser.add_argument("--modes", nargs="+", choices=["layer", "whole"], default=["layer", "whole"])
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "scattered"], default=["contiguous"])
@@ -179,14 +188,34 @@ def _case(
     }
 
 
+def kv_layout(p: KVLayout, block_size: int, kv: str) -> KVLayout:
+    """The preset's KV as ``kv`` holds it: a float dtype, or fp8_e4m3 / int8 codes and scales."""
+    if kv in ("fp8_e4m3", "int8"):
+        return KVLayout(p.num_layers, p.num_kv_heads, p.head_dim, block_size, p.dtype, kv_dtype=kv)
+    return KVLayout(p.num_layers, p.num_kv_heads, p.head_dim, block_size, p.dtype if kv == "auto" else kv)
+
+
 def run(args: argparse.Namespace) -> int:
-    p = PRESETS[args.model]
-    layout = KVLayout(p.num_layers, p.num_kv_heads, p.head_dim, args.block_size, p.dtype)
-    max_blocks = max(layout.blocks_for(t) for t in args.tokens)
     rows: list[dict[str, Any]] = []
+    for kv in args.kv_dtypes:
+        _run_layout(args, kv_layout(PRESETS[args.model], args.block_size, kv), rows)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(_table(rows))
+    if args.calibration:
+        with open(args.calibration, "w") as f:
+            json.dump(calibration(rows), f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _run_layout(args: argparse.Namespace, layout: KVLayout, rows: list[dict[str, Any]]) -> None:
+    max_blocks = max(layout.blocks_for(t) for t in args.tokens)
+    per_token = layout.num_layers * layout.layer_block_bytes // layout.block_size
     for backend in args.backends:
         for transport in args.transports:
             base = {"backend": backend, "transport": transport, "model": args.model}
+            base |= {"kv_cache": layout.cache_dtype, "kv_bytes_per_token": per_token}
             try:
                 pair = _Pair(backend, transport, layout, max_blocks * args.concurrency)
             except Exception as e:
@@ -215,14 +244,6 @@ def run(args: argparse.Namespace) -> int:
                         print(_row(rows[-1]), file=sys.stderr, flush=True)
             finally:
                 pair.close()
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(_table(rows))
-    if args.calibration:
-        with open(args.calibration, "w") as f:
-            json.dump(calibration(rows), f, indent=1)
-    return 1 if any("error" in r for r in rows) else 0
 
 
 def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -248,6 +269,8 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 _COLS = [
+    ("kv_cache", "{}"),
+    ("kv_bytes_per_token", "{}"),
     ("backend", "{}"),
     ("transport", "{}"),
     ("mode", "{}"),
@@ -266,6 +289,8 @@ _COLS = [
     ("p99_ms", "{:.2f}"),
 ]
 _HEAD = [
+    "kv",
+    "B/token",
     "backend",
     "tport",
     "mode",

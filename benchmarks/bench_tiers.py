@@ -12,7 +12,9 @@ G2 cases alternate whole runs with their ceiling; G3 cases alternate slices of 1
 theirs, so a case and its ceiling see the same disk. Reads bypass the page cache (O_DIRECT;
 posix_fadvise DONTNEED where O_DIRECT is refused) for the tier and its ceiling alike. Blocks are
 shaped like a model's: 64 KiB per layer (8 KV heads, head_dim 128, 16 tokens, fp16), layers chosen
-to reach the requested block size.
+to reach the requested block size. ``--kv-dtypes`` repeats the cases with the same model's KV held
+otherwise (fp8_e4m3 / int8 rows with their scales: half fp16's bytes per token, a quarter of fp32's);
+each row says its cache's bytes per token.
 """
 
 from __future__ import annotations
@@ -48,13 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsync", action="store_true", help="G3: fdatasync each file before its rename")
     parser.add_argument("--buffered", action="store_true", help="G3 with buffered I/O instead of O_DIRECT")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument(
+        "--kv-dtypes",
+        nargs="+",
+        default=["float16"],
+        choices=["float32", "float16", "bfloat16", "fp8_e4m3", "int8"],
+        help="what the blocks hold (the layers stay those of --block-kib at fp16)",
+    )
 
 
-def _layout(block_kib: int) -> KVLayout:
+def _layout(block_kib: int, kv: str = "float16") -> KVLayout:
     per_layer_kib = 64  # 2 * 8 heads * 16 tokens * 128 dims * 2 bytes
     if block_kib % per_layer_kib:
         raise SystemExit(f"--block-kib must be a multiple of {per_layer_kib}")
-    return KVLayout(block_kib // per_layer_kib, 8, 128, 16, "float16")
+    if kv in ("fp8_e4m3", "int8"):
+        return KVLayout(block_kib // per_layer_kib, 8, 128, 16, "float16", kv_dtype=kv)
+    return KVLayout(block_kib // per_layer_kib, 8, 128, 16, kv)
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -136,14 +147,15 @@ def _drop_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict]:
-    layout = _layout(block_kib)
+def _run_size(block_kib: int, args: argparse.Namespace, root: Path, kv_dtype: str = "float16") -> list[dict]:
+    layout = _layout(block_kib, kv_dtype)
     bb = layout.block_bytes
     repeat, device = args.repeat, args.device
     n = max(4, args.total_mib * 2**20 // bb)
     total = n * bb
     kv = layout.allocate(n, device)  # (L, n, 2, H_kv, B, D): G1
-    kv.copy_(torch.randn(kv.shape).to(kv.dtype))
+    fill = torch.randn(kv.shape).to(kv.dtype) if kv.is_floating_point() else torch.randint_like(kv, 256)
+    kv.copy_(fill)  # random bytes for a quantized pool: codes and scales alike
     dev = TorchDevicePool(kv, layout)
     hashes = [i.to_bytes(16, "big") for i in range(n)]
     memcpy = lambda: _memcpy_seconds(total, device)  # noqa: E731
@@ -153,7 +165,8 @@ def _run_size(block_kib: int, args: argparse.Namespace, root: Path) -> list[dict
     def case(tier: str, op: str, seconds: float, ceiling: float) -> None:
         g, c = _gbps(total, seconds), _gbps(total, ceiling)
         rows.append(
-            {"tier": tier, "op": op, "block_bytes": bb, "blocks": n, "bytes": total,
+            {"tier": tier, "op": op, "kv_cache": layout.cache_dtype,
+             "bytes_per_token": bb // layout.block_size, "block_bytes": bb, "blocks": n, "bytes": total,
              "gbps": round(g, 3), "ceiling_gbps": round(c, 3), "ratio": round(g / c, 3)}
         )  # fmt: skip
 
@@ -258,16 +271,19 @@ def run(args: argparse.Namespace) -> int:
         root = Path(args.dir)
         root.mkdir(parents=True, exist_ok=True)
     try:
-        rows = [r for kib in args.block_kib for r in _run_size(kib, args, root)]
+        sizes = [(kib, kv) for kv in args.kv_dtypes for kib in args.block_kib]
+        rows = [r for kib, kv in sizes for r in _run_size(kib, args, root, kv)]
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'tier':<5}{'op':<7}{'block':>10}{'blocks':>8}{'GB/s':>9}{'ceiling':>9}{'ratio':>7}")
+    head = f"{'kv':<10}{'B/token':>9} {'tier':<5}{'op':<7}{'block':>10}"
+    print(head + f"{'blocks':>8}{'GB/s':>9}{'ceiling':>9}{'ratio':>7}")
     for r in rows:
         print(
+            f"{r['kv_cache']:<10}{r['bytes_per_token']:>9} "
             f"{r['tier']:<5}{r['op']:<7}{r['block_bytes'] // 1024:>8}Ki{r['blocks']:>8}"
             f"{r['gbps']:>9.2f}{r['ceiling_gbps']:>9.2f}{r['ratio']:>7.2f}"
         )

@@ -98,7 +98,9 @@ class DecodeWorker(FaultHooks, StepLoop):
         self.ranks = ranks
         self.engine, self.tier_store = build_engine(config, ranks.tp if ranks is not None else None)
         tp = ranks.size if ranks is not None else 1
-        self.kv_layout: KVShardLayout = worker_layout(self.engine.model_config, config.engine.block_size, tp)
+        self.kv_layout: KVShardLayout = worker_layout(
+            self.engine.model_config, config.engine.block_size, tp, config.engine.kv_cache_dtype
+        )
         if ranks is not None:
             self.engine.runner.publish = ranks.step
         self.evictions = EvictionLog(self.engine)

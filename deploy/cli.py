@@ -18,6 +18,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": ("deploy.generate", "generate text in-process (or from a server with --server)"),
     "bench engine": ("benchmarks.bench_engine", "output tokens/s of Tandem vs transformers generate"),
+    "bench quant": (
+        "benchmarks.bench_quant",
+        "a GGUF model natively vs dequantized at 1 and 16 streams, the read roofline, llama.cpp's server",
+    ),
+    "bench kv-quant": (
+        "benchmarks.bench_kv_quant",
+        "a quantized KV cache (fp8_e4m3, int8) against the fp32 one: greedy agreement, mean KL, bytes",
+    ),
     "bench kernels": (
         "benchmarks.bench_kernels",
         "the model's projections per linear backend (C kernel, oneDNN, torch) at decode and prefill rows",

@@ -53,6 +53,7 @@ class EngineSection(_Strict):
     max_num_batched_tokens: int = Field(default=512, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)  # None: the checkpoint's max_position_embeddings
     attn_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
+    quantized_weights: Literal["auto", "native", "dequantize"] = "auto"  # engine/quant/method.py
     enable_prefix_caching: bool = True
     # A bounded iteration: each step's predicted time (measured step costs) stays within this, the
     # prefill chunks shrinking to fit beside the running decodes; None: the token budget alone.
@@ -69,6 +70,9 @@ class PoolConfig(_Strict):
 
     replicas: int = Field(default=1, ge=0)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # what this pool's KV cache holds: auto (the run dtype) | fp8_e4m3 | int8 (codes and a scale per
+    # row, engine/kv_quant.py); a decode pool takes KV only from a prefill pool of the same kind
+    kv_cache_dtype: Literal["auto", "fp8_e4m3", "int8"] = "auto"
     num_cpus: NonNegativeFloat = 1.0
     num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA (per rank)
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # custom Ray resources

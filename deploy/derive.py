@@ -21,6 +21,7 @@ else turns a TandemConfig into a lower-level config, so a YAML key means the sam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = N
         model=model if model is not None else model_dir(cfg),
         dtype=cfg.dtype,
         attn_backend=e.attn_backend,
+        quantized_weights=e.quantized_weights,
+        kv_cache_dtype=cfg.pools.decode.kv_cache_dtype,  # the one engine decodes; a worker: its pool
         device=device,
         block_size=e.block_size,
         kv_cache_bytes=int(cfg.tiers.g1.capacity),
@@ -113,7 +116,7 @@ def worker_config(
     would have to offload and onboard its heads in lockstep); ``tiers.g1`` is per rank."""
     tp = pool.tensor_parallel_size
     return WorkerConfig(
-        engine_config(cfg, pool.device, model),
+        dataclasses.replace(engine_config(cfg, pool.device, model), kv_cache_dtype=pool.kv_cache_dtype),
         worker_id=worker_id,
         tiers=tier_config(cfg) if tp == 1 else None,
         kv_backend=KV_BACKEND,

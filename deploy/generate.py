@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    p.add_argument(
+        "--quantized-weights",
+        default="auto",
+        choices=["auto", "native", "dequantize"],
+        help="GGUF / FP8 weights: kept packed and multiplied by the quantized kernels (native; auto where "
+        "a kernel runs them), or dequantized at load (the reference)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--server", default=None, metavar="HOST:PORT", help="stream from a tandem serve endpoint")
     add_client_security(p)
@@ -120,7 +127,18 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.model is None and not args.json:
         print(f"(model: {DEFAULT_MODEL}, {model})", file=sys.stderr)
-    engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, attn_backend=args.attn_backend))
+    try:
+        engine = LLMEngine(
+            EngineConfig(
+                model=model,
+                dtype=args.dtype,
+                attn_backend=args.attn_backend,
+                quantized_weights=args.quantized_weights,
+            )
+        )
+    except ValueError as e:  # a checkpoint we cannot run: the message names what
+        print(f"tandem generate: {model}: {e}", file=sys.stderr)
+        return 2
     try:
         t0 = time.perf_counter()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import torch
@@ -19,6 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument(
+        "--quantize", default=None, choices=["fp8"], help="store the projections as block-scaled FP8 (e4m3)"
+    )
+    parser.add_argument(
+        "--fp8-block",
+        type=int,
+        nargs=2,
+        default=(128, 128),
+        metavar=("ROWS", "COLS"),
+        help="FP8 scale blocks",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -32,8 +44,26 @@ def run(args: argparse.Namespace) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = float(value) if "." in value else int(value)
-    out = make_model(args.out, args.preset, args.arch, args.seed, args.dtype, args.num_shards, overrides)
+    if min(args.fp8_block) < 1:
+        print(f"tandem make-model: --fp8-block must be positive, got {args.fp8_block}", file=sys.stderr)
+        return 2
+    out = make_model(
+        args.out,
+        args.preset,
+        args.arch,
+        args.seed,
+        args.dtype,
+        args.num_shards,
+        overrides,
+        quantization=args.quantize,
+        fp8_block=tuple(args.fp8_block),
+    )
     cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
     n = sum(torch.Size(s).numel() for _, s in param_shapes(cfg))
-    print(f"wrote {cfg['architectures'][0]} ({n / 1e6:.2f}M params, {args.dtype}) to {out}")
+    kind = (
+        f"{args.dtype}, projections FP8 {args.fp8_block[0]}x{args.fp8_block[1]}"
+        if args.quantize
+        else args.dtype
+    )
+    print(f"wrote {cfg['architectures'][0]} ({n / 1e6:.2f}M params, {kind}) to {out}")
     return 0

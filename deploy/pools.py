@@ -214,6 +214,7 @@ def pools_backend(
             name=model_name(cfg),
             dtype=cfg.dtype,
             block_size=cfg.engine.block_size,
+            kv_cache_dtype=cfg.pools.prefill.kv_cache_dtype,  # what a handoff moves
             policy=cfg.router.policy,
             topology=topology(cfg, nodes),
             nodes=nodes,

@@ -109,8 +109,10 @@ class ModelConfig:
         for name in _MOE_FIELDS:
             if raw.get(name):
                 raise ValueError(f"mixture of experts ({name}={raw[name]!r}) is not supported")
-        if raw.get("quantization_config"):
-            raise ValueError("quantization_config: quantized checkpoints are not supported")
+        if raw.get("quantization_config"):  # block-scaled FP8 only (engine/quant/fp8.py); else named
+            from engine.quant.fp8 import check_quantization_config
+
+            check_quantization_config(raw["quantization_config"])
         if raw.get("mlp_bias"):
             raise ValueError("mlp_bias: MLP biases are not supported")
         _check_no_sliding_window(raw, arch)

@@ -22,6 +22,7 @@ files are not permuted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -175,17 +176,29 @@ def hf_name(name: str) -> str:
     return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
 
 
-def read_gguf_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def read_gguf_tensors(
+    path: str | Path, dtype: torch.dtype = torch.float32, native: bool = False
+) -> dict[str, Any]:
     """Every tensor of the file, dequantized to fp32, Q/K rows un-permuted, then cast to ``dtype``,
-    keyed by its Hugging Face name."""
+    keyed by its Hugging Face name. ``native``: a tensor of a type the quantized kernels run stays
+    its block bytes instead (``engine.quant.gguf_native``), never dequantized here."""
     from gguf import GGMLQuantizationType, dequantize
 
     g = open_gguf(path)
     cfg = gguf_config(path)
     permute = g.architecture == "llama"
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for t in g.reader.tensors:
         name = hf_name(t.name)
+        if native:
+            from engine.quant.gguf_native import native_tensor
+
+            heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
+            permuted = permute and name.endswith(("q_proj.weight", "k_proj.weight"))
+            kept = native_tensor(t, functools.partial(_unpermute, num_heads=heads) if permuted else None)
+            if kept is not None:
+                out[name] = kept
+                continue
         try:
             arr = dequantize(t.data, t.tensor_type)  # (rows, cols) fp32, numpy order
         except NotImplementedError:

@@ -11,6 +11,12 @@ layer's slice of a run of consecutive block ids is one contiguous piece (one des
 A token at position p of a request lives in block ``block_table[p // B]`` at offset ``p % B``; its
 flat *slot* is ``block_id * B + p % B``. The tier store's unit is one block across all layers:
 ``kv[:, block_id]``, ``block_bytes`` bytes.
+
+A quantized KV cache (``kv_dtype`` fp8_e4m3 or int8, engine/kv_quant.py) is a uint8 pool whose last
+dimension is a *row*: one token's D codes of one head followed by that row's fp32 scale, so the
+scales live inside the blocks and move with them (tiers, handoffs, digests) as plain bytes::
+
+    kv: (L, N, 2, H_kv, B, D + 4) uint8      row = [ code_0 ... code_{D-1} | scale (fp32, LE) ]
 """
 
 from __future__ import annotations
@@ -36,7 +42,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     for name, d in _DTYPES.items():
         if d == dtype:
             return name
+    if dtype == torch.uint8:  # a quantized KV pool's bytes (its codes and scales)
+        return "uint8"
     raise ValueError(f"unsupported dtype {dtype}")
+
+
+KV_DTYPES = ("auto", "fp8_e4m3", "int8")  # auto: the run dtype
+SCALE_BYTES = 4  # one fp32 scale per quantized row
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,20 +57,39 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: str = "float32"  # one of float32, bfloat16, float16
+    dtype: str = "float32"  # one of float32, bfloat16, float16: the run dtype
+    kv_dtype: str = "auto"  # auto (the run dtype) | fp8_e4m3 | int8: codes + a scale per row
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv_dtype != "auto"
+
+    @property
+    def cache_dtype(self) -> str:
+        """What the pool holds, as the YAML and the handoff's layout check name it."""
+        return self.kv_dtype if self.quantized else self.dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype)
+        return torch.uint8 if self.quantized else torch_dtype(self.dtype)
 
     @property
     def itemsize(self) -> int:
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
     @property
+    def row_size(self) -> int:
+        """The pool's last dimension: D values, or D codes and the row's scale."""
+        return self.head_dim + SCALE_BYTES if self.quantized else self.head_dim
+
+    @property
     def layer_block_bytes(self) -> int:
         """Bytes of one block of one layer (K and V)."""
-        return 2 * self.num_kv_heads * self.block_size * self.head_dim * self.itemsize
+        return 2 * self.num_kv_heads * self.block_size * self.row_size * self.itemsize
 
     @property
     def block_bytes(self) -> int:
@@ -66,7 +97,7 @@ class KVLayout:
         return self.num_layers * self.layer_block_bytes
 
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (self.num_layers, num_blocks, 2, self.num_kv_heads, self.block_size, self.head_dim)
+        return (self.num_layers, num_blocks, 2, self.num_kv_heads, self.block_size, self.row_size)
 
     def allocate(self, num_blocks: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """A zeroed pool, (L, N, 2, H_kv, B, D). On a Linux CPU, a fresh anonymous mapping advised

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.native import NativeLibrary
+from engine.quant.weight import Weight
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,7 +47,9 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 # the kernel's arithmetic is its intrinsics: no -ffast-math
-GEMM = NativeLibrary("cpu_gemm.c", ("-O3", "-march=native", "-fopenmp", f"-DMC={_MC}"), _declare)
+GEMM = NativeLibrary(
+    "cpu_gemm.c", ("-O3", "-march=native", "-fopenmp", f"-DMC={_MC}"), _declare, headers=("gemm_micro.h",)
+)
 
 
 def onednn_available() -> bool:
@@ -74,8 +77,14 @@ def resolve(backend: str, dtype: torch.dtype, device: torch.device) -> str:
     return backend
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> Linear:
-    """``x (T, in) -> (T, out)`` with ``weight (out, in)``; ``backend`` already resolved."""
+def make_linear(weight: Weight, bias: torch.Tensor | None, backend: str) -> Linear:
+    """``x (T, in) -> (T, out)`` with ``weight (out, in)``; ``backend`` already resolved. A quantized
+    weight goes to its linear method (``engine.quant.method``): packed bytes, dequantized in the
+    kernel."""
+    if not isinstance(weight, torch.Tensor):
+        from engine.quant.method import make_quant_linear
+
+        return make_quant_linear(weight, bias, backend)
     if backend == "torch":
         return lambda x: F.linear(x, weight, bias)
     if backend == "cpu":
@@ -89,35 +98,48 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -
     return linear
 
 
-def _cpu_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-    lib = GEMM.load()
-    assert lib is not None, GEMM.load_error
-    n, k = weight.shape
-    w = weight.detach().to(torch.float32).contiguous()
-    packed = torch.empty(-(-n // _NR) * _NR * k, dtype=torch.float32)
-    lib.tandem_gemm_pack_f32(w.data_ptr(), n, k, packed.data_ptr())
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    gemm = lib.tandem_gemm_f32
+class PackedLinear:
+    """``x (T, k) -> (T, n)`` on ``cpu_gemm.c`` over fp32 weights packed once into its panels. Its
+    fields are what ``engine.kernels.cpu_decode`` hands the same kernel from C."""
 
-    def linear(x: torch.Tensor) -> torch.Tensor:
+    kind, qtype = 0, 0  # cpu_decode.c's linear kinds: 0 fp32 panels, 1 quantized panels
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        lib = GEMM.load()
+        assert lib is not None, GEMM.load_error
+        self.n, self.k = n, k = weight.shape
+        w = weight.detach().to(torch.float32).contiguous()
+        self.packed = torch.empty(-(-n // _NR) * _NR * k, dtype=torch.float32)
+        lib.tandem_gemm_pack_f32(w.data_ptr(), n, k, self.packed.data_ptr())
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self._gemm = lib.tandem_gemm_f32
+
+    @staticmethod
+    def scratch_floats(m: int, threads: int) -> int:
+        return threads * _MC * _NR
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.n, self.k
         if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32 or x.stride(1) != 1:
             raise ValueError(f"expected fp32 (T, {k}) with contiguous rows, got {x.dtype} {tuple(x.shape)}")
         m, threads = x.shape[0], torch.get_num_threads()
         y = torch.empty(m, n, dtype=torch.float32)
         if m:
             scratch = torch.empty(threads * _MC * _NR, dtype=torch.float32)
-            gemm(
+            self._gemm(
                 x.data_ptr(),
                 x.stride(0),
                 m,
-                packed.data_ptr(),
+                self.packed.data_ptr(),
                 n,
                 k,
-                None if b is None else b.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr(),
                 y.data_ptr(),
                 scratch.data_ptr(),
                 threads,
             )
         return y
 
-    return linear
+
+def _cpu_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    return PackedLinear(weight, bias)

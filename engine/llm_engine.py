@@ -55,6 +55,8 @@ class EngineConfig:
     dtype: str = "float32"
     attn_backend: str = "auto"  # auto: the C decode kernel on CPU, Triton on GPU
     linear_backend: str = "auto"  # auto: the C kernel (else oneDNN) for fp32 on CPU, else F.linear
+    quantized_weights: str = "auto"  # native | dequantize | auto: GGUF / FP8 weights (engine/quant/method.py)
+    kv_cache_dtype: str = "auto"  # auto (the run dtype) | fp8_e4m3 | int8 (engine/kv_quant.py)
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None  # None: from kv_cache_bytes, capped at what max_num_seqs can use
@@ -133,7 +135,14 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.model = load_model(
-            config.model, config.dtype, config.attn_backend, config.device, config.linear_backend, tp
+            config.model,
+            config.dtype,
+            config.attn_backend,
+            config.device,
+            config.linear_backend,
+            tp,
+            config.quantized_weights,
+            config.kv_cache_dtype,
         )
         mc: ModelConfig = self.model.config
         self.model_config = mc

@@ -259,6 +259,20 @@ def _shard(names: list[str], weights: dict[str, torch.Tensor], num_shards: int) 
     return groups
 
 
+def _fp8(weights: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Each projection's weight as FP8 and its scales, in the checkpoint's tensor order."""
+    from engine.quant.fp8 import quantize_fp8
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        if name.endswith("_proj.weight"):
+            w = quantize_fp8(t, block)
+            out[name], out[name + "_scale_inv"] = w.q, w.scale_inv
+        else:
+            out[name] = t
+    return out
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -274,11 +288,27 @@ def make_model(
     dtype: str = "float32",
     num_shards: int = 1,
     overrides: dict[str, Any] | None = None,
+    quantization: str | None = None,
+    fp8_block: tuple[int, int] = (128, 128),
 ) -> Path:
-    """Write a random-weight checkpoint to ``out`` (created if missing) and return its path."""
+    """Write a random-weight checkpoint to ``out`` (created if missing) and return its path.
+    ``quantization="fp8"``: every projection stored as block-scaled FP8 (``weight`` in
+    float8_e4m3fn + ``weight_scale_inv``, blocks ``fp8_block``) with its ``quantization_config``,
+    as DeepSeek-V3's and transformers' fine-grained FP8 checkpoints are; the embedding, the norms
+    and an untied LM head stay in ``dtype``."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization must be 'fp8' or None, got {quantization!r}")
     cfg = build_config(preset, arch, dtype, overrides)
+    if quantization == "fp8":
+        cfg["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(fp8_block),
+            "modules_to_not_convert": ["lm_head"],
+        }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", cfg)
@@ -289,11 +319,13 @@ def make_model(
     _write_tokenizer(out, cfg["vocab_size"], arch, cfg["max_position_embeddings"])
 
     weights = random_weights(cfg, seed, DTYPES[dtype])
+    if quantization == "fp8":
+        weights = _fp8(weights, fp8_block)
     meta = {"format": "pt"}
     if num_shards == 1:
         save_file(weights, str(out / "model.safetensors"), metadata=meta)
         return out
-    names = [n for n, _ in param_shapes(cfg)]
+    names = list(weights)
     weight_map: dict[str, str] = {}
     for i, group in enumerate(_shard(names, weights, num_shards)):
         fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ModelConfig
+from engine.quant.weight import Weight
 from engine.tp_layout import check_tensor_parallel, columns, kv_heads, q_heads, vocab_rows, vocab_shard
 from engine.weights import LayerWeights, ModelWeights
 
@@ -267,34 +268,41 @@ def shard_weights(weights: ModelWeights, config: ModelConfig, rank: int, size: i
     def rows(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
         return None if t is None else t[s]
 
-    def cols(t: torch.Tensor, s: slice) -> torch.Tensor:
-        return t[:, s].contiguous()
+    def cols(t: Weight, s: slice) -> torch.Tensor:
+        return dense(t)[:, s].contiguous()
 
     layers = []
     for w in weights.layers:
         layers.append(
             LayerWeights(
                 input_norm=w.input_norm,
-                q_proj=w.q_proj[q_rows],
-                k_proj=w.k_proj[kv_rows],
-                v_proj=w.v_proj[kv_rows],
+                q_proj=dense(w.q_proj)[q_rows],
+                k_proj=dense(w.k_proj)[kv_rows],
+                v_proj=dense(w.v_proj)[kv_rows],
                 q_bias=rows(w.q_bias, q_rows),
                 k_bias=rows(w.k_bias, kv_rows),
                 v_bias=rows(w.v_bias, kv_rows),
                 o_proj=cols(w.o_proj, q_rows),
                 o_bias=w.o_bias if rank == 0 else None,
                 post_norm=w.post_norm,
-                gate_proj=w.gate_proj[mlp_rows],
-                up_proj=w.up_proj[mlp_rows],
+                gate_proj=dense(w.gate_proj)[mlp_rows],
+                up_proj=dense(w.up_proj)[mlp_rows],
                 down_proj=cols(w.down_proj, mlp_rows),
             )
         )
     info = shard_info(c, rank, size)
-    head = weights.lm_head[info.vocab_rows.start : info.vocab_rows.stop]  # (<= V/tp, hidden), a view
+    head = dense(weights.lm_head)[info.vocab_rows.start : info.vocab_rows.stop]  # (<= V/tp, hidden), a view
     if head.shape[0] < info.vocab_shard:  # the last rank: pad to the common width of the gather
         pad = head.new_zeros(info.vocab_shard - head.shape[0], head.shape[1])
         head = torch.cat([head, pad])
     return ModelWeights(embed=weights.embed, layers=tuple(layers), norm=weights.norm, lm_head=head)
+
+
+def dense(w: Weight) -> torch.Tensor:
+    """A weight to shard: quantized ones are dequantized before (engine/model.py), as a shard's column
+    slice would cut their blocks."""
+    assert isinstance(w, torch.Tensor), "dequantize quantized weights before sharding them"
+    return w
 
 
 def default_threads(tp: int) -> int:

@@ -24,7 +24,14 @@ class RankEngine:
         self.config = config
         self.tp = tp
         self.model = load_model(
-            config.model, config.dtype, config.attn_backend, config.device, config.linear_backend, tp
+            config.model,
+            config.dtype,
+            config.attn_backend,
+            config.device,
+            config.linear_backend,
+            tp,
+            config.quantized_weights,
+            config.kv_cache_dtype,
         )
         self.kv_layout, num_blocks = kv_pool(config, self.model)
         self.kv_cache = self.kv_layout.allocate(num_blocks, config.device)  # (L, N, 2, H_kv/tp, B, D)

@@ -6,6 +6,10 @@ safetensors maps the files into memory; a tensor whose file dtype already equals
 CPU) is kept as that mmap-backed view, so weights are never copied twice, and only mismatching
 dtypes are converted. Projections are *not* fused: a fused q/k/v matmul would need a copy of every
 weight, and separate matmuls give transformers' numerics bit for bit.
+
+Quantized checkpoints (GGUF blocks, block-scaled FP8) load either dequantized to the run dtype, or,
+with ``native``, as ``engine.quant`` weights that keep their packed bytes (``Weight`` below is
+either); the model multiplies by those through ``engine.quant.method``.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from engine.config import ModelConfig
 from engine.kv_layout import torch_dtype
+from engine.quant.weight import Weight, is_quantized
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,64 +33,88 @@ INDEX_FILE = "model.safetensors.index.json"
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
-    q_proj: torch.Tensor  # (H * D, hidden)
-    k_proj: torch.Tensor  # (H_kv * D, hidden)
-    v_proj: torch.Tensor  # (H_kv * D, hidden)
+    q_proj: Weight  # (H * D, hidden)
+    k_proj: Weight  # (H_kv * D, hidden)
+    v_proj: Weight  # (H_kv * D, hidden)
     q_bias: torch.Tensor | None  # (H * D,)
     k_bias: torch.Tensor | None  # (H_kv * D,)
     v_bias: torch.Tensor | None  # (H_kv * D,)
-    o_proj: torch.Tensor  # (hidden, H * D)
+    o_proj: Weight  # (hidden, H * D)
     o_bias: torch.Tensor | None  # (hidden,): Llama with attention_bias has it, Qwen2 does not
     post_norm: torch.Tensor  # (hidden,)
-    gate_proj: torch.Tensor  # (I, hidden)
-    up_proj: torch.Tensor  # (I, hidden)
-    down_proj: torch.Tensor  # (hidden, I)
+    gate_proj: Weight  # (I, hidden)
+    up_proj: Weight  # (I, hidden)
+    down_proj: Weight  # (hidden, I)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelWeights:
-    embed: torch.Tensor  # (V, hidden)
+    embed: Weight  # (V, hidden)
     layers: tuple[LayerWeights, ...]
     norm: torch.Tensor  # (hidden,)
-    lm_head: torch.Tensor  # (V, hidden); the embedding itself when tied
+    lm_head: Weight  # (V, hidden); the embedding itself when tied
 
 
-def read_tensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint at ``path``, mmap-backed, keyed by its Hugging Face name (a GGUF
-    file's are dequantized, to ``dtype`` when given: ``engine.gguf_loader``)."""
+def read_tensors(
+    path: str | Path, dtype: torch.dtype | None = None, native: bool = False
+) -> dict[str, Weight]:
+    """Every tensor of the checkpoint at ``path``, mmap-backed, keyed by its Hugging Face name. A
+    quantized one (GGUF blocks, FP8 with its scales) is an ``engine.quant`` weight with ``native``,
+    else dequantized (to ``dtype`` when given)."""
     path = Path(path)
     if path.is_file():
         from engine.gguf_loader import read_gguf_tensors
 
-        return read_gguf_tensors(path, dtype or torch.float32)
+        return read_gguf_tensors(path, dtype or torch.float32, native)
     if (path / INDEX_FILE).exists():
         weight_map: dict[str, str] = json.loads((path / INDEX_FILE).read_text())["weight_map"]
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(load_file(path / shard))
-        return tensors
-    if (path / SINGLE_FILE).exists():
-        return load_file(path / SINGLE_FILE)
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+    elif (path / SINGLE_FILE).exists():
+        tensors = load_file(path / SINGLE_FILE)
+    else:
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+    from engine.quant.fp8 import checkpoint_block, collect_fp8
+
+    block = checkpoint_block(path)
+    if block is None:
+        return dict(tensors)
+    weights = collect_fp8(tensors, block)
+    if not native:
+        weights = {
+            n: w if isinstance(w, torch.Tensor) else w.dequantize(dtype or torch.float32)
+            for n, w in weights.items()
+        }
+    return weights
 
 
-def load_weights(path: str | Path, config: ModelConfig, device: str | torch.device = "cpu") -> ModelWeights:
-    """Read, check and place the checkpoint's weights for ``config`` (its dtype is the run dtype)."""
+def load_weights(
+    path: str | Path, config: ModelConfig, device: str | torch.device = "cpu", native: bool = False
+) -> ModelWeights:
+    """Read, check and place the checkpoint's weights for ``config`` (its dtype is the run dtype);
+    ``native``: quantized ones stay quantized (``engine.quant``)."""
     dtype = torch_dtype(config.dtype)
-    tensors = read_tensors(path, dtype)
+    tensors = read_tensors(path, dtype, native)
     used: set[str] = set()
 
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def take(name: str, shape: tuple[int, ...]) -> Any:
         if name not in tensors:
             raise ValueError(f"checkpoint {path} lacks tensor {name!r}")
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, config implies {shape}")
         used.add(name)
+        if is_quantized(t):
+            return t.to(device)  # packed bytes: no dtype (the kernels dequantize)
+        assert isinstance(t, torch.Tensor)
         return t.to(device=device, dtype=dtype)  # returns t itself (no copy) when nothing changes
 
     def maybe(name: str, shape: tuple[int, ...], required: bool) -> torch.Tensor | None:
-        return take(name, shape) if required or name in tensors else None
+        if not (required or name in tensors):
+            return None
+        t = take(name, shape)
+        return t.dequantize(dtype) if is_quantized(t) else t  # a bias is never multiplied
 
     c = config
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim

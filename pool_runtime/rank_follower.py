@@ -74,7 +74,7 @@ class RankFollower:
         if role == "prefill":
             sender: BaseSender = transport.sender(self.engine.kv_cache)  # type: ignore[assignment]
             self.shard = ShardSender(
-                sender, worker_layout(self.engine.model.config, ec.block_size, size), rank
+                sender, worker_layout(self.engine.model.config, ec.block_size, size, ec.kv_cache_dtype), rank
             )
         else:
             self.receiver = transport.receiver(self.engine.kv_cache)

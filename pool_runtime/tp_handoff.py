@@ -20,11 +20,13 @@ from kv_transfer.transport import HeadSlice, KVDestination
 from pool_runtime.handoff import IncompatibleKV, KVGrant
 
 
-def worker_layout(mc: ModelConfig, block_size: int, tp_size: int) -> KVShardLayout:
-    """A whole worker's KV layout: its model's KV over ``tp_size`` ranks."""
+def worker_layout(mc: ModelConfig, block_size: int, tp_size: int, kv_dtype: str = "auto") -> KVShardLayout:
+    """A whole worker's KV layout: its model's KV over ``tp_size`` ranks, held as ``kv_dtype`` (the
+    engine's ``kv_cache_dtype``: auto is the run dtype; fp8_e4m3 / int8 a quantized cache, which
+    only a worker with the same cache dtype can take: the reserve names both when they differ)."""
     return KVShardLayout(
         fingerprint=mc.fingerprint,
-        dtype=mc.dtype,
+        dtype=mc.dtype if kv_dtype == "auto" else kv_dtype,
         block_size=block_size,
         num_layers=mc.num_layers,
         num_kv_heads=mc.num_kv_heads,
@@ -54,6 +56,8 @@ def rank_parts(
     source = source or one_rank(layout)
     why = layout.mismatch(source)
     if why:
+        if layout.dtype != source.dtype:  # the YAML's pools.prefill / pools.decode kv_cache_dtype
+            why += " (pools.prefill.kv_cache_dtype and pools.decode.kv_cache_dtype must hold the same KV)"
         raise IncompatibleKV(f"{who} cannot take KV from this prefill worker: {why}")
     routes = plan_routes(source, layout)
     local = len(layout.rank_heads(0))

@@ -130,6 +130,7 @@ class PoolsBackend:
         topology: Topology | None = None,
         max_model_len: int | None = None,
         max_tokens_limit: int | None = None,
+        kv_cache_dtype: str = "auto",
         **kwargs: Any,
     ) -> PoolsBackend:
         """A backend over running pools serving the checkpoint at ``model_dir`` (tests, restarts:
@@ -138,7 +139,8 @@ class PoolsBackend:
 
         model_dir = Path(model_dir)
         mc = ModelConfig.from_pretrained(model_dir, dtype)
-        router = Router(store, mc.fingerprint, cost_params(mc, block_size), topology or Topology(), policy)
+        params = cost_params(mc, block_size, kv_cache_dtype)
+        router = Router(store, mc.fingerprint, params, topology or Topology(), policy)
         tokenizer = load_tokenizer(model_dir)
         eos = {*mc.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer is not None else ())}
         info = model_info(mc, name or model_dir.name, block_size, dtype, max_model_len, max_tokens_limit, eos)
@@ -370,9 +372,11 @@ def _error_for(c: TokenChunk) -> Exception:
     return BackendUnavailable(c.error or "the request failed on the pools")
 
 
-def cost_params(mc: Any, block_size: int) -> CostParams:
-    """The cost model's constants for a model (``engine.config.ModelConfig``)."""
-    per_token = mc.kv_layout(block_size).block_bytes // block_size
+def cost_params(mc: Any, block_size: int, kv_cache_dtype: str = "auto") -> CostParams:
+    """The cost model's constants for a model (``engine.config.ModelConfig``) whose KV the pools hold
+    as ``kv_cache_dtype``: the bytes a handoff moves per token, a quantized cache's scales included."""
+    layout = dataclasses.replace(mc.kv_layout(block_size), kv_dtype=kv_cache_dtype)
+    per_token = layout.block_bytes // block_size
     return CostParams(
         kv_bytes_per_token=per_token,
         block_size=block_size,

@@ -4,7 +4,7 @@ a chat template, and the weights of a tiny random transformers checkpoint with a
 permuted as llama.cpp permutes them, stored in one GGML type.
 
 F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 are quantized from the weights by ``gguf.quants.quantize``.
-The gguf package cannot quantize K-quants, so Q4_K / Q6_K tensors are random but valid blocks
+The gguf package cannot quantize K-quants, so Q4_K / Q5_K / Q6_K tensors are random but valid blocks
 (small fp16 scales): the weights are then not the checkpoint's, which does not matter, since the
 reference is transformers loading the same file.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 # K-quants need rows that are a multiple of 256 values
 GGUF_DIMS: dict[str, Any] = dict(
     vocab_size=320,
@@ -65,12 +65,12 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _random_k_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
     nblocks = cols // 256
-    size = {"Q4_K": 144, "Q6_K": 210}[qtype]
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype]
     b = rng.integers(0, 256, size=(rows, nblocks, size), dtype=np.uint8)
     # keep |values| around the checkpoint's (~0.05): 6-bit scales times 4- / 6-bit quants
-    unit = {"Q4_K": 1e-4, "Q6_K": 1e-5}[qtype]
+    unit = {"Q4_K": 1e-4, "Q5_K": 5e-5, "Q6_K": 1e-5}[qtype]
     scale = (rng.uniform(0.5, 1.5, size=(rows, nblocks)) * unit).astype(np.float16).view(np.uint8)
-    if qtype == "Q4_K":  # d, dmin: the first two fp16 of a block
+    if qtype in ("Q4_K", "Q5_K"):  # d, dmin: the first two fp16 of a block
         b[..., 0:2] = scale.reshape(rows, nblocks, 2)
         dmin = (rng.uniform(0.5, 1.5, size=(rows, nblocks)) * unit).astype(np.float16).view(np.uint8)
         b[..., 2:4] = dmin.reshape(rows, nblocks, 2)
@@ -88,7 +88,7 @@ def _encode(arr: np.ndarray, qtype: str, rng: np.random.Generator) -> tuple[np.n
         return arr.astype(np.float32), T.F32
     if qtype == "F16":
         return arr.astype(np.float16), T.F16
-    if qtype in ("Q4_K", "Q6_K"):
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
         return _random_k_blocks(arr.shape[0], arr.shape[1], qtype, rng), t
     return quants.quantize(arr.astype(np.float32), t), t
 
@@ -150,8 +150,17 @@ def write_tokenizer(w: Any, kind: str, vocab_size: int) -> None:
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_gguf(path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2", seed: int = 0) -> Path:
-    """The transformers checkpoint at ``checkpoint`` (Llama) as one GGUF file at ``path``."""
+def write_gguf(
+    path: Path,
+    checkpoint: Path,
+    qtype: str,
+    tokenizer: str = "gpt2",
+    seed: int = 0,
+    types: dict[str, str] | None = None,
+) -> Path:
+    """The transformers checkpoint at ``checkpoint`` (Llama) as one GGUF file at ``path``; ``types``
+    gives some tensors another type, by their GGUF name's part (``{"attn_k": "Q6_K"}``), as llama.cpp's
+    mixed files (Q4_K_M: some of attn_v / ffn_down in Q6_K) do."""
     import json
 
     from gguf import GGUFWriter
@@ -180,7 +189,8 @@ def write_gguf(path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2"
             arr = permute(arr, heads)
         elif name.endswith("k_proj.weight"):
             arr = permute(arr, kv_heads)
-        data, ggml_type = _encode(arr, qtype, rng)
+        part = gguf_name(name).split(".")[-2]
+        data, ggml_type = _encode(arr, (types or {}).get(part, qtype), rng)
         w.add_tensor(gguf_name(name), data, raw_dtype=ggml_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()

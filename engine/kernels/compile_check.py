@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
 from engine.kernels import kv_write, paged_attention
+from engine.quant import triton_kernels
 
 _ATTN_PTRS = ("out_ptr", "q_ptr", "kv_ptr")
 _INDEX_PTRS = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")
@@ -37,13 +38,34 @@ def _signature(fn: object, dtype: str, consts: dict[str, object]) -> dict[str, s
             sig[name] = "*i64"
         elif name == "scale_log2e":
             sig[name] = "fp32"
+        elif name in ("x_ptr", "y_ptr", "bias_ptr"):  # the quantized linear's activations
+            sig[name] = f"*{dtype}"
+        elif name == "w_ptr":
+            sig[name] = "*u8"
+        elif name == "s_ptr":
+            sig[name] = "*fp32"
         else:
             sig[name] = "i32"
     return sig
 
 
+Config = tuple[str, object, str, dict[str, object], int]
+# the quantized linear: every format as served (bf16), fp32 once
+_QUANT: list[Config] = [
+    (
+        f"quant linear {fmt} {dt} {bm}x64x64",
+        triton_kernels._quant_linear_kernel,
+        dt,
+        dict[str, object](QTYPE=code, HAS_BIAS=False, FP32=dt == "fp32", BLOCK_M=bm, BLOCK_N=64)
+        | {"BLOCK_K": 64, "FP8_BN": 128, "FP8_BK": 128},
+        4,
+    )
+    for fmt, code in triton_kernels.QTYPES.items()
+    for dt, bm in (("bf16", 16), ("fp32", 64))
+    if dt == "bf16" or fmt == "Q4_1"
+]
 # (label, kernel, pointer dtype, constexprs, num_warps): the configurations the wrappers launch
-_CONFIGS: list[tuple[str, object, str, dict[str, object], int]] = [
+_CONFIGS: list[Config] = [
     (
         "decode bf16 group8 d128 n16",
         paged_attention._paged_decode_kernel,
@@ -89,6 +111,7 @@ _CONFIGS: list[tuple[str, object, str, dict[str, object], int]] = [
         {"HEAD_DIM": 128, "BLOCK_D": 128, "H_PAD": 8},
         4,
     ),
+    *_QUANT,
 ]
 
 

@@ -31,11 +31,72 @@ _MAX_GROUP = 64  # query heads per KV head; the kernel keeps one 1/sum per head 
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.tandem_paged_decode_f32
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [p, p, p, i64, p, p, p, i64, i, i, i, i, ctypes.c_float, i, i]
+    fn.argtypes = [p, p, p, i64, p, p, p, i64, i, i, i, i, ctypes.c_float, i, i, i]
     fn.restype = None
+    q = lib.tandem_paged_decode_q  # the same over a quantized pool (engine/kv_quant.py)
+    q.argtypes = [p, p, p, i64, p, p, p, i64, i, i, i, i, ctypes.c_float, i, i, i, i]
+    q.restype = None
 
 
 KERNEL = NativeLibrary("cpu_paged_decode.c", ("-O3", "-march=native", "-ffast-math", "-fopenmp"), _declare)
+
+
+def paged_decode_quantized(
+    q: torch.Tensor,  # (S, H_q, D) fp32, contiguous
+    kv_layer: torch.Tensor,  # (N, 2, H_kv, B, D + 4) uint8: codes and a scale per row (engine/kv_quant.py)
+    block_tables: torch.Tensor,  # (S, W) int32
+    seq_lens: torch.Tensor,  # (S,) int32
+    seq_lens_list: list[int],
+    scale: float,
+    out: torch.Tensor,  # (S, H_q, D) fp32
+    kind: str,  # fp8_e4m3 | int8
+    threads: int | None = None,
+) -> None:
+    """Decode attention over a quantized pool, each block's rows dequantized as they are read."""
+    lib = KERNEL.load()
+    if lib is None:
+        raise RuntimeError(f"CPU decode kernel unavailable: {KERNEL.load_error}")
+    s, hq, d = q.shape
+    _, _, h, b, row = kv_layer.shape
+    if row != d + 4 or kv_layer.dtype != torch.uint8 or not kv_layer.is_contiguous():
+        raise ValueError(
+            f"expected a contiguous uint8 pool of rows {d} + 4, got {kv_layer.dtype} {tuple(kv_layer.shape)}"
+        )
+    if hq % h or hq // h > _MAX_GROUP or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        raise ValueError("bad heads or block tables for the quantized decode kernel")
+    g = hq // h
+    split = work_split(s * h, g, threads or torch.get_num_threads())
+    threads = max(1, min(threads or torch.get_num_threads(), s * h * split))
+    width = g * max(seq_lens_list)
+    scratch = torch.empty(threads, width + b * d, dtype=torch.float32)
+    lib.tandem_paged_decode_q(
+        q.data_ptr(),
+        kv_layer.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.stride(0),
+        seq_lens.data_ptr(),
+        out.data_ptr(),
+        scratch.data_ptr(),
+        width,
+        hq,
+        h,
+        b,
+        d,
+        scale,
+        s * h * split,
+        split,
+        threads,
+        {"fp8_e4m3": 0, "int8": 1}[kind],
+    )
+
+
+def work_split(items: int, group: int, threads: int) -> int:
+    """Into how many parts each (sequence, KV head) item's query heads are cut: one where the items
+    already keep every thread busy, else up to the group size (one sequence of SmolLM2 is 3 items
+    of 3 query heads: 9 items share 2 threads 5 / 4 instead of 2 / 1). Results do not depend on it."""
+    if threads <= 1 or items >= 4 * threads:
+        return 1
+    return max(1, min(group, -(-4 * threads // items)))
 
 
 def paged_decode(
@@ -64,7 +125,8 @@ def paged_decode(
     if block_tables.stride(1) != 1 or block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError("block_tables and seq_lens must be int32 with contiguous rows")
     g = hq // h
-    threads = max(1, min(threads or torch.get_num_threads(), s * h))
+    split = work_split(s * h, g, threads or torch.get_num_threads())
+    threads = max(1, min(threads or torch.get_num_threads(), s * h * split))
     width = g * max(seq_lens_list)
     scratch = torch.empty(threads, width, dtype=torch.float32)
     lib.tandem_paged_decode_f32(
@@ -81,7 +143,8 @@ def paged_decode(
         b,
         d,
         scale,
-        s * h,
+        s * h * split,
+        split,
         threads,
     )
 

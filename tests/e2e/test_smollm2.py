@@ -150,3 +150,34 @@ def test_serve_disaggregated_equals_transformers(served: ManagedServer, referenc
             assert text == reference["readme-text"][0]
             assert "Paris" in text
     assert all(used == 0 for *_, used in _wait_all_idle(served.address))  # every KV block returned
+
+
+def test_native_and_dequantized_weights_equal_transformers(gguf: Path, reference: dict[str, Any]) -> None:
+    """In process, all cases in one batch: the Q4_1 / Q8_0 blocks multiplied natively (the default)
+    and the weights dequantized at load both give transformers' tokens."""
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.quant.ggml import GGMLWeight
+    from engine.sampling_params import SamplingParams
+
+    names = [*PROMPTS, *(f"chat{i}" for i in range(len(CHATS)))]
+    for mode in ("native", "dequantize"):
+        engine = LLMEngine(EngineConfig(model=gguf, quantized_weights=mode, max_num_seqs=8))
+        try:
+            w = engine.model.weights
+            if mode == "native":
+                assert isinstance(w.layers[0].q_proj, GGMLWeight) and w.layers[0].q_proj.qtype == "Q4_1"
+                assert isinstance(w.lm_head, GGMLWeight) and w.lm_head.qtype == "Q8_0"  # the tied embedding
+            else:
+                assert not isinstance(w.layers[0].q_proj, GGMLWeight)
+            tok = engine.tokenizer
+            assert tok is not None
+            prompts = [
+                tok.encode(n) if not n.startswith("chat") else tok.encode_chat(CHATS[int(n[4:])])
+                for n in names
+            ]
+            outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+            assert {n: o.new_token_ids for n, o in zip(names, outs, strict=True)} == {
+                n: reference[n] for n in names
+            }
+        finally:
+            engine.close()

@@ -71,6 +71,28 @@ def test_logits_equal_transformers_gguf_loading(qtype: str, files: dict[str, Pat
     torch.testing.assert_close(_logits(fast, IDS), want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", [q for q in QUANT_TYPES if q.startswith("Q")])
+def test_native_weights_give_the_dequantized_logits_bit_for_bit(qtype: str, files: dict[str, Path]) -> None:
+    # The C kernels multiply by the packed blocks; the reference dequantizes every weight at load
+    # (gguf.quants) and runs the fp32 C GEMM: the same floats summed in the same order.
+    from engine.quant.ggml import GGMLWeight
+    from engine.quant.method import cpu_supports
+
+    path = files[qtype]
+    native = load_model(path, quantized_weights="native")
+    loaded = load_model(path, quantized_weights="dequantize")
+    w = native.weights.layers[0].q_proj
+    assert isinstance(w, GGMLWeight) and w.qtype == qtype and cpu_supports(w)  # kept packed
+    assert isinstance(loaded.weights.layers[0].q_proj, torch.Tensor)
+    assert torch.equal(_logits(native, IDS), _logits(loaded, IDS))
+    # the per-call torch reference (no kernel: linear backend torch) equals transformers exactly
+    with torch.no_grad():
+        want = _reference(path)(torch.tensor([IDS])).logits[0]
+    ref = load_model(path, attn_backend="torch", linear_backend="torch", quantized_weights="native")
+    assert isinstance(ref.weights.embed, GGMLWeight)
+    assert torch.equal(_logits(ref, IDS), want)
+
+
 def test_f32_file_equals_the_checkpoint_it_came_from(source: Path, files: dict[str, Path]) -> None:
     # A wrong (or missing) Q/K un-permutation would still agree with transformers only if both were
     # wrong the same way; the original safetensors checkpoint settles it.

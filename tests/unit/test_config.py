@@ -153,6 +153,21 @@ def test_eos_ids_merged_from_generation_config(tmp_path: Path) -> None:
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+        ({"quantization_config": {"quant_method": "fp8"}}, r"quantization_config\.weight_block_size"),
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 0]}},
+            r"quantization_config\.weight_block_size",
+        ),
+        (
+            {
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "weight_block_size": [128, 128],
+                    "activation_scheme": "static",
+                }
+            },
+            r"quantization_config\.activation_scheme",
+        ),
     ],
 )
 def test_refusals_name_the_field(overrides: dict[str, Any], field: str) -> None:

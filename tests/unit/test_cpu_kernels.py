@@ -76,6 +76,20 @@ def test_decode_kernel_matches_the_torch_reference(
     cpu_attention.paged_decode(*args, out1, threads=1)
     cpu_attention.paged_decode(*args, out2, threads=2)
     assert torch.equal(out1, out2)
+    # one sequence alone: its KV heads' query heads are cut into more items (work_split), the same
+    # floats as in the batch
+    one = torch.empty(1, hq, d)
+    last = (
+        q[-1:].contiguous(),
+        kv,
+        meta.block_tables[-1:],
+        meta.seq_lens[-1:],
+        meta.seq_lens_list[-1:],
+        d**-0.5,
+    )
+    assert cpu_attention.work_split(hkv, hq // hkv, 2) > 1 or hq == hkv or hkv >= 8
+    cpu_attention.paged_decode(*last, one, threads=2)
+    assert torch.equal(one, out1[-1:])
 
 
 @needs_cc

@@ -172,7 +172,8 @@ def test_kernels_compile_for_cuda_without_a_gpu() -> None:
     cmd = [sys.executable, "-m", "engine.kernels.compile_check", "--arch", "80", "90"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok   sm_") == 12, proc.stdout
+    # 6 attention / KV-write configurations, 8 of the quantized linear (engine/quant/triton_kernels.py)
+    assert proc.stdout.count("ok   sm_") == 2 * (6 + 8), proc.stdout
 
 
 @pytest.mark.gpu
