@@ -44,7 +44,7 @@ class Producer:
         threading.Thread(target=self._loop, args=(with_zmq,), daemon=True).start()
 
     def _loop(self, with_zmq: bool) -> None:
-        sock = None
+        sock: Any = None
         if with_zmq:
             import zmq
 
@@ -92,7 +92,7 @@ class Producer:
 async def _run(way: str, n: int, step_s: float, steps: int) -> dict[str, float]:
     import ray
 
-    actor = ray.remote(Producer).options(max_concurrency=n + 8, num_cpus=0).remote(n, step_s, steps)
+    actor: Any = ray.remote(Producer).options(max_concurrency=n + 8, num_cpus=0).remote(n, step_s, steps)
     lat: list[float] = []
     cpu0 = time.process_time()
     if way == "stream":
