@@ -81,6 +81,31 @@ class AttentionMetadata:
         )
 
 
+def as_decode_queries(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same step with every query token as its own one-token sequence: token ``p`` of a chunk
+    attends to positions ``0 .. p`` of its sequence's blocks (the chunk's K/V are written before
+    attention reads them). A decode attention kernel then computes a prefill chunk causally, each
+    token exactly as it would be computed decoded alone, whatever the chunking."""
+    if meta.num_prefill_seqs == 0:
+        return meta
+    qlens = meta.query_lens_list
+    seq_lens = [n - q + 1 + i for q, n in zip(qlens, meta.seq_lens_list, strict=True) for i in range(q)]
+    dev = meta.block_tables.device
+    index = torch.repeat_interleave(torch.arange(len(qlens), device=dev), torch.tensor(qlens, device=dev))
+    T = len(seq_lens)
+    return AttentionMetadata(
+        query_start_loc=torch.arange(T + 1, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        block_tables=meta.block_tables.index_select(0, index),  # (T, max_blocks)
+        slot_mapping=meta.slot_mapping,
+        query_lens_list=[1] * T,
+        seq_lens_list=seq_lens,
+        num_prefill_seqs=0,
+        num_prefill_tokens=0,
+        block_size=meta.block_size,
+    )
+
+
 class AttentionBackend(Protocol):
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata, as_decode_queries
 from engine.attention_backends import get_backend
 from engine.config import ModelConfig
 from engine.kernels.cpu_decode import DecodePlan
@@ -114,8 +114,10 @@ class Model:
         c, tp = self.config, self.tp
         T, H, D, eps, ops = input_ids.shape[0], self.shard.num_heads, c.head_dim, c.rms_norm_eps, self.ops
         x = embedding(self.weights.embed, input_ids, self.dtype)  # (T, hidden), a fresh tensor
-        if self.decode_plan is not None and on_layer is None and meta.num_prefill_seqs == 0 and T:
-            return self.decode_plan.forward(x, positions, kv_cache, meta)  # the same kernels, from C
+        if self.decode_plan is not None and T:
+            # every token as a decode query (prefill chunks too: attention.as_decode_queries), the
+            # same kernels called from C, one call per layer
+            return self.decode_plan.forward(x, positions, kv_cache, as_decode_queries(meta), on_layer)
         state = ops.prepare(positions, meta.slot_mapping, kv_cache.shape[1] * kv_cache.shape[4])  # N * B
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to x
         for i, (w, lin) in enumerate(zip(self.weights.layers, self.layers, strict=True)):

@@ -1,7 +1,10 @@
-"""The CPU decode step with one C call per layer (``cpu_decode.c``): same kernels, no Python glue.
+"""The CPU step with one C call per layer (``cpu_decode.c``): same kernels, no Python glue.
 
-``Model.forward`` hands a decode-only batch (every sequence one new token, no per-layer hook, one
-rank) to ``DecodePlan.forward`` when the model runs entirely on the C kernels: the fused RMSNorm /
+``Model.forward`` hands every step (one rank) to ``DecodePlan.forward`` when the model runs entirely
+on the C kernels, a prefill chunk's tokens as one-token sequences (``as_decode_queries``: each token
+attends to its own prefix through the decode attention kernel, so a chunk computes exactly what the
+same tokens decoded one by one would, whatever the chunking — and a mixed step of decodes and
+prefill chunks costs no more glue than a decode step). The kernels: the fused RMSNorm /
 rope ops, the C decode attention, and ``cpu_gemm.c`` or ``cpu_quant_gemm.c`` linears. Per layer it
 makes one ctypes call that runs that layer's kernels in the order and with the arguments the torch-
 driven forward uses, then the SwiGLU activation in torch as the forward writes it. So the hidden
@@ -15,6 +18,7 @@ Not thread safe: one forward at a time, as the engine runs them.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -163,10 +167,19 @@ class DecodePlan:
         return cls(lib, step, layers, list(layer_kernels), [*norm_list, final_norm], final_norm, ops)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """x (T, hidden) the embedded tokens (updated in place, as the forward's residual stream);
-        one decode token per sequence. Returns the final-norm hidden states (T, hidden)."""
+        one query token per sequence (a prefill chunk comes as one sequence per token:
+        ``engine.attention.as_decode_queries``). ``on_layer(i)`` runs once layer ``i``'s K/V are
+        in ``kv_cache`` (after its call). Returns the final-norm hidden states (T, hidden)."""
+        if meta.num_prefill_seqs:
+            raise ValueError("the decode plan takes one query token per sequence (as_decode_queries)")
         s, T = self.step, x.shape[0]
         n_blocks, block = kv_cache.shape[1], kv_cache.shape[4]
         positions, slots = self.ops.prepare(positions, meta.slot_mapping, n_blocks * block)  # checked
@@ -222,9 +235,11 @@ class DecodePlan:
         else:
             gate, up = gu_out[: T * gate_up[0].n].view(T, -1), gu_out[T * gate_up[0].n :].view(T, -1)
         ref, prev, act, act_stride = ctypes.byref, None, None, 0
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.lib.tandem_decode_layer(ref(s), prev, act, act_stride, ref(layer)):
                 raise RuntimeError("a C kernel refused the decode step's arguments")
+            if on_layer is not None:
+                on_layer(i)
             a = F.silu(gate, inplace=True).mul_(up)  # (T, I): the forward's own SwiGLU
             prev, act, act_stride = ref(layer), a.data_ptr(), a.stride(0)
         out2d = out.view(T, hidden)
