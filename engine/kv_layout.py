@@ -11,6 +11,14 @@ layer's slice of a run of consecutive block ids is one contiguous piece (one des
 A token at position p of a request lives in block ``block_table[p // B]`` at offset ``p % B``; its
 flat *slot* is ``block_id * B + p % B``. The tier store's unit is one block across all layers:
 ``kv[:, block_id]``, ``block_bytes`` bytes.
+
+A *latent* layout (multi-head latent attention, engine/mla.py) keeps one plane instead of K and V,
+holding one "head" per token: the compressed KV and the shared rope key side by side::
+
+    kv: (num_layers, num_blocks, 1, 1, block_size, kv_lora_rank + qk_rope_head_dim)
+
+It is still a 6-d pool of whole blocks, so the block pool, the block hash, the tiers, the digests
+and the handoff move it without knowing what is inside.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ class KVLayout:
     head_dim: int
     block_size: int
     dtype: str = "float32"  # one of float32, bfloat16, float16
+    latent: bool = False  # one plane (MLA's latent) instead of two (K and V)
+
+    @property
+    def planes(self) -> int:
+        """Planes per block: 2 (K, V) or 1 (the latent)."""
+        return 1 if self.latent else 2
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -57,8 +71,8 @@ class KVLayout:
 
     @property
     def layer_block_bytes(self) -> int:
-        """Bytes of one block of one layer (K and V)."""
-        return 2 * self.num_kv_heads * self.block_size * self.head_dim * self.itemsize
+        """Bytes of one block of one layer (K and V, or the latent)."""
+        return self.planes * self.num_kv_heads * self.block_size * self.head_dim * self.itemsize
 
     @property
     def block_bytes(self) -> int:
@@ -66,10 +80,10 @@ class KVLayout:
         return self.num_layers * self.layer_block_bytes
 
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (self.num_layers, num_blocks, 2, self.num_kv_heads, self.block_size, self.head_dim)
+        return (self.num_layers, num_blocks, self.planes, self.num_kv_heads, self.block_size, self.head_dim)
 
     def allocate(self, num_blocks: int, device: str | torch.device = "cpu") -> torch.Tensor:
-        """A zeroed pool, (L, N, 2, H_kv, B, D). On a Linux CPU, a fresh anonymous mapping advised
+        """A zeroed pool, (L, N, planes, H_kv, B, D). On a Linux CPU, a fresh anonymous mapping advised
         to be backed by transparent huge pages before anything touches it (the KV transports' CMA
         copies pin pages, see ``huge_pages``); torch's allocator may hand back memory that earlier
         allocations already faulted in with 4 KiB pages, which advice no longer changes."""

@@ -16,8 +16,9 @@ from engine.config import ModelConfig
 
 
 def inv_freq(config: ModelConfig) -> torch.Tensor:
-    """(D/2,) fp32 inverse frequencies, as transformers' rope init functions compute them."""
-    dim = config.head_dim
+    """(D/2,) fp32 inverse frequencies, as transformers' rope init functions compute them (D: the
+    rotated dims, ``config.rope_dim``)."""
+    dim = config.rope_dim
     freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_scaling
     if scaling is None:

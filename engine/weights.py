@@ -11,14 +11,21 @@ weight, and separate matmuls give transformers' numerics bit for bit.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from engine.config import ModelConfig
 from engine.kv_layout import torch_dtype
+from engine.mla import MLAWeights, load_mla_weights
+from engine.moe import MoEWeights, load_moe_weights
+
+Take = Callable[[str, tuple[int, ...]], torch.Tensor]
+Maybe = Callable[[str, tuple[int, ...], bool], "torch.Tensor | None"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,19 +33,26 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
+    """One decoder layer. Its attention is per-head (q/k/v/o) or latent (``mla``); its MLP dense
+    (gate/up/down) or a mixture of experts (``moe``): the fields of the kind it lacks are None."""
+
     input_norm: torch.Tensor  # (hidden,)
-    q_proj: torch.Tensor  # (H * D, hidden)
-    k_proj: torch.Tensor  # (H_kv * D, hidden)
-    v_proj: torch.Tensor  # (H_kv * D, hidden)
+    q_proj: torch.Tensor | None  # (H * D, hidden)
+    k_proj: torch.Tensor | None  # (H_kv * D, hidden)
+    v_proj: torch.Tensor | None  # (H_kv * D, hidden)
     q_bias: torch.Tensor | None  # (H * D,)
     k_bias: torch.Tensor | None  # (H_kv * D,)
     v_bias: torch.Tensor | None  # (H_kv * D,)
-    o_proj: torch.Tensor  # (hidden, H * D)
+    o_proj: torch.Tensor | None  # (hidden, H * D)
     o_bias: torch.Tensor | None  # (hidden,): Llama with attention_bias has it, Qwen2 does not
     post_norm: torch.Tensor  # (hidden,)
-    gate_proj: torch.Tensor  # (I, hidden)
-    up_proj: torch.Tensor  # (I, hidden)
-    down_proj: torch.Tensor  # (hidden, I)
+    gate_proj: torch.Tensor | None  # (I, hidden)
+    up_proj: torch.Tensor | None  # (I, hidden)
+    down_proj: torch.Tensor | None  # (hidden, I)
+    q_norm: torch.Tensor | None = None  # (D,) Qwen3: RMSNorm of each query head before rope
+    k_norm: torch.Tensor | None = None  # (D,) and of each key head
+    moe: MoEWeights | None = None  # a sparse layer's experts (engine/moe.py), instead of gate/up/down
+    mla: MLAWeights | None = None  # latent attention (engine/mla.py), instead of q/k/v/o
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,25 +101,15 @@ def load_weights(path: str | Path, config: ModelConfig, device: str | torch.devi
         return take(name, shape) if required or name in tensors else None
 
     c = config
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     layers = []
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
         layers.append(
             LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (c.hidden_size,)),
-                q_proj=take(p + "self_attn.q_proj.weight", (q_out, c.hidden_size)),
-                k_proj=take(p + "self_attn.k_proj.weight", (kv_out, c.hidden_size)),
-                v_proj=take(p + "self_attn.v_proj.weight", (kv_out, c.hidden_size)),
-                q_bias=maybe(p + "self_attn.q_proj.bias", (q_out,), c.attention_bias),
-                k_bias=maybe(p + "self_attn.k_proj.bias", (kv_out,), c.attention_bias),
-                v_bias=maybe(p + "self_attn.v_proj.bias", (kv_out,), c.attention_bias),
-                o_proj=take(p + "self_attn.o_proj.weight", (c.hidden_size, q_out)),
-                o_bias=maybe(p + "self_attn.o_proj.bias", (c.hidden_size,), False),
                 post_norm=take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
-                gate_proj=take(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
-                up_proj=take(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
-                down_proj=take(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)),
+                **_attention(take, maybe, p, c),
+                **_mlp(take, p, c, i),
             )
         )
     embed = take("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
@@ -115,7 +119,74 @@ def load_weights(path: str | Path, config: ModelConfig, device: str | torch.devi
     else:
         lm_head = take("lm_head.weight", (c.vocab_size, c.hidden_size))
     norm = take("model.norm.weight", (c.hidden_size,))
-    unused = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq"))
+    unused = sorted(
+        n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq") and not _mtp(n, c)
+    )
     if unused:
         raise ValueError(f"checkpoint {path} has tensors the model does not use: {unused[:5]}")
     return ModelWeights(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)
+
+
+_PER_HEAD = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "q_bias",
+    "k_bias",
+    "v_bias",
+    "o_proj",
+    "o_bias",
+    "q_norm",
+    "k_norm",
+)
+
+
+def _attention(take: Take, maybe: Maybe, p: str, c: ModelConfig) -> dict[str, Any]:
+    """A layer's attention fields: per-head q/k/v/o (+ biases, q/k norms), or the latent's."""
+    if c.mla is not None:
+        mla = load_mla_weights(take, maybe, p, c.mla, c.num_heads, c.hidden_size, c.attention_bias)
+        return {**dict.fromkeys(_PER_HEAD), "mla": mla}
+    a = p + "self_attn."
+    q_out, kv_out, hidden, bias = (
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.hidden_size,
+        c.attention_bias,
+    )
+    return dict(
+        q_proj=take(a + "q_proj.weight", (q_out, hidden)),
+        k_proj=take(a + "k_proj.weight", (kv_out, hidden)),
+        v_proj=take(a + "v_proj.weight", (kv_out, hidden)),
+        q_bias=maybe(a + "q_proj.bias", (q_out,), bias),
+        k_bias=maybe(a + "k_proj.bias", (kv_out,), bias),
+        v_bias=maybe(a + "v_proj.bias", (kv_out,), bias),
+        o_proj=take(a + "o_proj.weight", (hidden, q_out)),
+        o_bias=maybe(a + "o_proj.bias", (hidden,), False),
+        q_norm=take(a + "q_norm.weight", (c.head_dim,)) if c.qk_norm else None,
+        k_norm=take(a + "k_norm.weight", (c.head_dim,)) if c.qk_norm else None,
+    )
+
+
+def _mlp(take: Take, p: str, c: ModelConfig, layer: int) -> dict[str, Any]:
+    """A layer's MLP fields: dense gate/up/down, or its experts'."""
+    if c.moe is not None and c.moe.is_sparse(layer):
+        moe = load_moe_weights(take, p, c.architecture, c.moe, c.hidden_size)
+        return {"gate_proj": None, "up_proj": None, "down_proj": None, "moe": moe}
+    m, inter, hidden = p + "mlp.", c.intermediate_size, c.hidden_size
+    return dict(
+        gate_proj=take(m + "gate_proj.weight", (inter, hidden)),
+        up_proj=take(m + "up_proj.weight", (inter, hidden)),
+        down_proj=take(m + "down_proj.weight", (hidden, inter)),
+    )
+
+
+def _mtp(name: str, config: ModelConfig) -> bool:
+    """A DeepSeek multi-token-prediction module's tensor (layers past num_hidden_layers): not run."""
+    parts = name.split(".")
+    return (
+        config.mla is not None
+        and len(parts) > 2
+        and parts[:2] == ["model", "layers"]
+        and parts[2].isdigit()
+        and int(parts[2]) >= config.num_layers
+    )
