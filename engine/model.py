@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,21 @@ class Model:
         if full is None:
             return local[:, :0]
         return full[:, : self.config.vocab_size]
+
+
+@dataclass(slots=True)
+class _LayerLinears:
+    """A dense per-head layer's projections as callables: the four matmul calls of a layer
+    (``tandem bench kernels`` times them per backend)."""
+
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    o: Linear
+    gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    down: Linear
+
+    @classmethod
+    def build(cls, w: LayerWeights, backend: str) -> _LayerLinears:
+        return cls(*_attention_linears(w, backend), *_mlp_linears(w, backend))
 
 
 def _attention_linears(

@@ -63,5 +63,5 @@ def _np_bytes(t: torch.Tensor) -> np.ndarray:
 
 
 def block_shape(layout: KVLayout) -> tuple[int, int, int, int, int]:
-    """Shape of one block across all layers: (L, 2, H_kv, B, D)."""
-    return (layout.num_layers, 2, layout.num_kv_heads, layout.block_size, layout.head_dim)
+    """Shape of one block across all layers: (L, planes, H_kv, B, D) (planes: K and V, or a latent)."""
+    return (layout.num_layers, layout.planes, layout.num_kv_heads, layout.block_size, layout.head_dim)
