@@ -77,7 +77,8 @@ def arch_config(arch: str, p: dict[str, Any]) -> dict[str, Any]:
             qkv_bias=True,
         )
     if arch == "qwen3_moe":
-        return dict(qwen_moe, moe_intermediate_size=_width(inter, top_k), norm_topk_prob=True, attention_bias=False)
+        width = _width(inter, top_k)
+        return dict(qwen_moe, moe_intermediate_size=width, norm_topk_prob=True, attention_bias=False)
     if arch == "deepseek_v3":
         return dict(
             n_routed_experts=experts,
