@@ -74,8 +74,8 @@ def check_model(cfg: TandemConfig, model: Path) -> None:
         mc = ModelConfig.from_pretrained(model, cfg.dtype)
     except (OSError, KeyError):  # absent or unreadable here: the workers will say
         return
-    except ValueError as e:  # read, and refused: the message names the key
-        raise ConfigError(f"{model}: {e}") from None
+    except ValueError as e:  # read, and refused (engine.arch.CheckpointError): it names the file and key
+        raise ConfigError(str(e)) from None
     dense = mc.moe is None or len(mc.moe.sparse_layers) < mc.num_layers
     check_tensor_parallel_sizes(
         cfg, mc.num_heads, mc.num_kv_heads, mc.intermediate_size if dense else None, str(model)

@@ -28,6 +28,12 @@ from typing import Any
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint the engine refuses to run (an architecture, a routing or attention option it
+    does not implement); the message names the file and the key. Every ``tandem`` command prints it
+    as one line and exits with status 2 (deploy/cli.py)."""
+
+
 @dataclass(frozen=True, slots=True)
 class MoEConfig:
     num_experts: int

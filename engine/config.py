@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.arch import MOE_ARCHS, MLAConfig, MoEConfig, parse_mla, parse_moe
+from engine.arch import MOE_ARCHS, CheckpointError, MLAConfig, MoEConfig, parse_mla, parse_moe
 from engine.kv_layout import KVLayout, torch_dtype
 
 # architectures entry / model_type -> our family name
@@ -124,14 +124,20 @@ class ModelConfig:
         """Parse ``path/config.json`` (and ``path/generation_config.json`` if present), or the
         metadata of a GGUF file (``engine.gguf_loader``)."""
         path = Path(path)
-        if path.is_file():
-            from engine.gguf_loader import gguf_config, gguf_weights_id
+        try:
+            if path.is_file():
+                from engine.gguf_loader import gguf_config, gguf_weights_id
 
-            return cls.from_dict(gguf_config(path), dtype=dtype, weights_id=gguf_weights_id(path))
-        raw = json.loads((path / "config.json").read_text())
-        gen_file = path / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-        return cls.from_dict(raw, dtype=dtype, generation_config=gen, weights_id=_weights_id(path))
+                return cls.from_dict(gguf_config(path), dtype=dtype, weights_id=gguf_weights_id(path))
+            raw = json.loads((path / "config.json").read_text())
+            gen_file = path / "generation_config.json"
+            gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+            return cls.from_dict(raw, dtype=dtype, generation_config=gen, weights_id=_weights_id(path))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError) as e:  # refused, or a required key is missing: say which, where
+            what = f"lacks the key {e}" if isinstance(e, KeyError) else str(e)
+            raise CheckpointError(f"{path}: {what}") from None
 
     @classmethod
     def from_dict(
