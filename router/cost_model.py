@@ -90,7 +90,8 @@ class RoutingRequest:
 
 @dataclass(frozen=True, slots=True)
 class CostParams:
-    kv_bytes_per_token: int  # all layers, K and V: 2 * layers * kv_heads * head_dim * dtype bytes
+    kv_bytes_per_token: int  # all layers, the model's: K and V, 2 * layers * kv_heads * head_dim * dtype
+    # bytes; MLA's latent, layers * (kv_lora_rank + qk_rope_head_dim) * dtype bytes
     block_size: int = 16
     default_prefill_tokens_per_s: float = 1000.0
     overlap_fraction: float = 0.0  # of min(prefill, transfer) hidden by layer-wise streaming

@@ -364,9 +364,8 @@ def _error_for(c: TokenChunk) -> Exception:
 
 def cost_params(mc: Any, block_size: int) -> CostParams:
     """The cost model's constants for a model (``engine.config.ModelConfig``)."""
-    per_token = mc.kv_layout(block_size).block_bytes // block_size
     return CostParams(
-        kv_bytes_per_token=per_token,
+        kv_bytes_per_token=mc.kv_bytes_per_token,  # the model's: per-head K and V, or MLA's latent
         block_size=block_size,
         handoff_overhead_s=HANDOFF_OVERHEAD_S,
         num_kv_heads=mc.num_kv_heads,
