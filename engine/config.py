@@ -39,7 +39,7 @@ _QWEN = (
     "qwen2_moe",
     "qwen3_moe",
 )  # their sliding_window applies only with use_sliding_window
-_ROPE_TYPES = {"default", "linear", "llama3"}
+_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 # Any of these set (truthy) on a dense architecture means a mixture of experts it does not have.
 _MOE_FIELDS = (
     "num_local_experts",
@@ -64,7 +64,7 @@ class ModelConfig:
     head_dim: int  # a query/key head's size (MLA: qk_nope_head_dim + qk_rope_head_dim)
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}; None = plain rope
+    rope_scaling: dict | None  # {"rope_type": "linear"|"llama3"|"yarn", "factor": ..., ...}; None = plain rope
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v bias (Qwen2 has it)
@@ -258,6 +258,8 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict | None]:
         raise ValueError(f"{field} type {rope_type!r} is not supported (supported: {sorted(_ROPE_TYPES)})")
     if rope_type == "default":
         return theta, None
+    if rope_type == "yarn":
+        return theta, _yarn(raw, params, field)
     scaling: dict[str, Any] = {"rope_type": rope_type, "factor": float(params["factor"])}
     if rope_type == "llama3":
         scaling["low_freq_factor"] = float(params["low_freq_factor"])
@@ -268,6 +270,32 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict | None]:
             or raw.get("max_position_embeddings", 2048)
         )
     return theta, scaling
+
+
+def _yarn(raw: dict[str, Any], params: dict[str, Any], field: str) -> dict[str, Any]:
+    """YaRN (DeepSeek-V3, long-context Qwen): the keys transformers' ``_compute_yarn_parameters``
+    reads, with its defaults."""
+    original = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if not original:
+        raise ValueError(f"{field} type 'yarn' needs original_max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None:  # DeepSeek's rule: the context extension the checkpoint was trained for
+        factor = int(raw.get("max_position_embeddings", 2048)) / int(original)
+
+    def opt(key: str) -> float | None:
+        return None if params.get(key) is None else float(params[key])
+
+    return {
+        "rope_type": "yarn",
+        "factor": float(factor),
+        "original_max_position_embeddings": int(original),
+        "beta_fast": float(params.get("beta_fast") or 32),
+        "beta_slow": float(params.get("beta_slow") or 1),
+        "mscale": opt("mscale"),
+        "mscale_all_dim": opt("mscale_all_dim"),
+        "attention_factor": opt("attention_factor"),
+        "truncate": bool(params.get("truncate", True)),
+    }
 
 
 def _weights_id(path: Path) -> str:

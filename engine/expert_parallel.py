@@ -53,7 +53,8 @@ class ExpertDispatch:
         lo, hi = t * self.rank // w, t * (self.rank + 1) // w
         mine = route(h[lo:hi])  # my tokens' pairs, grouped by expert = by owner rank
         xs = h[lo:hi].index_select(0, mine.pair_tokens)  # (P_r, hidden), grouped by owner rank
-        send_counts = torch.tensor(mine.counts, dtype=torch.int64)  # (E,) = W blocks of E/W
+        dev = h.device  # NCCL exchanges device tensors, gloo host ones: both are where h is
+        send_counts = torch.tensor(mine.counts, dtype=torch.int64, device=dev)  # (E,) = W blocks of E/W
         recv_counts = torch.empty_like(send_counts)  # (E,): block s = source s's rows per local expert
         self._a2a(recv_counts, send_counts, [self.local] * w, [self.local] * w)
         send_splits = send_counts.view(w, self.local).sum(1).tolist()
@@ -62,9 +63,9 @@ class ExpertDispatch:
         rows = xs.new_empty(sum(recv_splits), hidden)
         self._a2a(rows, xs, recv_splits, send_splits)
         # arrival order: source-major, expert-minor; the experts want expert-major, source-minor
-        arrival = torch.arange(rows.shape[0]).split(per_source.reshape(-1).tolist())
+        arrival = torch.arange(rows.shape[0], device=dev).split(per_source.reshape(-1).tolist())
         by_expert = [arrival[s * self.local + e] for e in range(self.local) for s in range(w)]
-        perm = torch.cat(by_expert) if by_expert else torch.empty(0, dtype=torch.int64)
+        perm = torch.cat(by_expert) if by_expert else torch.empty(0, dtype=torch.int64, device=dev)
         y_sorted = experts(
             rows.index_select(0, perm), per_source.sum(0).tolist(), rows.new_ones(rows.shape[0])
         )

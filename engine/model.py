@@ -39,7 +39,7 @@ from engine.mla import LatentAttention
 from engine.moe import MoEMLP
 from engine.moe_backends import experts_for
 from engine.parallel import ShardInfo, TPGroup, shard_info, shard_weights
-from engine.rope import RotaryTables
+from engine.rope import RotaryTables, softmax_scale
 from engine.tp_layout import Parallelism
 from engine.weights import LayerWeights, ModelWeights, load_weights
 
@@ -74,7 +74,7 @@ class Model:
         self.dtype = torch_dtype(config.dtype)
         self.attn: AttentionBackend = get_backend(attn_backend, device)
         self.rope = RotaryTables.build(config, self.dtype, self.device)  # cached once per model
-        self.scale = config.head_dim**-0.5
+        self.scale = softmax_scale(config)
         self.linear_backend = resolve(linear_backend, self.dtype, self.device)
         self.moe_backend = moe_backend
         self.blocks = [self._block(w) for w in weights.layers]

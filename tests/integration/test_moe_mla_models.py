@@ -27,6 +27,14 @@ pytestmark = pytest.mark.integration
 
 ATOL = 1e-4
 BLOCK = 8
+# DeepSeek-V3's and long-context Qwen3's rope: YaRN (with DeepSeek's mscale on the softmax scale)
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+}
 # id -> (arch, make_checkpoint overrides of tests/helpers_checkpoints.py ARCH_DEFAULTS)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-gqa": ("qwen3", {}),
@@ -60,6 +68,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             "n_shared_experts": 2,
         },
     ),
+    "deepseek_v3-yarn-mscale": (
+        "deepseek_v3",
+        {"rope_parameters": dict(YARN, mscale=1.0, mscale_all_dim=1.0)},
+    ),
+    "qwen3-yarn": ("qwen3", {"rope_parameters": dict(YARN)}),
     "deepseek_v3-8groups-top3": (
         "deepseek_v3",
         {"n_routed_experts": 16, "n_group": 8, "topk_group": 3, "num_experts_per_tok": 3, "kv_lora_rank": 24},
