@@ -64,7 +64,7 @@ class ModelConfig:
     head_dim: int  # a query/key head's size (MLA: qk_nope_head_dim + qk_rope_head_dim)
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None  # {"rope_type": "linear"|"llama3"|"yarn", "factor": ..., ...}; None = plain rope
+    rope_scaling: dict | None  # {"rope_type": "linear"|"llama3"|"yarn", "factor": ...}; None = plain rope
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v bias (Qwen2 has it)
