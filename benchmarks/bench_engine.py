@@ -120,12 +120,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn", "cpu"])
     p.add_argument("--skip-reference", action="store_true", help="time Tandem only")
     p.add_argument("--json", action="store_true")
+    from engine.make_model import ARCHS, PRESETS
+
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        default=None,
+        choices=sorted(ARCHS),
+        help="Tandem on these families' checkpoints of --preset beside the dense llama of the same size "
+        "(benchmarks/bench_archs.py; no transformers run)",
+    )
+    p.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="the size --arch compares at")
 
 
 def run(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
     from engine.demo import bench_model_dir
     from engine.kernels.native import describe_host
+
+    if args.arch:
+        from benchmarks.bench_archs import run_archs
+
+        return run_archs(args, list(args.arch))
 
     model_dir = Path(args.model) if args.model else bench_model_dir()
     cfg = ModelConfig.from_pretrained(model_dir, args.dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import statistics
@@ -27,15 +28,23 @@ import numpy as np
 
 from engine.kv_layout import KVLayout
 
-PRESETS = {  # layers, KV heads, head dim, dtype
+PRESETS = {  # layers, KV heads, head dim, dtype (latent: MLA's one plane of kv_lora_rank + rope)
     "tiny": KVLayout(2, 2, 64, 16, "bfloat16"),
     "llama-3-8b": KVLayout(32, 8, 128, 16, "bfloat16"),
     "llama-3-70b": KVLayout(80, 8, 128, 16, "bfloat16"),
+    "deepseek-v3-16b": KVLayout(27, 1, 512 + 64, 16, "bfloat16", latent=True),
+    "deepseek-v3": KVLayout(61, 1, 512 + 64, 16, "bfloat16", latent=True),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(PRESETS), default="llama-3-8b")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        choices=sorted(PRESETS),
+        default=["llama-3-8b"],
+        help="KV shapes, one set of rows each (deepseek-v3*: MLA latent blocks)",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="tokens per request")
     parser.add_argument("--modes", nargs="+", choices=["layer", "whole"], default=["layer", "whole"])
@@ -180,13 +189,25 @@ def _case(
 
 
 def run(args: argparse.Namespace) -> int:
-    p = PRESETS[args.model]
-    layout = KVLayout(p.num_layers, p.num_kv_heads, p.head_dim, args.block_size, p.dtype)
-    max_blocks = max(layout.blocks_for(t) for t in args.tokens)
     rows: list[dict[str, Any]] = []
+    for model in args.model:
+        _model_rows(args, model, rows)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(_table(rows))
+    if args.calibration:
+        with open(args.calibration, "w") as f:
+            json.dump(calibration(rows), f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _model_rows(args: argparse.Namespace, model: str, rows: list[dict[str, Any]]) -> None:
+    layout = dataclasses.replace(PRESETS[model], block_size=args.block_size)
+    max_blocks = max(layout.blocks_for(t) for t in args.tokens)
     for backend in args.backends:
         for transport in args.transports:
-            base = {"backend": backend, "transport": transport, "model": args.model}
+            base = {"backend": backend, "transport": transport, "model": model}
             try:
                 pair = _Pair(backend, transport, layout, max_blocks * args.concurrency)
             except Exception as e:
@@ -215,14 +236,6 @@ def run(args: argparse.Namespace) -> int:
                         print(_row(rows[-1]), file=sys.stderr, flush=True)
             finally:
                 pair.close()
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(_table(rows))
-    if args.calibration:
-        with open(args.calibration, "w") as f:
-            json.dump(calibration(rows), f, indent=1)
-    return 1 if any("error" in r for r in rows) else 0
 
 
 def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -248,6 +261,7 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 _COLS = [
+    ("model", "{}"),
     ("backend", "{}"),
     ("transport", "{}"),
     ("mode", "{}"),

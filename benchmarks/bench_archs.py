@@ -1,0 +1,71 @@
+"""``tandem bench engine --arch A [B ...]``: Tandem's output tokens/s on checkpoints of several
+families beside the dense Llama of the same preset (the same hidden size, layers and heads; each
+MoE's experts sized so a token's active MLP is about the dense one: engine/make_model_archs.py), on
+one workload, one model after the other in one process. It prints what each costs per token —
+active parameters, KV bytes per token (MLA: the latent) — beside what it delivers, and the ratio
+of each to the dense model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class ArchResult:
+    arch: str
+    params: int
+    active_params: int
+    kv_bytes_per_token: int
+    seconds: float
+    tokens_per_s: float
+    vs_dense: float = 0.0
+
+
+def run_archs(args: Any, archs: list[str]) -> int:
+    from benchmarks.bench_engine import make_workload, run_tandem
+    from deploy.memory import active_params, rank_memory
+    from engine.config import ModelConfig
+    from engine.demo import cached_model_dir
+    from engine.kernels.native import describe_host
+    from engine.tp_layout import Parallelism
+
+    order = ["llama", *[a for a in archs if a != "llama"]]  # the dense reference first
+    dirs = {a: cached_model_dir(args.preset, a) for a in order}
+    vocab = ModelConfig.from_pretrained(dirs["llama"]).vocab_size
+    w = make_workload(args.num_requests, vocab, args.seed, tuple(args.prompt_len), tuple(args.output_len))
+    print(
+        f"workload: {len(w.prompts)} requests, {w.output_tokens} output tokens; preset {args.preset}",
+        file=sys.stderr,
+    )
+    rows: list[ArchResult] = []
+    for arch in order:
+        mc = ModelConfig.from_pretrained(dirs[arch], args.dtype)
+        print(f"  {arch}: {dirs[arch]}", file=sys.stderr)
+        t = run_tandem(dirs[arch], w, args.concurrency, args.dtype, args.attn_backend, args.linear_backend)
+        whole = rank_memory(mc, Parallelism(), kv_dtype_bytes=mc.kv_layout(1).itemsize)
+        rows.append(
+            ArchResult(arch, whole.total, active_params(mc), mc.kv_bytes_per_token, t, w.output_tokens / t)
+        )
+    for r in rows:
+        r.vs_dense = r.tokens_per_s / rows[0].tokens_per_s
+    host = describe_host()
+    if args.json:
+        print(json.dumps({"results": [asdict(r) for r in rows], "preset": args.preset, "host": host}))
+        return 0
+    print(f"host: {host}")
+    head = ("arch", "params", "active", "KV B/token", "seconds", "output tok/s", "vs dense")
+    print(f"{head[0]:<14} " + " ".join(f"{h:>12}" for h in head[1:]))
+    for r in rows:
+        cells = (
+            f"{r.params / 1e6:.1f}M",
+            f"{r.active_params / 1e6:.1f}M",
+            f"{r.kv_bytes_per_token:,}",
+            f"{r.seconds:.1f}",
+            f"{r.tokens_per_s:.1f}",
+            f"{r.vs_dense:.2f}x",
+        )
+        print(f"{r.arch:<14} " + " ".join(f"{c:>12}" for c in cells))
+    return 0
