@@ -43,12 +43,18 @@ def run_archs(args: Any, archs: list[str]) -> int:
     rows: list[ArchResult] = []
     for arch in order:
         mc = ModelConfig.from_pretrained(dirs[arch], args.dtype)
-        print(f"  {arch}: {dirs[arch]}", file=sys.stderr)
-        t = run_tandem(dirs[arch], w, args.concurrency, args.dtype, args.attn_backend, args.linear_backend)
         whole = rank_memory(mc, Parallelism(), kv_dtype_bytes=mc.kv_layout(1).itemsize)
-        rows.append(
-            ArchResult(arch, whole.total, active_params(mc), mc.kv_bytes_per_token, t, w.output_tokens / t)
-        )
+        for moe in args.moe_backend if mc.moe is not None else ["auto"]:
+            name = arch if mc.moe is None or len(args.moe_backend) == 1 else f"{arch} [{moe}]"
+            print(f"  {name}: {dirs[arch]}", file=sys.stderr)
+            t = run_tandem(
+                dirs[arch], w, args.concurrency, args.dtype, args.attn_backend, args.linear_backend, moe
+            )
+            rows.append(
+                ArchResult(
+                    name, whole.total, active_params(mc), mc.kv_bytes_per_token, t, w.output_tokens / t
+                )
+            )
     for r in rows:
         r.vs_dense = r.tokens_per_s / rows[0].tokens_per_s
     host = describe_host()
@@ -57,7 +63,7 @@ def run_archs(args: Any, archs: list[str]) -> int:
         return 0
     print(f"host: {host}")
     head = ("arch", "params", "active", "KV B/token", "seconds", "output tok/s", "vs dense")
-    print(f"{head[0]:<14} " + " ".join(f"{h:>12}" for h in head[1:]))
+    print(f"{head[0]:<22} " + " ".join(f"{h:>12}" for h in head[1:]))
     for r in rows:
         cells = (
             f"{r.params / 1e6:.1f}M",
@@ -67,5 +73,5 @@ def run_archs(args: Any, archs: list[str]) -> int:
             f"{r.tokens_per_s:.1f}",
             f"{r.vs_dense:.2f}x",
         )
-        print(f"{r.arch:<14} " + " ".join(f"{c:>12}" for c in cells))
+        print(f"{r.arch:<22} " + " ".join(f"{c:>12}" for c in cells))
     return 0

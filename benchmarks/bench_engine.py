@@ -39,7 +39,13 @@ def make_workload(
 
 
 def run_tandem(
-    model_dir: Path, w: Workload, concurrency: int, dtype: str, backend: str, linear_backend: str = "auto"
+    model_dir: Path,
+    w: Workload,
+    concurrency: int,
+    dtype: str,
+    backend: str,
+    linear_backend: str = "auto",
+    moe_backend: str = "auto",
 ) -> float:
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.sampling_params import SamplingParams
@@ -50,6 +56,7 @@ def run_tandem(
             dtype=dtype,
             attn_backend=backend,
             linear_backend=linear_backend,
+            moe_backend=moe_backend,
             max_num_seqs=concurrency,
         )
     )
@@ -131,6 +138,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(benchmarks/bench_archs.py; no transformers run)",
     )
     p.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="the size --arch compares at")
+    p.add_argument(
+        "--moe-backend",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "cpu", "grouped", "triton"],
+        help="the routed experts' backend(s): with --arch, each MoE family runs once per backend",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ _LAYER = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -150,8 +152,12 @@ def write_tokenizer(w: Any, kind: str, vocab_size: int) -> None:
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_gguf(path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2", seed: int = 0) -> Path:
-    """The transformers checkpoint at ``checkpoint`` (Llama) as one GGUF file at ``path``."""
+def write_gguf(
+    path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2", seed: int = 0, arch: str = "llama"
+) -> Path:
+    """The transformers checkpoint at ``checkpoint`` (Llama, or Qwen3 with ``arch="qwen3"``: no Q/K
+    permutation, its head size written, its q/k norms kept in F32 as llama.cpp keeps 1-d tensors)
+    as one GGUF file at ``path``."""
     import json
 
     from gguf import GGUFWriter
@@ -160,15 +166,19 @@ def write_gguf(path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2"
     cfg = json.loads((checkpoint / "config.json").read_text())
     tensors = load_file(checkpoint / "model.safetensors")
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = GGUFWriter(str(path), arch="llama")
-    w.add_name("tiny-test-llama")
+    w = GGUFWriter(str(path), arch=arch)
+    w.add_name(f"tiny-test-{arch}")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_rope_dimension_count(head_dim)
+    if arch == "qwen3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
@@ -176,9 +186,9 @@ def write_gguf(path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2"
     rng = np.random.default_rng(seed)
     for name, t in tensors.items():
         arr = t.to(torch.float32).numpy()
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             arr = permute(arr, heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             arr = permute(arr, kv_heads)
         data, ggml_type = _encode(arr, qtype, rng)
         w.add_tensor(gguf_name(name), data, raw_dtype=ggml_type)

@@ -151,3 +151,17 @@ def test_files_we_cannot_run_are_refused(tmp_path: Path, source: Path) -> None:
     with pytest.raises(ValueError, match="rope_freqs"):
         gguf_loader.hf_name("rope_freqs.weight")
     load_weights(extra, cfg)  # the plain file loads
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_qwen3_file_equals_transformers_gguf_loading(qtype: str, tmp_path: Path) -> None:
+    """A Qwen3 GGUF (llama.cpp's qwen3 tensor names: attn_q_norm / attn_k_norm, no Q/K permutation)."""
+    # head_dim 128: what transformers' GGUF loading assumes for qwen3 (it does not read key_length)
+    src = make_checkpoint(tmp_path / "src", "qwen3", **{**GGUF_DIMS, "head_dim": 128})
+    path = write_gguf(tmp_path / f"qwen3-{qtype}.gguf", src, qtype, arch="qwen3")
+    with torch.no_grad():
+        want = _reference(path)(torch.tensor([IDS])).logits[0]  # (T, V)
+    model = load_model(path, attn_backend="torch", linear_backend="torch")
+    assert model.config.architecture == "qwen3" and model.weights.layers[0].q_norm is not None
+    assert torch.equal(_logits(model, IDS), want)
+    torch.testing.assert_close(_logits(load_model(path), IDS), want, atol=1e-4, rtol=1e-5)

@@ -166,3 +166,21 @@ def test_engine_greedy_equals_generate(name: str, tmp_path_factory: pytest.TempP
     assert engine.block_manager.num_used_blocks == 0
     engine.close()
     assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mixtral-4x2", "deepseek_v3-dense1-groups"])
+def test_cuda_matches_transformers(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On a GPU: Triton attention, the Triton expert kernels (moe_backend auto), MLA's torch path."""
+    path = _checkpoint(name, tmp_path_factory)
+    model = load_model(path, attn_backend="triton", device="cuda")
+    ids = _prompt(29, 1)
+    kv = model.kv_layout(BLOCK).allocate(16, "cuda")
+    done, out = 0, []
+    for q in (13, 14, 1, 1):  # two prefill chunks, then decodes
+        meta = AttentionMetadata.build([q], [done + q], [[9, 2, 14, 5]], BLOCK, device="cuda")
+        pos = torch.arange(done, done + q, device="cuda")
+        out.append(model.compute_logits(model.forward(ids[done : done + q].cuda(), pos, kv, meta)).cpu())
+        done += q
+    want = _reference(load_reference(path), ids)
+    torch.testing.assert_close(torch.cat(out), want, atol=2e-3, rtol=0)  # TF32 matmuls on the GPU
