@@ -1,7 +1,8 @@
 """``tandem bench engine --arch A [B ...]``: Tandem's output tokens/s on checkpoints of several
 families beside the dense Llama of the same preset (the same hidden size, layers and heads; each
 MoE's experts sized so a token's active MLP is about the dense one: engine/make_model_archs.py), on
-one workload, one model after the other in one process. It prints what each costs per token —
+one workload, the models taking turns (``--repeat`` rounds; the best round of each counts) in one
+process. It prints what each costs per token —
 active parameters, KV bytes per token (MLA: the latent) — beside what it delivers, and the ratio
 of each to the dense model."""
 
@@ -19,9 +20,10 @@ class ArchResult:
     params: int
     active_params: int
     kv_bytes_per_token: int
-    seconds: float
+    seconds: float  # the best of the repeats: the least disturbed by a shared machine's other load
     tokens_per_s: float
     vs_dense: float = 0.0
+    median_seconds: float = 0.0
 
 
 def run_archs(args: Any, archs: list[str]) -> int:
@@ -62,7 +64,8 @@ def run_archs(args: Any, archs: list[str]) -> int:
         print(json.dumps({"results": [asdict(r) for r in rows], "preset": args.preset, "host": host}))
         return 0
     print(f"host: {host}")
-    head = ("arch", "params", "active", "KV B/token", "seconds", "output tok/s", "vs dense")
+    print(f"best of {args.repeat} runs per model, round robin (median seconds beside)")
+    head = ("arch", "params", "active", "KV B/token", "best s", "median s", "output tok/s", "vs dense")
     print(f"{head[0]:<22} " + " ".join(f"{h:>12}" for h in head[1:]))
     for r in rows:
         cells = (
@@ -70,6 +73,7 @@ def run_archs(args: Any, archs: list[str]) -> int:
             f"{r.active_params / 1e6:.1f}M",
             f"{r.kv_bytes_per_token:,}",
             f"{r.seconds:.1f}",
+            f"{r.median_seconds:.1f}",
             f"{r.tokens_per_s:.1f}",
             f"{r.vs_dense:.2f}x",
         )

@@ -145,6 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "grouped", "triton"],
         help="the routed experts' backend(s): with --arch, each MoE family runs once per backend",
     )
+    p.add_argument("--repeat", type=int, default=1, help="with --arch: rounds over the models (best counts)")
 
 
 def run(args: argparse.Namespace) -> int:
