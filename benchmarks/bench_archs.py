@@ -9,6 +9,7 @@ of each to the dense model."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
