@@ -27,8 +27,8 @@ class ArchResult:
     median_seconds: float = 0.0
 
 
-def run_archs(args: Any, archs: list[str]) -> int:
-    from benchmarks.bench_engine import make_workload, run_tandem
+def run_archs(args: Any, archs: list[str], make_workload: Any, run_tandem: Any) -> int:
+    """``make_workload`` / ``run_tandem``: bench_engine's (passed in: that module dispatches here)."""
     from deploy.memory import active_params, rank_memory
     from engine.config import ModelConfig
     from engine.demo import cached_model_dir

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.arch:
         from benchmarks.bench_archs import run_archs
 
-        return run_archs(args, list(args.arch))
+        return run_archs(args, list(args.arch), make_workload, run_tandem)
 
     model_dir = Path(args.model) if args.model else bench_model_dir()
     cfg = ModelConfig.from_pretrained(model_dir, args.dtype)
