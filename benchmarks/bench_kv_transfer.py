@@ -280,6 +280,7 @@ _COLS = [
     ("p99_ms", "{:.2f}"),
 ]
 _HEAD = [
+    "model",
     "backend",
     "tport",
     "mode",
