@@ -73,7 +73,7 @@ class ExpertDispatch:
         y_back[perm] = y_sorted  # arrival order again
         y = xs.new_empty(xs.shape)
         self._a2a(y, y_back, send_splits, recv_splits)
-        y *= mine.pair_weights[:, None].to(y.dtype)  # the weight multiply a single rank's kernel does
+        y = (y * mine.pair_weights[:, None]).to(y.dtype)  # the weight multiply one rank's kernel does
         out = combine(y, mine.rows) if hi > lo else h.new_empty(0, hidden)  # (T_r, hidden)
         return self._gather(out, t)
 

@@ -150,7 +150,8 @@ class GroupedExperts:
                 rows = slice(start, start + n)
                 gu = self.gate_up[e](xs[rows])  # (n, 2I)
                 act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]  # (n, I), transformers' order
-                y[rows] = self.down[e](act) * w[rows, None].to(xs.dtype)
+                # as transformers: the product in the weights' dtype (Mixtral's fp32), then the run dtype
+                y[rows] = (self.down[e](act) * w[rows, None]).to(xs.dtype)
             start += n
         return y
 
@@ -174,7 +175,8 @@ class MoEMLP:
         dispatch: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.cfg, self.experts, self.all_reduce, self.dispatch = cfg, experts, all_reduce, dispatch
-        self.router = make_linear(w.router, None, backend)
+        # DeepSeek scores in fp32 whatever the run dtype (transformers casts both sides to fp32)
+        self.router = make_linear(w.router.float() if cfg.scoring == "sigmoid" else w.router, None, backend)
         self.correction_bias = w.correction_bias
         self.shared: Callable[[torch.Tensor], torch.Tensor] | None = None
         if w.shared_gate_proj is not None:

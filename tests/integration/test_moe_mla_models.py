@@ -184,3 +184,24 @@ def test_cuda_matches_transformers(name: str, tmp_path_factory: pytest.TempPathF
         done += q
     want = _reference(load_reference(path), ids)
     torch.testing.assert_close(torch.cat(out), want, atol=2e-3, rtol=0)  # TF32 matmuls on the GPU
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_bf16_logits_within_bf16_rounding(arch: str, tmp_path: Path) -> None:
+    """bf16 (weights stored bf16): the grouped experts and MLA in the run dtype, DeepSeek's router in
+    fp32 and Mixtral's routing weights applied in fp32, as transformers does; atol 0.1 as the dense
+    models' bf16 cases (tests/integration/test_model_logits.py; measured max ~0.035)."""
+    path = make_checkpoint(tmp_path, arch, seed=3, dtype="bfloat16")
+    model = load_model(path, dtype="bfloat16")
+    ids = _prompt(29, 1)
+    kv = model.kv_layout(BLOCK).allocate(16)
+    done, out = 0, []
+    for q in (13, 14, 1, 1):
+        meta = AttentionMetadata.build([q], [done + q], [[9, 2, 14, 5]], BLOCK)
+        out.append(
+            model.compute_logits(model.forward(ids[done : done + q], torch.arange(done, done + q), kv, meta))
+        )
+        done += q
+    torch.testing.assert_close(
+        torch.cat(out), _reference(load_reference(path, "bfloat16"), ids), atol=0.1, rtol=0
+    )
