@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from engine.arch import CheckpointError
 from engine.config import ModelConfig
 from engine.kv_layout import torch_dtype
 from engine.mla import MLAWeights, load_mla_weights
@@ -90,10 +91,10 @@ def load_weights(path: str | Path, config: ModelConfig, device: str | torch.devi
 
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in tensors:
-            raise ValueError(f"checkpoint {path} lacks tensor {name!r}")
+            raise CheckpointError(f"checkpoint {path} lacks tensor {name!r}")
         t = tensors[name]
         if tuple(t.shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, config implies {shape}")
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, config implies {shape}")
         used.add(name)
         return t.to(device=device, dtype=dtype)  # returns t itself (no copy) when nothing changes
 
@@ -123,7 +124,7 @@ def load_weights(path: str | Path, config: ModelConfig, device: str | torch.devi
         n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq") and not _mtp(n, c)
     )
     if unused:
-        raise ValueError(f"checkpoint {path} has tensors the model does not use: {unused[:5]}")
+        raise CheckpointError(f"checkpoint {path} has tensors the model does not use: {unused[:5]}")
     return ModelWeights(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)
 
 

@@ -37,6 +37,7 @@ _LAYER = {
     "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate": "ffn_gate_inp",  # a MoE layer's router
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -156,8 +157,9 @@ def write_gguf(
     path: Path, checkpoint: Path, qtype: str, tokenizer: str = "gpt2", seed: int = 0, arch: str = "llama"
 ) -> Path:
     """The transformers checkpoint at ``checkpoint`` (Llama, or Qwen3 with ``arch="qwen3"``: no Q/K
-    permutation, its head size written, its q/k norms kept in F32 as llama.cpp keeps 1-d tensors)
-    as one GGUF file at ``path``."""
+    permutation, its head size written, its q/k norms kept in F32 as llama.cpp keeps 1-d tensors;
+    Qwen3-MoE with ``arch="qwen3moe"``: each layer's experts stacked per projection, as llama.cpp
+    stores them) as one GGUF file at ``path``."""
     import json
 
     from gguf import GGUFWriter
@@ -176,9 +178,15 @@ def write_gguf(
     w.add_head_count_kv(kv_heads)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     w.add_rope_dimension_count(head_dim)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if arch == "qwen3moe":
+        n = cfg.get("num_experts") or cfg["num_local_experts"]
+        w.add_expert_count(n)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        tensors = _stack_experts(tensors, cfg["num_hidden_layers"], n)
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
@@ -191,9 +199,19 @@ def write_gguf(
         elif arch == "llama" and name.endswith("k_proj.weight"):
             arr = permute(arr, kv_heads)
         data, ggml_type = _encode(arr, qtype, rng)
-        w.add_tensor(gguf_name(name), data, raw_dtype=ggml_type)
+        w.add_tensor(name if name.startswith("blk.") else gguf_name(name), data, raw_dtype=ggml_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor], layers: int, n: int) -> dict[str, torch.Tensor]:
+    """Per-expert Hugging Face tensors -> llama.cpp's blk.{i}.ffn_{gate,up,down}_exps (E, rows, cols)."""
+    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    for i in range(layers):
+        for proj in ("gate", "up", "down"):
+            names = [f"model.layers.{i}.mlp.experts.{e}.{proj}_proj.weight" for e in range(n)]
+            out[f"blk.{i}.ffn_{proj}_exps.weight"] = torch.stack([tensors[k] for k in names])
+    return out
