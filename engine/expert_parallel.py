@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from engine.moe import Experts
 from engine.moe_routing import Routed, combine
@@ -40,11 +39,6 @@ class ExpertDispatch:
         self.rank, self.size = group.rank, group.size
         self.local = num_experts // self.size
 
-    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
-        self.group._collective(
-            dist.all_to_all_single, out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits
-        )
-
     def __call__(
         self, h: torch.Tensor, route: Callable[[torch.Tensor], Routed], experts: Experts
     ) -> torch.Tensor:
@@ -56,12 +50,12 @@ class ExpertDispatch:
         dev = h.device  # NCCL exchanges device tensors, gloo host ones: both are where h is
         send_counts = torch.tensor(mine.counts, dtype=torch.int64, device=dev)  # (E,) = W blocks of E/W
         recv_counts = torch.empty_like(send_counts)  # (E,): block s = source s's rows per local expert
-        self._a2a(recv_counts, send_counts, [self.local] * w, [self.local] * w)
+        self.group.all_to_all(recv_counts, send_counts, [self.local] * w, [self.local] * w)
         send_splits = send_counts.view(w, self.local).sum(1).tolist()
         per_source = recv_counts.view(w, self.local)  # (W, E/W)
         recv_splits = per_source.sum(1).tolist()
         rows = xs.new_empty(sum(recv_splits), hidden)
-        self._a2a(rows, xs, recv_splits, send_splits)
+        self.group.all_to_all(rows, xs, recv_splits, send_splits)
         # arrival order: source-major, expert-minor; the experts want expert-major, source-minor
         arrival = torch.arange(rows.shape[0], device=dev).split(per_source.reshape(-1).tolist())
         by_expert = [arrival[s * self.local + e] for e in range(self.local) for s in range(w)]
@@ -72,7 +66,7 @@ class ExpertDispatch:
         y_back = torch.empty_like(y_sorted)
         y_back[perm] = y_sorted  # arrival order again
         y = xs.new_empty(xs.shape)
-        self._a2a(y, y_back, send_splits, recv_splits)
+        self.group.all_to_all(y, y_back, send_splits, recv_splits)
         y = (y * mine.pair_weights[:, None]).to(y.dtype)  # the weight multiply one rank's kernel does
         out = combine(y, mine.rows) if hi > lo else h.new_empty(0, hidden)  # (T_r, hidden)
         return self._gather(out, t)
@@ -82,6 +76,5 @@ class ExpertDispatch:
         w, width = self.size, -(-t // self.size)  # slices padded to the longest for all_gather
         padded = out.new_zeros(width, out.shape[1])
         padded[: out.shape[0]] = out
-        parts = [torch.empty_like(padded) for _ in range(w)]
-        self.group._collective(dist.all_gather, parts, padded)
+        parts = self.group.all_gather(padded)
         return torch.cat([parts[r][: t * (r + 1) // w - t * r // w] for r in range(w)])

@@ -124,6 +124,21 @@ class TPGroup:
         self._collective(dist.gather, t.contiguous(), parts, dst=0)
         return torch.cat(parts, dim=1).to(dev) if parts is not None else None
 
+    def all_to_all(
+        self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]
+    ) -> None:
+        """Rows ``in_splits[r]`` of ``inp`` go to rank r; ``out`` gets rank r's ``out_splits[r]``
+        rows, in rank order (expert parallelism: engine/expert_parallel.py)."""
+        self._collective(
+            dist.all_to_all_single, out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits
+        )
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape everywhere), in rank order."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self._collective(dist.all_gather, parts, t)
+        return parts
+
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
