@@ -125,6 +125,14 @@ class LatentAttention:
         kv_b = w.kv_b_proj.view(heads, nope + v, r)
         self.w_uk = kv_b[:, :nope].contiguous()  # (H, nope, r): absorbed into the query
         self.w_uv_t = kv_b[:, nope:].transpose(1, 2).contiguous()  # (H, r, v): absorbed into the output
+        self.kernels: tuple[Any, Any] | None = None  # the C decode path (fp32 CPU, the C GEMM backend)
+        if backend == "cpu":
+            from engine.kernels.cpu_mla import GroupedGemm, cpu_mla_available
+
+            if cpu_mla_available():  # per head: y = q_nope @ W_UK[h] and o = o_lat @ W_UV[h]^T
+                uk = GroupedGemm([self.w_uk[h].t() for h in range(heads)])
+                uv = GroupedGemm([kv_b[h, nope:] for h in range(heads)])
+                self.kernels = (uk, uv)
 
     def write(self, h: torch.Tensor, step: Any, kv_layer: torch.Tensor) -> torch.Tensor:
         """Project h (T, hidden), store each token's latent at its slot (``step``: engine/blocks.py's
@@ -166,7 +174,9 @@ class LatentAttention:
             out[s:e] = self._prefill(q[s:e], lat, meta.block_tables[i], meta.seq_lens_list[i])
         if meta.num_decode_seqs:
             first, t0 = meta.num_prefill_seqs, meta.num_prefill_tokens
-            out[t0:] = self._decode(q[t0:], lat, meta.block_tables[first:], meta.seq_lens[first:])
+            out[t0:] = self._decode(
+                q[t0:], lat, meta.block_tables[first:], meta.seq_lens[first:], meta.seq_lens_list[first:]
+            )
         return self.all_reduce(self.o(out.view(t, -1)))
 
     def _prefill(self, q: torch.Tensor, lat: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -194,10 +204,23 @@ class LatentAttention:
         return o[0].transpose(0, 1)  # (n, H, v)
 
     def _decode(
-        self, q: torch.Tensor, lat: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor
+        self,
+        q: torch.Tensor,
+        lat: torch.Tensor,
+        tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        lens: list[int],
     ) -> torch.Tensor:
         """Absorbed: q (S, H, qk), one token per sequence -> (S, H, v), never leaving the latent space."""
         m, s, b = self.m, q.shape[0], lat.shape[1]
+        if self.kernels is not None:  # in C, each (sequence, head) alike whatever shares the step
+            from engine.kernels.cpu_mla import mla_decode
+
+            uk, uv = self.kernels
+            q_lat = uk(q)  # (H, S, r) from each head's first nope values
+            qa = torch.cat([q_lat.transpose(0, 1), q[..., m.qk_nope_head_dim :]], dim=-1)  # (S, H, r + rope)
+            o_lat = mla_decode(qa.contiguous(), lat, tables, seq_lens, lens, m.kv_lora_rank, self.scale)
+            return uv(o_lat).transpose(0, 1)  # (S, H, v)
         q_lat = torch.bmm(q[..., : m.qk_nope_head_dim].transpose(0, 1), self.w_uk)  # (H, S, r)
         qa = torch.cat([q_lat.transpose(0, 1), q[..., m.qk_nope_head_dim :]], dim=-1)  # (S, H, r + rope)
         nb = -(-int(seq_lens.max()) // b)

@@ -57,3 +57,17 @@ int tandem_moe_f32(const float *restrict xs, int64_t p, int64_t hidden, const in
     }
     return 0;
 }
+
+/* A grouped GEMM: for each group g, y[g] (M, N) = x[g] (M rows, x_row_stride apart) @ W[g]^T, with
+ * x[g] at x + g * x_group_stride and y[g] at y + g * M * N. MLA's absorbed projections use it, one
+ * group per query head (engine/kernels/cpu_mla.py): the same batch-invariant GEMM as every other
+ * projection, for all heads in one call. */
+int tandem_grouped_gemm_f32(const float *restrict x, int64_t x_group_stride, int64_t x_row_stride, int64_t m,
+                            const int64_t *restrict packed, int64_t groups, int64_t n, int64_t k,
+                            float *restrict y, float *restrict scratch, int threads) {
+    if (!tandem_gemm_supported()) return -1;
+    for (int64_t g = 0; g < groups; g++)
+        tandem_gemm_f32(x + g * x_group_stride, x_row_stride, m, (const float *)(intptr_t)packed[g], n, k, NULL,
+                        y + g * m * n, scratch, threads);
+    return 0;
+}

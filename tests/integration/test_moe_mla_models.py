@@ -205,3 +205,49 @@ def test_bf16_logits_within_bf16_rounding(arch: str, tmp_path: Path) -> None:
     torch.testing.assert_close(
         torch.cat(out), _reference(load_reference(path, "bfloat16"), ids), atol=0.1, rtol=0
     )
+
+
+def test_mla_decode_is_batch_and_thread_invariant_and_equals_the_torch_path(tmp_path: Path) -> None:
+    """A sequence's decode logits are the same floats alone and beside a longer one, on 1 or 2
+    threads (the C latent decode, engine/kernels/cpu_mla.py, where it builds), and agree with the
+    torch path (batched matmuls) to rounding."""
+    from engine.kernels.cpu_mla import cpu_mla_available
+
+    path = make_checkpoint(tmp_path, "deepseek_v3", seed=3)
+    model = load_model(path)
+    attn = [b.attn for b in model.blocks]
+    c_path = all(a.kernels is not None for a in attn)
+    assert c_path == (cpu_mla_available() and model.linear_backend == "cpu")
+    a, b = _prompt(20, 1), _prompt(100, 2)
+    kv = model.kv_layout(BLOCK).allocate(40)
+    ta, tb = [1, 2, 3], list(range(4, 17))
+    model.forward(a[:19], torch.arange(19), kv, AttentionMetadata.build([19], [19], [ta], BLOCK))
+    model.forward(b[:99], torch.arange(99), kv, AttentionMetadata.build([99], [99], [tb], BLOCK))
+
+    def step(with_b: bool) -> torch.Tensor:
+        if not with_b:
+            meta = AttentionMetadata.build([1], [20], [ta], BLOCK)
+            return model.compute_logits(model.forward(a[19:], torch.tensor([19]), kv, meta))[0]
+        meta = AttentionMetadata.build([1, 1], [20, 100], [ta, tb], BLOCK)
+        return model.compute_logits(
+            model.forward(torch.stack([a[19], b[99]]), torch.tensor([19, 99]), kv, meta)
+        )[0]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = step(False)
+        torch.set_num_threads(2)
+        alone, beside = step(False), step(True)
+    finally:
+        torch.set_num_threads(threads)
+    if c_path:
+        assert torch.equal(alone, beside) and torch.equal(alone, one)
+    kernels = [x.kernels for x in attn]
+    try:
+        for x in attn:
+            x.kernels = None  # the torch path
+        torch.testing.assert_close(step(True), beside, atol=1e-5, rtol=0)
+    finally:
+        for x, k in zip(attn, kernels, strict=True):
+            x.kernels = k
