@@ -65,17 +65,19 @@ test-fast: $(STAMP)
 # follows it), so an AVX-512 machine also checks what an AVX2-only one runs. CI runs it after test.
 ISA_TESTS := tests/unit/test_cpu_fused.py tests/unit/test_cpu_kernels.py tests/unit/test_cpu_capability.py \
 	tests/unit/test_quant_kernels.py tests/unit/test_cpu_decode_plan.py tests/unit/test_kv_quant.py \
-	tests/integration/test_model_logits.py tests/integration/test_engine_golden.py tests/integration/test_gguf.py
+	tests/unit/test_moe_kernels.py tests/integration/test_model_logits.py tests/integration/test_engine_golden.py \
+	tests/integration/test_gguf.py tests/integration/test_moe_mla_models.py
 test-isa: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/pytest -q $(ISA_TESTS)
 
 # Every GPU test in one call (on a machine with a CUDA GPU and torch's CUDA build): the gpu-marked
 # tests (among them tests/integration/test_tp_gpu.py: tensor parallelism over NCCL, its two-GPU case
-# skipped on one GPU), and the Triton kernel tests (attention; the GGUF / FP8 quantized linears, with
-# bf16 activations too) compiled for the GPU instead of interpreted.
+# skipped on one GPU; the MoE / MLA families on CUDA with the Triton expert kernels), and the Triton
+# kernel tests (attention; the GGUF / FP8 quantized linears, with bf16 activations too; MoE experts)
+# compiled for the GPU instead of interpreted.
 test-gpu: $(STAMP)
 	TANDEM_GPU=1 $(BIN)/pytest -q -m gpu --durations=10
-	TANDEM_GPU=1 $(BIN)/pytest -q tests/unit/test_triton_kernels.py tests/unit/test_quant_triton.py
+	TANDEM_GPU=1 $(BIN)/pytest -q tests/unit/test_triton_kernels.py tests/unit/test_quant_triton.py tests/unit/test_moe_kernels.py
 
 # Lint, format check and type check, as CI runs them.
 lint: $(STAMP)

@@ -39,7 +39,13 @@ def make_workload(
 
 
 def run_tandem(
-    model_dir: Path, w: Workload, concurrency: int, dtype: str, backend: str, linear_backend: str = "auto"
+    model_dir: Path,
+    w: Workload,
+    concurrency: int,
+    dtype: str,
+    backend: str,
+    linear_backend: str = "auto",
+    moe_backend: str = "auto",
 ) -> float:
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.sampling_params import SamplingParams
@@ -50,6 +56,7 @@ def run_tandem(
             dtype=dtype,
             attn_backend=backend,
             linear_backend=linear_backend,
+            moe_backend=moe_backend,
             max_num_seqs=concurrency,
         )
     )
@@ -120,12 +127,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn", "cpu"])
     p.add_argument("--skip-reference", action="store_true", help="time Tandem only")
     p.add_argument("--json", action="store_true")
+    from engine.make_model import ARCHS, PRESETS
+
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        default=None,
+        choices=sorted(ARCHS),
+        help="Tandem on these families' checkpoints of --preset beside the dense llama of the same size "
+        "(benchmarks/bench_archs.py; no transformers run)",
+    )
+    p.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="the size --arch compares at")
+    p.add_argument(
+        "--moe-backend",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "cpu", "grouped", "triton"],
+        help="the routed experts' backend(s): with --arch, each MoE family runs once per backend",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="with --arch: rounds over the models (best counts)")
 
 
 def run(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
     from engine.demo import bench_model_dir
     from engine.kernels.native import describe_host
+
+    if args.arch:
+        from benchmarks.bench_archs import run_archs
+
+        return run_archs(args, list(args.arch), make_workload, run_tandem)
 
     model_dir = Path(args.model) if args.model else bench_model_dir()
     cfg = ModelConfig.from_pretrained(model_dir, args.dtype)

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         dense(t, torch.float32).numel()
         for w in weights.layers
         for t in (w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj)
+        if t is not None
     )
     results: list[dict[str, Any]] = []
     for backend in backends:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import statistics
@@ -29,15 +30,23 @@ import numpy as np
 
 from engine.kv_layout import KVLayout
 
-PRESETS = {  # layers, KV heads, head dim, dtype
+PRESETS = {  # layers, KV heads, head dim, dtype (latent: MLA's one plane of kv_lora_rank + rope)
     "tiny": KVLayout(2, 2, 64, 16, "bfloat16"),
     "llama-3-8b": KVLayout(32, 8, 128, 16, "bfloat16"),
     "llama-3-70b": KVLayout(80, 8, 128, 16, "bfloat16"),
+    "deepseek-v3-16b": KVLayout(27, 1, 512 + 64, 16, "bfloat16", latent=True),
+    "deepseek-v3": KVLayout(61, 1, 512 + 64, 16, "bfloat16", latent=True),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(PRESETS), default="llama-3-8b")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        choices=sorted(PRESETS),
+        default=["llama-3-8b"],
+        help="KV shapes, one set of rows each (deepseek-v3*: MLA latent blocks)",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument(
         "--kv-dtypes",
@@ -191,14 +200,15 @@ def _case(
 def kv_layout(p: KVLayout, block_size: int, kv: str) -> KVLayout:
     """The preset's KV as ``kv`` holds it: a float dtype, or fp8_e4m3 / int8 codes and scales."""
     if kv in ("fp8_e4m3", "int8"):
-        return KVLayout(p.num_layers, p.num_kv_heads, p.head_dim, block_size, p.dtype, kv_dtype=kv)
-    return KVLayout(p.num_layers, p.num_kv_heads, p.head_dim, block_size, p.dtype if kv == "auto" else kv)
+        return dataclasses.replace(p, block_size=block_size, kv_dtype=kv)
+    return dataclasses.replace(p, block_size=block_size, dtype=p.dtype if kv == "auto" else kv)
 
 
 def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
-    for kv in args.kv_dtypes:
-        _run_layout(args, kv_layout(PRESETS[args.model], args.block_size, kv), rows)
+    for model in args.model:
+        for kv in args.kv_dtypes:
+            _run_layout(args, model, kv_layout(PRESETS[model], args.block_size, kv), rows)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -209,12 +219,12 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-def _run_layout(args: argparse.Namespace, layout: KVLayout, rows: list[dict[str, Any]]) -> None:
+def _run_layout(args: argparse.Namespace, model: str, layout: KVLayout, rows: list[dict[str, Any]]) -> None:
     max_blocks = max(layout.blocks_for(t) for t in args.tokens)
     per_token = layout.num_layers * layout.layer_block_bytes // layout.block_size
     for backend in args.backends:
         for transport in args.transports:
-            base = {"backend": backend, "transport": transport, "model": args.model}
+            base = {"backend": backend, "transport": transport, "model": model}
             base |= {"kv_cache": layout.cache_dtype, "kv_bytes_per_token": per_token}
             try:
                 pair = _Pair(backend, transport, layout, max_blocks * args.concurrency)
@@ -269,6 +279,7 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 _COLS = [
+    ("model", "{}"),
     ("kv_cache", "{}"),
     ("kv_bytes_per_token", "{}"),
     ("backend", "{}"),
@@ -289,6 +300,7 @@ _COLS = [
     ("p99_ms", "{:.2f}"),
 ]
 _HEAD = [
+    "model",
     "kv",
     "B/token",
     "backend",

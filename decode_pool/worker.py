@@ -97,9 +97,9 @@ class DecodeWorker(FaultHooks, StepLoop):
         self.worker_id = config.worker_id
         self.ranks = ranks
         self.engine, self.tier_store = build_engine(config, ranks.tp if ranks is not None else None)
-        tp = ranks.size if ranks is not None else 1
+        par = self.engine.model.parallel  # what each rank holds, as the engine split the model
         self.kv_layout: KVShardLayout = worker_layout(
-            self.engine.model_config, config.engine.block_size, tp, config.engine.kv_cache_dtype
+            self.engine.model_config, config.engine.block_size, par, config.engine.kv_cache_dtype
         )
         if ranks is not None:
             self.engine.runner.publish = ranks.step

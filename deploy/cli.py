@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"tandem {name}", description=text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    from engine.arch import CheckpointError  # torch-free
+
+    try:
+        return int(module.run(args) or 0)
+    except CheckpointError as e:  # whichever command loaded it: one line naming the key, status 2
+        print(f"tandem {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

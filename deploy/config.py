@@ -66,13 +66,17 @@ class PoolConfig(_Strict):
 
     ``tensor_parallel_size`` > 1 splits each worker's model over that many processes (one per
     device) on one node: ``num_cpus`` / ``num_gpus`` / ``resources`` are then per rank. It must
-    split the model's heads (checked against the checkpoint: deploy/derive.py ``check_model``)."""
+    split the model's heads (checked against the checkpoint: deploy/derive.py ``check_model``).
+    ``expert_parallel_size`` > 1 splits each MoE layer's routed experts over that many ranks (tokens
+    travel to their experts' ranks and back, all-to-all); a worker is max(tp, ep) ranks, and each of
+    the two is 1 or that number (ep > 1 with tp 1: attention replicated on every rank)."""
 
     replicas: int = Field(default=1, ge=0)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     # what this pool's KV cache holds: auto (the run dtype) | fp8_e4m3 | int8 (codes and a scale per
     # row, engine/kv_quant.py); a decode pool takes KV only from a prefill pool of the same kind
     kv_cache_dtype: Literal["auto", "fp8_e4m3", "int8"] = "auto"
+    expert_parallel_size: int = Field(default=1, ge=1, le=256)
     num_cpus: NonNegativeFloat = 1.0
     num_gpus: NonNegativeFloat = 0.0  # > 0: the worker runs on CUDA (per rank)
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # custom Ray resources
@@ -88,6 +92,21 @@ class PoolConfig(_Strict):
             if name in v:
                 raise ValueError(f"{name!r} is set with num_cpus / num_gpus, not in resources")
         return v
+
+    @model_validator(mode="after")
+    def _one_group(self) -> PoolConfig:
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if tp > 1 and ep > 1 and tp != ep:
+            raise ValueError(
+                f"expert_parallel_size {ep} and tensor_parallel_size {tp}: a worker's ranks split "
+                "attention and experts alike, so each must be 1 or the other's value"
+            )
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """Processes (devices) per worker."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
 
     @property
     def device(self) -> str:
@@ -363,6 +382,38 @@ def check_tensor_parallel_sizes(
             check_tensor_parallel(pool.tensor_parallel_size, num_heads, num_kv_heads, intermediate_size)
         except ValueError as e:
             problems.append(f"pools.{role}.tensor_parallel_size: {e} ({model})")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def check_expert_parallel_sizes(
+    cfg: TandemConfig, num_experts: int, expert_widths: tuple[int, ...], model: str
+) -> None:
+    """Raise ConfigError, naming the field, unless each pool's ``expert_parallel_size`` splits the
+    model's ``num_experts`` routed experts (0: a dense model, which has none to split) and, where the
+    experts are not split but the heads are, ``tensor_parallel_size`` splits every expert's width."""
+    from engine.tp_layout import check_expert_parallel
+
+    problems = []
+    for role in ("prefill", "decode"):
+        pool: PoolConfig = getattr(cfg.pools, role)
+        if pool.replicas == 0:
+            continue
+        ep, tp = pool.expert_parallel_size, pool.tensor_parallel_size
+        if ep > 1 and num_experts == 0:
+            problems.append(
+                f"pools.{role}.expert_parallel_size: {ep}, but the model has no experts ({model})"
+            )
+        elif ep > 1:
+            try:
+                check_expert_parallel(ep, num_experts)
+            except ValueError as e:
+                problems.append(f"pools.{role}.expert_parallel_size: {e} ({model})")
+        elif tp > 1 and any(w % tp for w in expert_widths):
+            problems.append(
+                f"pools.{role}.tensor_parallel_size: {tp} does not divide the experts' widths "
+                f"{list(expert_widths)} ({model})"
+            )
     if problems:
         raise ConfigError("\n".join(problems))
 

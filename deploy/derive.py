@@ -32,6 +32,7 @@ from deploy.config import (
     PoolConfig,
     RouterConfig,
     TandemConfig,
+    check_expert_parallel_sizes,
     check_tensor_parallel_sizes,
 )
 from engine.llm_engine import EngineConfig
@@ -63,16 +64,26 @@ def model_name(cfg: TandemConfig) -> str:
 
 
 def check_model(cfg: TandemConfig, model: Path) -> None:
-    """Raise ConfigError, naming the field, unless each pool's ``tensor_parallel_size`` splits the
-    checkpoint at ``model``; one that cannot be read here (``tandem launch`` from a machine without
-    it) is left to the workers, which check again as they load."""
+    """Raise ConfigError, naming the key, when the checkpoint at ``model`` asks for something the
+    engine does not run (an architecture, a routing option: engine/config.py), or a pool's
+    ``tensor_parallel_size`` / ``expert_parallel_size`` cannot split it; one that cannot be read
+    here (``tandem launch`` from a machine without it) is left to the workers, which check again as
+    they load."""
     from engine.config import ModelConfig
 
     try:
         mc = ModelConfig.from_pretrained(model, cfg.dtype)
-    except (OSError, KeyError, ValueError):  # absent or unreadable here: the workers will say
+    except (OSError, KeyError):  # absent or unreadable here: the workers will say
         return
-    check_tensor_parallel_sizes(cfg, mc.num_heads, mc.num_kv_heads, mc.intermediate_size, str(model))
+    except ValueError as e:  # read, and refused (engine.arch.CheckpointError): it names the file and key
+        raise ConfigError(str(e)) from None
+    dense = mc.moe is None or len(mc.moe.sparse_layers) < mc.num_layers
+    check_tensor_parallel_sizes(
+        cfg, mc.num_heads, mc.num_kv_heads, mc.intermediate_size if dense else None, str(model)
+    )
+    moe = mc.moe
+    widths = (moe.intermediate_size, moe.shared_intermediate_size) if moe else ()
+    check_expert_parallel_sizes(cfg, moe.num_experts if moe else 0, widths, str(model))
 
 
 def engine_config(cfg: TandemConfig, device: str = "cpu", model: Path | None = None) -> EngineConfig:
@@ -114,14 +125,17 @@ def worker_config(
     """What worker ``worker_id`` of ``pool`` runs (on CUDA when the pool asks for GPUs). A
     tensor-parallel worker runs G1 only: ``tiers.g2`` / ``g3`` are not built for it (each rank
     would have to offload and onboard its heads in lockstep); ``tiers.g1`` is per rank."""
-    tp = pool.tensor_parallel_size
+    tp, ep = pool.tensor_parallel_size, pool.expert_parallel_size
+    engine = engine_config(cfg, pool.device, model)
+    engine.tensor_parallel_size, engine.expert_parallel_size = tp, ep  # engine/tp_layout.Parallelism
     return WorkerConfig(
-        dataclasses.replace(engine_config(cfg, pool.device, model), kv_cache_dtype=pool.kv_cache_dtype),
+        dataclasses.replace(engine, kv_cache_dtype=pool.kv_cache_dtype),
         worker_id=worker_id,
-        tiers=tier_config(cfg) if tp == 1 else None,
+        tiers=tier_config(cfg) if pool.ranks == 1 else None,
         kv_backend=KV_BACKEND,
         tensor_parallel_size=tp,
         torch_threads=pool.threads or 0,
+        expert_parallel_size=ep,
     )
 
 

@@ -31,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.file)
+        local = Path(cfg.model).expanduser()
+        if local.exists():  # here too: refuse a checkpoint the engine cannot run before any Ray call
+            from deploy.derive import check_model
+
+            check_model(cfg, local)
     except ConfigError as e:
         print(f"tandem launch: {e}", file=sys.stderr)
         return 2

@@ -89,8 +89,8 @@ def worker_plans(cfg: TandemConfig, model: Path | None = None) -> list[WorkerPla
     model = model if model is not None else model_dir(cfg)
     check_model(cfg, model)
     telemetry = worker_telemetry(cfg)
-    if any(p.tensor_parallel_size > 1 and p.replicas for p in (cfg.pools.prefill, cfg.pools.decode)):
-        log.info("tensor-parallel workers keep their KV in G1 only (tiers.g2 / g3 are for one-rank workers)")
+    if any(p.ranks > 1 and p.replicas for p in (cfg.pools.prefill, cfg.pools.decode)):
+        log.info("workers of several ranks keep their KV in G1 only (tiers.g2 / g3 are for one-rank workers)")
     plans = []
     for role, pool in (("prefill", cfg.pools.prefill), ("decode", cfg.pools.decode)):
         for i in range(pool.replicas):

@@ -1,9 +1,12 @@
-"""Hyperparameters of a Llama-family checkpoint (Llama, Qwen2, Mistral), read from its config files.
+"""Hyperparameters of a checkpoint (Llama, Qwen2, Mistral, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE,
+DeepSeek-V3), read from its config files.
 
 Owns parsing ``config.json`` (+ ``generation_config.json`` for EOS ids) into an immutable
 :class:`ModelConfig`, refusing with a ``ValueError`` that names the field anything the forward pass in
-``engine.model`` does not implement (sliding windows, MoE, other activations or rope types), and the
-model's *fingerprint*, the id that ``engine.block_hash`` mixes into every block hash.
+``engine.model`` does not implement (sliding windows, other activations, rope types or routing
+options), and the model's *fingerprint*, the id that ``engine.block_hash`` mixes into every block
+hash. What picks a layer's attention and MLP kind (per-head q/k norms, MoE routing, MLA) is parsed
+by ``engine.arch``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.arch import MOE_ARCHS, CheckpointError, MLAConfig, MoEConfig, parse_mla, parse_moe
 from engine.kv_layout import KVLayout, torch_dtype
 
 # architectures entry / model_type -> our family name
@@ -22,10 +26,21 @@ _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
-_MODEL_TYPES = {"llama", "qwen2", "mistral"}
-_ROPE_TYPES = {"default", "linear", "llama3"}
-# Any of these set (truthy) means a mixture of experts, which the dense MLP cannot run.
+_MODEL_TYPES = set(_ARCHITECTURES.values())
+_QWEN = (
+    "qwen2",
+    "qwen3",
+    "qwen2_moe",
+    "qwen3_moe",
+)  # their sliding_window applies only with use_sliding_window
+_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+# Any of these set (truthy) on a dense architecture means a mixture of experts it does not have.
 _MOE_FIELDS = (
     "num_local_experts",
     "num_experts",
@@ -37,17 +52,19 @@ _MOE_FIELDS = (
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "mistral"
+    architecture: (
+        str  # "llama" | "qwen2" | "mistral" | "qwen3" | "mixtral" | "qwen2_moe" | ... (_ARCHITECTURES)
+    )
     vocab_size: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # the dense MLP's (DeepSeek-V3's first layers; Qwen2-MoE's mlp_only_layers)
     num_layers: int
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_kv_heads: int  # MLA: 1, the latent every query head reads
+    head_dim: int  # a query/key head's size (MLA: qk_nope_head_dim + qk_rope_head_dim)
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}; None = plain rope
+    rope_scaling: dict | None  # {"rope_type": "linear"|"llama3"|"yarn", "factor": ...}; None = plain rope
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v bias (Qwen2 has it)
@@ -57,6 +74,9 @@ class ModelConfig:
     # A digest of the checkpoint files' headers and first bytes, so two checkpoints with equal
     # hyperparameters but different weights get different fingerprints ("" when not from files).
     weights_id: str = ""
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before rope
+    moe: MoEConfig | None = None  # routed experts in moe.sparse_layers (engine/moe.py)
+    mla: MLAConfig | None = None  # latent attention in every layer (engine/mla.py)
 
     def __hash__(self) -> int:  # rope_scaling is a dict, so the generated hash would fail
         return hash(self.fingerprint)
@@ -67,10 +87,30 @@ class ModelConfig:
         fields = asdict(self)
         for name in ("bos_token_id", "eos_token_ids"):  # do not change what KV a token gets
             fields.pop(name)
+        for name in (
+            "qk_norm",
+            "moe",
+            "mla",
+        ):  # absent from a dense Llama's: its fingerprint stays what it was
+            if not fields[name]:
+                fields.pop(name)
         blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return f"{self.architecture}-{self.dtype}-{hashlib.blake2b(blob, digest_size=12).hexdigest()}"
 
+    @property
+    def rope_dim(self) -> int:
+        """The rotated dims of a query/key head (MLA rotates only its qk_rope_head_dim part)."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """What one token's KV costs in the cache, every layer: what the router prices and the
+        metrics report (MLA's latent is a small fraction of per-head K and V)."""
+        return self.kv_layout(1).block_bytes
+
     def kv_layout(self, block_size: int) -> KVLayout:
+        if self.mla is not None:  # one latent "head" per token: the compressed KV and the rope key
+            return KVLayout(self.num_layers, 1, self.mla.latent_dim, block_size, self.dtype, latent=True)
         return KVLayout(
             num_layers=self.num_layers,
             num_kv_heads=self.num_kv_heads,
@@ -84,14 +124,20 @@ class ModelConfig:
         """Parse ``path/config.json`` (and ``path/generation_config.json`` if present), or the
         metadata of a GGUF file (``engine.gguf_loader``)."""
         path = Path(path)
-        if path.is_file():
-            from engine.gguf_loader import gguf_config, gguf_weights_id
+        try:
+            if path.is_file():
+                from engine.gguf_loader import gguf_config, gguf_weights_id
 
-            return cls.from_dict(gguf_config(path), dtype=dtype, weights_id=gguf_weights_id(path))
-        raw = json.loads((path / "config.json").read_text())
-        gen_file = path / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-        return cls.from_dict(raw, dtype=dtype, generation_config=gen, weights_id=_weights_id(path))
+                return cls.from_dict(gguf_config(path), dtype=dtype, weights_id=gguf_weights_id(path))
+            raw = json.loads((path / "config.json").read_text())
+            gen_file = path / "generation_config.json"
+            gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+            return cls.from_dict(raw, dtype=dtype, generation_config=gen, weights_id=_weights_id(path))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError) as e:  # refused, or a required key is missing: say which, where
+            what = f"lacks the key {e}" if isinstance(e, KeyError) else str(e)
+            raise CheckpointError(f"{path}: {what}") from None
 
     @classmethod
     def from_dict(
@@ -106,9 +152,10 @@ class ModelConfig:
         arch = _architecture(raw)
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
-        for name in _MOE_FIELDS:
-            if raw.get(name):
-                raise ValueError(f"mixture of experts ({name}={raw[name]!r}) is not supported")
+        if arch not in MOE_ARCHS:
+            for name in _MOE_FIELDS:
+                if raw.get(name):
+                    raise ValueError(f"{name}={raw[name]!r}: a mixture of experts is not part of {arch}")
         if raw.get("quantization_config"):  # block-scaled FP8 only (engine/quant/fp8.py); else named
             from engine.quant.fp8 import check_quantization_config
 
@@ -119,6 +166,12 @@ class ModelConfig:
 
         hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         head_dim = int(raw.get("head_dim") or hidden // heads)
+        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        num_layers = int(raw["num_hidden_layers"])
+        moe = parse_moe(raw, arch, num_layers) if arch in MOE_ARCHS else None
+        mla = parse_mla(raw) if arch == "deepseek_v3" else None
+        if mla is not None:  # every query head reads the one latent
+            head_dim, kv_heads = mla.qk_head_dim, 1
         rope_theta, rope_scaling = _rope(raw)
         gen = generation_config or {}
         bos = raw.get("bos_token_id")
@@ -134,9 +187,9 @@ class ModelConfig:
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
@@ -144,13 +197,24 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             # transformers' default is False for these three families
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v bias (its config has no field for it)
-            attention_bias=True if arch == "qwen2" else bool(raw.get("attention_bias", False)),
+            attention_bias=_attention_bias(raw, arch),
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=tuple(eos),
             dtype=dtype,
             weights_id=weights_id,
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            moe=moe,
+            mla=mla,
         )
+
+
+def _attention_bias(raw: dict[str, Any], arch: str) -> bool:
+    """Whether q/k/v carry a bias (o_proj's is loaded when the checkpoint has one)."""
+    if arch == "qwen2":  # always (its config has no field for it)
+        return True
+    if arch == "qwen2_moe":
+        return bool(raw.get("qkv_bias", True))
+    return bool(raw.get("attention_bias", False))
 
 
 def _architecture(raw: dict[str, Any]) -> str:
@@ -173,10 +237,10 @@ def _check_no_sliding_window(raw: dict[str, Any], arch: str) -> None:
     if any(t != "full_attention" for t in layer_types):
         raise ValueError(f"layer_types {sorted(set(layer_types))!r}: only full_attention is supported")
     window = raw.get("sliding_window")
-    # Qwen2 stores a sliding_window that only applies when use_sliding_window is set (handled above);
-    # for Llama/Mistral a window applies once a sequence can outgrow it.
+    # Qwen models store a sliding_window that only applies when use_sliding_window is set (handled
+    # above); for Llama/Mistral/Mixtral a window applies once a sequence can outgrow it.
     max_pos = int(raw.get("max_position_embeddings", 2048))
-    if arch != "qwen2" and window is not None and int(window) < max_pos:
+    if arch not in _QWEN and window is not None and int(window) < max_pos:
         raise ValueError(
             f"sliding_window={window} < max_position_embeddings={max_pos}: "
             "sliding-window attention is not supported"
@@ -196,6 +260,8 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict | None]:
         raise ValueError(f"{field} type {rope_type!r} is not supported (supported: {sorted(_ROPE_TYPES)})")
     if rope_type == "default":
         return theta, None
+    if rope_type == "yarn":
+        return theta, _yarn(raw, params, field)
     scaling: dict[str, Any] = {"rope_type": rope_type, "factor": float(params["factor"])}
     if rope_type == "llama3":
         scaling["low_freq_factor"] = float(params["low_freq_factor"])
@@ -206,6 +272,32 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict | None]:
             or raw.get("max_position_embeddings", 2048)
         )
     return theta, scaling
+
+
+def _yarn(raw: dict[str, Any], params: dict[str, Any], field: str) -> dict[str, Any]:
+    """YaRN (DeepSeek-V3, long-context Qwen): the keys transformers' ``_compute_yarn_parameters``
+    reads, with its defaults."""
+    original = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if not original:
+        raise ValueError(f"{field} type 'yarn' needs original_max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None:  # DeepSeek's rule: the context extension the checkpoint was trained for
+        factor = int(raw.get("max_position_embeddings", 2048)) / int(original)
+
+    def opt(key: str) -> float | None:
+        return None if params.get(key) is None else float(params[key])
+
+    return {
+        "rope_type": "yarn",
+        "factor": float(factor),
+        "original_max_position_embeddings": int(original),
+        "beta_fast": float(params.get("beta_fast") or 32),
+        "beta_slow": float(params.get("beta_slow") or 1),
+        "mscale": opt("mscale"),
+        "mscale_all_dim": opt("mscale_all_dim"),
+        "attention_factor": opt("attention_factor"),
+        "truncate": bool(params.get("truncate", True)),
+    }
 
 
 def _weights_id(path: Path) -> str:

@@ -33,8 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import gguf_moe
+
 GGUF_MAGIC = b"GGUF"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    **gguf_moe.ARCHITECTURES,  # stacked experts: engine/gguf_moe.py
+}
 _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -46,6 +53,9 @@ _LAYER = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head RMSNorms
+    "attn_k_norm": "self_attn.k_norm",
+    **gguf_moe.LAYER,
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -109,6 +119,10 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     if arch not in ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(ARCHITECTURES)})")
     names = set(g.tensor_names)
+    if arch not in gguf_moe.ARCHITECTURES and g.arch_key("expert_count"):
+        raise ValueError(
+            f"{arch}.expert_count: mixture-of-experts GGUF files of architecture {arch!r} are not supported"
+        )
     if "rope_freqs.weight" in names:
         raise ValueError("GGUF tensor rope_freqs.weight (Llama-3.1-style rope scaling) is not supported")
     hidden, heads = int(g.arch_key("embedding_length")), int(g.arch_key("attention.head_count"))
@@ -150,8 +164,10 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
         "bos_token_id": g.metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": g.metadata.get("tokenizer.ggml.eos_token_id"),
     }
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3", "qwen3moe"):
         config["use_sliding_window"] = False
+    if arch in gguf_moe.ARCHITECTURES:
+        config.update(gguf_moe.moe_config(g.arch_key))
     return config
 
 
@@ -181,7 +197,8 @@ def read_gguf_tensors(
 ) -> dict[str, Any]:
     """Every tensor of the file, dequantized to fp32, Q/K rows un-permuted, then cast to ``dtype``,
     keyed by its Hugging Face name. ``native``: a tensor of a type the quantized kernels run stays
-    its block bytes instead (``engine.quant.gguf_native``), never dequantized here."""
+    its block bytes instead (``engine.quant.gguf_native``), never dequantized here (stacked experts
+    are always dequantized: the expert kernels take floats)."""
     from gguf import GGMLQuantizationType, dequantize
 
     g = open_gguf(path)
@@ -189,8 +206,9 @@ def read_gguf_tensors(
     permute = g.architecture == "llama"
     out: dict[str, Any] = {}
     for t in g.reader.tensors:
-        name = hf_name(t.name)
-        if native:
+        stacked = t.name.endswith("_exps.weight")  # (E, rows, cols): one tensor per expert below
+        name = t.name if stacked else hf_name(t.name)
+        if native and not stacked:
             from engine.quant.gguf_native import native_tensor
 
             heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
@@ -211,9 +229,13 @@ def read_gguf_tensors(
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             arr = _unpermute(arr, cfg["num_key_value_heads"])
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not arr.flags.writeable or np.shares_memory(arr, np.asarray(t.data)):
-            arr = arr.copy()  # F32 data is a view of the read-only mapping
-        out[name] = torch.from_numpy(arr).to(dtype)
+        experts = gguf_moe.split_experts(t.name, arr) if stacked else None
+        if stacked and experts is None:
+            raise ValueError(f"GGUF tensor {t.name!r} is not one a supported model uses")
+        for hf, a in (experts or {name: arr}).items():
+            if not a.flags.writeable or np.shares_memory(a, np.asarray(t.data)):
+                a = a.copy()  # F32 data is a view of the read-only mapping
+            out[hf] = torch.from_numpy(a).to(dtype)
     return out
 
 

@@ -17,6 +17,14 @@ dimension is a *row*: one token's D codes of one head followed by that row's fp3
 scales live inside the blocks and move with them (tiers, handoffs, digests) as plain bytes::
 
     kv: (L, N, 2, H_kv, B, D + 4) uint8      row = [ code_0 ... code_{D-1} | scale (fp32, LE) ]
+
+A *latent* layout (multi-head latent attention, engine/mla.py) keeps one plane instead of K and V,
+holding one "head" per token: the compressed KV and the shared rope key side by side::
+
+    kv: (num_layers, num_blocks, 1, 1, block_size, kv_lora_rank + qk_rope_head_dim)
+
+Either is still a 6-d pool of whole blocks, so the block pool, the block hash, the tiers, the
+digests and the handoff move it without knowing what is inside.
 """
 
 from __future__ import annotations
@@ -59,10 +67,16 @@ class KVLayout:
     block_size: int
     dtype: str = "float32"  # one of float32, bfloat16, float16: the run dtype
     kv_dtype: str = "auto"  # auto (the run dtype) | fp8_e4m3 | int8: codes + a scale per row
+    latent: bool = False  # one plane (MLA's latent) instead of two (K and V)
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+
+    @property
+    def planes(self) -> int:
+        """Planes per block: 2 (K, V) or 1 (the latent)."""
+        return 1 if self.latent else 2
 
     @property
     def quantized(self) -> bool:
@@ -88,8 +102,8 @@ class KVLayout:
 
     @property
     def layer_block_bytes(self) -> int:
-        """Bytes of one block of one layer (K and V)."""
-        return 2 * self.num_kv_heads * self.block_size * self.row_size * self.itemsize
+        """Bytes of one block of one layer (K and V, or the latent)."""
+        return self.planes * self.num_kv_heads * self.block_size * self.row_size * self.itemsize
 
     @property
     def block_bytes(self) -> int:
@@ -97,10 +111,10 @@ class KVLayout:
         return self.num_layers * self.layer_block_bytes
 
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (self.num_layers, num_blocks, 2, self.num_kv_heads, self.block_size, self.row_size)
+        return (self.num_layers, num_blocks, self.planes, self.num_kv_heads, self.block_size, self.row_size)
 
     def allocate(self, num_blocks: int, device: str | torch.device = "cpu") -> torch.Tensor:
-        """A zeroed pool, (L, N, 2, H_kv, B, D). On a Linux CPU, a fresh anonymous mapping advised
+        """A zeroed pool, (L, N, planes, H_kv, B, D). On a Linux CPU, a fresh anonymous mapping advised
         to be backed by transparent huge pages before anything touches it (the KV transports' CMA
         copies pin pages, see ``huge_pages``); torch's allocator may hand back memory that earlier
         allocations already faulted in with 4 KiB pages, which advice no longer changes."""

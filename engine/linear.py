@@ -48,7 +48,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 # the kernel's arithmetic is its intrinsics: no -ffast-math
 GEMM = NativeLibrary(
-    "cpu_gemm.c", ("-O3", "-march=native", "-fopenmp", f"-DMC={_MC}"), _declare, headers=("gemm_micro.h",)
+    "cpu_gemm.c", ("-O3", "-march=native", "-fopenmp", f"-DMC={_MC}"), _declare, includes=("gemm_micro.h",)
 )
 
 

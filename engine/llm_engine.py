@@ -44,6 +44,7 @@ from engine.step_cost import StepCostModel
 from engine.tier_onboarding import TierOnboarder
 from engine.tiers import LowerTiers, TiersFactory
 from engine.tokenizer import Tokenizer
+from engine.tp_layout import Parallelism
 
 # Given one step's batch, the callback to run after each layer's K/V are written (None: no callback).
 LayerHook = Callable[[SchedulerOutput], Callable[[int], None] | None]
@@ -73,6 +74,31 @@ class EngineConfig:
     # Text and stop strings here (RequestOutput.text); False: token ids only, the caller makes the
     # text (a server's front door does, once per request: router/front_door.py).
     detokenize: bool = True
+    # A worker of several ranks (engine/tp_layout.Parallelism): attention and dense MLPs over
+    # ``tensor_parallel_size`` of them (0: all), routed experts over ``expert_parallel_size``.
+    tensor_parallel_size: int = 0
+    expert_parallel_size: int = 1
+    moe_backend: str = "auto"  # auto: the C kernel for fp32 on CPU, Triton on GPU (engine/moe_backends.py)
+
+    def parallelism(self, world: int) -> Parallelism:
+        """How a group of ``world`` ranks splits this engine's model."""
+        return Parallelism(world, self.tensor_parallel_size or world, self.expert_parallel_size)
+
+
+def load_engine_model(config: EngineConfig, tp: TPGroup | None = None) -> Model:
+    """The model of an engine (of one rank of ``tp``)."""
+    return load_model(
+        config.model,
+        config.dtype,
+        config.attn_backend,
+        config.device,
+        config.linear_backend,
+        tp,
+        config.moe_backend,
+        config.parallelism(tp.size if tp is not None else 1),
+        config.quantized_weights,
+        config.kv_cache_dtype,
+    )
 
 
 def max_model_len(config: EngineConfig, mc: ModelConfig) -> int:
@@ -134,16 +160,7 @@ class LLMEngine:
         self, config: EngineConfig, tiers: TiersFactory | None = None, tp: TPGroup | None = None
     ) -> None:
         self.config = config
-        self.model = load_model(
-            config.model,
-            config.dtype,
-            config.attn_backend,
-            config.device,
-            config.linear_backend,
-            tp,
-            config.quantized_weights,
-            config.kv_cache_dtype,
-        )
+        self.model = load_engine_model(config, tp)
         mc: ModelConfig = self.model.config
         self.model_config = mc
         self.tokenizer = Tokenizer.maybe_from_pretrained(config.model)

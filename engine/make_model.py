@@ -4,7 +4,9 @@ Tests, the demo and the benchmark need a model without downloading one. This mod
 complete checkpoint directory::
 
     out/
-      config.json                       architectures + model_type (llama | qwen2 | mistral)
+      config.json                       architectures + model_type (llama | qwen2 | mistral | qwen3 |
+                                        mixtral | qwen2_moe | qwen3_moe | deepseek_v3:
+                                        engine/make_model_archs.py)
       generation_config.json            bos / eos ids
       model.safetensors                 or model-0000i-of-0000N.safetensors + model.safetensors.index.json
       tokenizer.json                    byte-level BPE trained on engine/data/corpus.txt
@@ -25,10 +27,17 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from engine.make_model_archs import EXTRA_ARCHS, arch_config, attention_shapes, mlp_shapes
+
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")  # ids 0..3, in this order
 BOS_ID, EOS_ID, UNK_ID, PAD_ID = 0, 1, 2, 3
-ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    **EXTRA_ARCHS,
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INIT_STD = 0.02
 
@@ -80,7 +89,7 @@ QWEN2_SPLIT = (
 def train_tokenizer(vocab_size: int, arch: str = "llama") -> Tokenizer:
     """Byte-level BPE on the bundled corpus (~0.1 s and deterministic, so it is not cached)."""
     tok = Tokenizer(models.BPE(unk_token=None))
-    if arch == "qwen2":
+    if arch.startswith("qwen"):  # every Qwen family: transformers' Qwen2Tokenizer pipeline
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -187,6 +196,15 @@ def build_config(preset: str, arch: str, dtype: str, overrides: dict[str, Any] |
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=p["num_hidden_layers"])
     elif arch == "mistral":
         cfg.update(sliding_window=None)
+    else:  # the family's keys, computed from the preset (an explicit override still wins)
+        family = arch_config(arch, p)
+        cfg.update(family)
+        given = overrides or {}
+        p = {
+            k: v
+            for k, v in p.items()
+            if (k not in family or k in given) and (k != "num_experts" or k in family)
+        }
     cfg.update(p)
     if (
         cfg["hidden_size"] % cfg["num_attention_heads"]
@@ -203,29 +221,38 @@ def param_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     """HF parameter names and shapes, in a fixed order (the order random numbers are drawn in)."""
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    qkv_bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    qkv_bias = cfg["model_type"] in ("qwen2", "qwen2_moe") or cfg.get("attention_bias", False)
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
     for i in range(cfg["num_hidden_layers"]):
         pre = f"model.layers.{i}."
-        shapes += [
-            (pre + "input_layernorm.weight", (h,)),
-            (pre + "self_attn.q_proj.weight", (nh * hd, h)),
-            (pre + "self_attn.k_proj.weight", (nkv * hd, h)),
-            (pre + "self_attn.v_proj.weight", (nkv * hd, h)),
-        ]
-        if qkv_bias:
+        shapes.append((pre + "input_layernorm.weight", (h,)))
+        latent = attention_shapes(cfg, pre)
+        if latent is not None:
+            shapes += latent
+        else:
             shapes += [
-                (pre + "self_attn.q_proj.bias", (nh * hd,)),
-                (pre + "self_attn.k_proj.bias", (nkv * hd,)),
-                (pre + "self_attn.v_proj.bias", (nkv * hd,)),
+                (pre + "self_attn.q_proj.weight", (nh * hd, h)),
+                (pre + "self_attn.k_proj.weight", (nkv * hd, h)),
+                (pre + "self_attn.v_proj.weight", (nkv * hd, h)),
             ]
-        shapes += [
-            (pre + "self_attn.o_proj.weight", (h, nh * hd)),
-            (pre + "post_attention_layernorm.weight", (h,)),
-            (pre + "mlp.gate_proj.weight", (inter, h)),
-            (pre + "mlp.up_proj.weight", (inter, h)),
-            (pre + "mlp.down_proj.weight", (h, inter)),
-        ]
+            if qkv_bias:
+                shapes += [
+                    (pre + "self_attn.q_proj.bias", (nh * hd,)),
+                    (pre + "self_attn.k_proj.bias", (nkv * hd,)),
+                    (pre + "self_attn.v_proj.bias", (nkv * hd,)),
+                ]
+            if cfg["model_type"] in ("qwen3", "qwen3_moe"):
+                shapes += [(pre + "self_attn.q_norm.weight", (hd,)), (pre + "self_attn.k_norm.weight", (hd,))]
+            shapes.append((pre + "self_attn.o_proj.weight", (h, nh * hd)))
+        shapes.append((pre + "post_attention_layernorm.weight", (h,)))
+        if cfg["model_type"] in ("llama", "qwen2", "mistral", "qwen3"):
+            shapes += [
+                (pre + "mlp.gate_proj.weight", (inter, h)),
+                (pre + "mlp.up_proj.weight", (inter, h)),
+                (pre + "mlp.down_proj.weight", (h, inter)),
+            ]
+        else:
+            shapes += mlp_shapes(cfg, pre, i)
     shapes.append(("model.norm.weight", (h,)))
     if not cfg["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (v, h)))

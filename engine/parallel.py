@@ -39,8 +39,19 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ModelConfig
+from engine.mla import shard_mla
+from engine.moe import shard_expert_columns, shard_experts
 from engine.quant.weight import Weight
-from engine.tp_layout import check_tensor_parallel, columns, kv_heads, q_heads, vocab_rows, vocab_shard
+from engine.tp_layout import (
+    check_expert_parallel,
+    check_tensor_parallel,
+    columns,
+    experts_of,
+    kv_heads,
+    q_heads,
+    vocab_rows,
+    vocab_shard,
+)
 from engine.weights import LayerWeights, ModelWeights
 
 COLLECTIVE_TIMEOUT_S = 300.0  # a peer that stalls longer than this inside a forward fails the group
@@ -113,6 +124,21 @@ class TPGroup:
         parts = [torch.empty_like(t) for _ in range(self.size)] if self.rank == 0 else None
         self._collective(dist.gather, t.contiguous(), parts, dst=0)
         return torch.cat(parts, dim=1).to(dev) if parts is not None else None
+
+    def all_to_all(
+        self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]
+    ) -> None:
+        """Rows ``in_splits[r]`` of ``inp`` go to rank r; ``out`` gets rank r's ``out_splits[r]``
+        rows, in rank order (expert parallelism: engine/expert_parallel.py)."""
+        self._collective(
+            dist.all_to_all_single, out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits
+        )
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape everywhere), in rank order."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self._collective(dist.all_gather, parts, t)
+        return parts
 
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
@@ -237,9 +263,11 @@ class ShardInfo:
     vocab_shard: int  # every rank's logits are padded to this many columns for the gather
 
 
-def shard_info(config: ModelConfig, rank: int, size: int) -> ShardInfo:
+def shard_info(config: ModelConfig, rank: int, size: int, ep: int = 1) -> ShardInfo:
+    """Rank ``rank``'s share of a model split over ``size`` tensor-parallel ranks (``ep``: how its
+    experts are split, checked here too)."""
     c = config
-    check_tensor_parallel(size, c.num_heads, c.num_kv_heads, c.intermediate_size)
+    check_model_split(c, size, ep)
     return ShardInfo(
         rank,
         size,
@@ -250,11 +278,40 @@ def shard_info(config: ModelConfig, rank: int, size: int) -> ShardInfo:
     )
 
 
-def shard_weights(weights: ModelWeights, config: ModelConfig, rank: int, size: int) -> ModelWeights:
-    """Rank ``rank``'s slices of the full (memory-mapped) weights. Row slices of a weight are views;
-    the row-parallel weights (o_proj, down_proj) are column slices and are copied contiguous (the
-    packed matmul backends copy every weight anyway). The output-projection bias is kept on rank 0
-    only, so the all-reduce adds it once."""
+def check_model_split(c: ModelConfig, tp: int, ep: int = 1) -> None:
+    """Raise ValueError, naming the field, unless ``tp`` ranks split the heads and MLP widths and
+    ``ep`` ranks the routed experts (engine/tp_layout.py)."""
+    dense = c.moe is None or len(c.moe.sparse_layers) < c.num_layers
+    check_tensor_parallel(tp, c.num_heads, c.num_kv_heads, c.intermediate_size if dense else None)
+    if c.moe is None:
+        if ep > 1:
+            raise ValueError(f"expert_parallel_size {ep}: the model has no experts to split")
+        return
+    check_expert_parallel(ep, c.moe.num_experts)
+    widths = [("moe_intermediate_size", c.moe.intermediate_size if ep == 1 else 0)]
+    widths.append(("the shared expert's intermediate size", c.moe.shared_intermediate_size if ep == 1 else 0))
+    for name, width in widths:
+        if width % tp:
+            raise ValueError(f"tensor_parallel_size {tp} does not divide {name} {width}")
+
+
+def shard_weights(
+    weights: ModelWeights, config: ModelConfig, rank: int, size: int, ep: int = 1
+) -> ModelWeights:
+    """Rank ``rank``'s slices of the full (memory-mapped) weights, attention and dense MLPs over
+    ``size`` ranks, routed experts over ``ep`` (engine/tp_layout.Parallelism: each 1 or the
+    worker's ranks). Row slices of a weight are views; the row-parallel weights (o_proj, down_proj)
+    are column slices and are copied contiguous (the packed matmul backends copy every weight
+    anyway). The output-projection bias is kept on rank 0 only, so the all-reduce adds it once.
+    With expert parallelism a MoE layer's shared expert is whole on every rank (its output is not
+    all-reduced) and its routed experts are ``E / ep`` whole experts."""
+    if ep > 1:
+        held = experts_of(config.moe.num_experts if config.moe else 0, ep, rank)
+        split = tuple(
+            w if w.moe is None else dataclasses.replace(w, moe=shard_experts(w.moe, held))
+            for w in weights.layers
+        )
+        weights = dataclasses.replace(weights, layers=split)
     if size == 1:
         return weights
     c = config
@@ -265,32 +322,39 @@ def shard_weights(weights: ModelWeights, config: ModelConfig, rank: int, size: i
     mlp = columns(c.intermediate_size, size, rank)
     mlp_rows = slice(mlp.start, mlp.stop)
 
-    def rows(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
-        return None if t is None else t[s]
+    def rows(t: Weight | None, s: slice) -> torch.Tensor | None:
+        return None if t is None else dense(t)[s]
 
-    def cols(t: Weight, s: slice) -> torch.Tensor:
-        return dense(t)[:, s].contiguous()
+    def cols(t: Weight | None, s: slice) -> torch.Tensor | None:
+        return None if t is None else dense(t)[:, s].contiguous()
 
     layers = []
     for w in weights.layers:
+        moe = w.moe
+        if moe is not None and ep == 1:  # every expert here: its columns split, as a dense MLP's
+            moe = shard_expert_columns(moe, rank, size)
         layers.append(
             LayerWeights(
                 input_norm=w.input_norm,
-                q_proj=dense(w.q_proj)[q_rows],
-                k_proj=dense(w.k_proj)[kv_rows],
-                v_proj=dense(w.v_proj)[kv_rows],
+                q_proj=rows(w.q_proj, q_rows),
+                k_proj=rows(w.k_proj, kv_rows),
+                v_proj=rows(w.v_proj, kv_rows),
                 q_bias=rows(w.q_bias, q_rows),
                 k_bias=rows(w.k_bias, kv_rows),
                 v_bias=rows(w.v_bias, kv_rows),
                 o_proj=cols(w.o_proj, q_rows),
                 o_bias=w.o_bias if rank == 0 else None,
                 post_norm=w.post_norm,
-                gate_proj=dense(w.gate_proj)[mlp_rows],
-                up_proj=dense(w.up_proj)[mlp_rows],
+                gate_proj=rows(w.gate_proj, mlp_rows),
+                up_proj=rows(w.up_proj, mlp_rows),
                 down_proj=cols(w.down_proj, mlp_rows),
+                q_norm=w.q_norm,
+                k_norm=w.k_norm,
+                moe=moe,
+                mla=None if w.mla is None or c.mla is None else shard_mla(w.mla, c.mla, qh, rank),
             )
         )
-    info = shard_info(c, rank, size)
+    info = shard_info(c, rank, size, ep)
     head = dense(weights.lm_head)[info.vocab_rows.start : info.vocab_rows.stop]  # (<= V/tp, hidden), a view
     if head.shape[0] < info.vocab_shard:  # the last rank: pad to the common width of the gather
         pad = head.new_zeros(info.vocab_shard - head.shape[0], head.shape[1])

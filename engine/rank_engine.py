@@ -13,8 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.llm_engine import EngineConfig, kv_pool
-from engine.model import load_model
+from engine.llm_engine import EngineConfig, kv_pool, load_engine_model
 from engine.model_runner import ModelRunner, StepInputs
 from engine.parallel import TPGroup
 
@@ -23,16 +22,7 @@ class RankEngine:
     def __init__(self, config: EngineConfig, tp: TPGroup) -> None:
         self.config = config
         self.tp = tp
-        self.model = load_model(
-            config.model,
-            config.dtype,
-            config.attn_backend,
-            config.device,
-            config.linear_backend,
-            tp,
-            config.quantized_weights,
-            config.kv_cache_dtype,
-        )
+        self.model = load_engine_model(config, tp)
         self.kv_layout, num_blocks = kv_pool(config, self.model)
         self.kv_cache = self.kv_layout.allocate(num_blocks, config.device)  # (L, N, 2, H_kv/tp, B, D)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.device)

@@ -1,5 +1,5 @@
-"""How a tensor-parallel worker splits a model across its ranks: which heads, KV heads, MLP columns
-and vocabulary rows each rank owns (pure integers, no torch).
+"""How a worker splits a model across its ranks: which heads, KV heads, MLP columns, vocabulary rows
+(tensor parallelism) and routed experts (expert parallelism) each rank owns (pure integers, no torch).
 
 A worker of ``tp`` ranks splits the query heads evenly; KV heads follow the query heads they serve::
 
@@ -15,6 +15,8 @@ head's vocabulary rows split in ``ceil(vocab / tp)`` pieces (the last one shorte
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def check_tensor_parallel(
@@ -73,3 +75,50 @@ def vocab_rows(vocab_size: int, tp: int, rank: int) -> range:
 
 def vocab_shard(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp)
+
+
+# -- expert parallelism ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Parallelism:
+    """How a worker of ``world`` ranks splits its model: attention, dense MLPs and the LM head over
+    ``tp`` ranks, the routed experts of each MoE layer over ``ep`` ranks. Each is 1 (replicated on
+    every rank) or ``world``::
+
+        world 2, tp 2, ep 1   heads split; every expert on both ranks, its columns split (TP)
+        world 2, tp 1, ep 2   attention replicated; experts 0..E/2-1 on rank 0, the rest on rank 1
+        world 2, tp 2, ep 2   heads split, experts split
+    """
+
+    world: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name, value in (("tensor_parallel_size", self.tp), ("expert_parallel_size", self.ep)):
+            if value not in (1, self.world):
+                raise ValueError(f"{name} {value}: must be 1 or the worker's {self.world} ranks")
+        if max(self.tp, self.ep) != self.world:
+            raise ValueError(
+                f"a worker of {self.world} ranks splits nothing over them (tp {self.tp}, ep {self.ep})"
+            )
+
+    @classmethod
+    def of(cls, tp: int = 1, ep: int = 1) -> Parallelism:
+        """A worker of ``max(tp, ep)`` ranks."""
+        if tp < 1 or ep < 1:
+            raise ValueError(f"tensor_parallel_size ({tp}) and expert_parallel_size ({ep}) must be >= 1")
+        return cls(max(tp, ep), tp, ep)
+
+
+def check_expert_parallel(ep: int, num_experts: int) -> None:
+    """Raise ValueError unless ``ep`` ranks split the experts evenly."""
+    if ep < 1 or num_experts % ep:
+        raise ValueError(
+            f"expert_parallel_size {ep} does not divide the model's {num_experts} routed experts"
+        )
+
+
+def experts_of(num_experts: int, ep: int, rank: int) -> range:
+    """The routed experts rank ``rank`` holds (contiguous, so the owner of expert e is e // (E / ep))."""
+    n = num_experts // ep
+    return range(rank * n, (rank + 1) * n)

@@ -196,7 +196,10 @@ class BaseReceiver:
         try:
             self.book.check(r, h, self.pool.num_heads)
             p = self.pool
-            if h.dtype != p.dtype or (h.block_shape[0], *h.block_shape[2:]) != (2, *p.block_shape[2:]):
+            if h.dtype != p.dtype or (h.block_shape[0], *h.block_shape[2:]) != (
+                p.block_shape[0],
+                *p.block_shape[2:],
+            ):
                 raise KVTransferError(
                     f"{h.request_id}: payload is {h.dtype} {h.block_shape}, pool is {p.dtype} {p.block_shape}"
                 )
@@ -356,7 +359,7 @@ class BaseSender:
             block_start=block_offset,
             num_blocks=len(src_block_ids),
             dtype=p.dtype,
-            block_shape=(2, count, *src_bd),  # type: ignore[arg-type]
+            block_shape=(p.block_shape[0], count, *src_bd),  # type: ignore[arg-type]
             payload_bytes=num_layers * len(src_block_ids) * p.layer_block_bytes * count // src_heads,
             status=STATUS_OK if self.digests else STATUS_NO_DIGEST,
             head_start=0 if heads is None else heads.dst,

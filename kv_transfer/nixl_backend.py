@@ -199,7 +199,8 @@ def _slice_descs(
     num_heads: int,
 ) -> np.ndarray:
     """Descriptors of heads ``[first, first + count)`` of every (layer, block, K/V) of a pool; index
-    ``(layer * num_blocks + block) * 2 + kind``."""
+    ``(layer * num_blocks + block) * 2 + kind``. (A latent pool, one plane of one head, never
+    sends a head slice: its one head is the whole block.)"""
     half = layer_block_bytes // 2  # K or V of one block: (H_kv, B, D)
     head = half // num_heads
     return _block_descs(base + heads[0] * head, num_layers * num_blocks * 2, heads[1] * head, 0, half)

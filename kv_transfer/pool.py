@@ -1,7 +1,8 @@
 """Byte-level access to a KV pool tensor for the transports: regions, digests, pack and scatter.
 
-The pool is engine/kv_layout.py's one tensor per worker, ``(L, N, 2, H_kv, B, D)``, contiguous and
-layer-major. Everything here works on its flat byte view, so a region is ``(offset, length)``.
+The pool is engine/kv_layout.py's one tensor per worker, ``(L, N, planes, H_kv, B, D)`` (planes: K
+and V, or one latent), contiguous and layer-major. Everything here works on its flat byte view, so
+a region is ``(offset, length)``.
 On CPU the digest is protocol.digest (xxh3-64) over the regions (streamed, no copy).
 On a GPU it is a device-side checksum (sum and position-weighted sum of int32 words, finished with
 protocol.digest on the host) so the bytes never leave the device.
@@ -23,9 +24,9 @@ class PoolView:
     def __init__(self, kv: torch.Tensor) -> None:
         if kv.dim() != 6 or not kv.is_contiguous():
             raise ValueError(
-                f"KV pool must be a contiguous (L, N, 2, H_kv, B, D) tensor, got {tuple(kv.shape)}"
+                f"KV pool must be a contiguous (L, N, planes, H_kv, B, D) tensor, got {tuple(kv.shape)}"
             )
-        self.kv = kv  # (L, N, 2, H_kv, B, D)
+        self.kv = kv  # (L, N, planes, H_kv, B, D)
         self.num_layers, self.num_blocks = kv.shape[0], kv.shape[1]
         self.block_shape: tuple[int, int, int, int] = tuple(kv.shape[2:])  # type: ignore[assignment]
         self.dtype = dtype_name(kv.dtype)
@@ -55,7 +56,13 @@ class PoolView:
         if heads[0] < 0 or heads[1] < 1 or heads[0] + heads[1] > self.num_heads:
             raise ValueError(f"heads {heads[0]}+{heads[1]} outside the pool's {self.num_heads}")
         return protocol.head_regions(
-            layers, block_ids, heads, self.num_heads, self.num_blocks, self.layer_block_bytes
+            layers,
+            block_ids,
+            heads,
+            self.num_heads,
+            self.num_blocks,
+            self.layer_block_bytes,
+            self.block_shape[0],
         )
 
     def digest(self, regions: Sequence[tuple[int, int]]) -> int:

@@ -230,8 +230,10 @@ def head_regions(
     num_heads: int,
     num_blocks: int,
     layer_block_bytes: int,
+    planes: int = 2,
 ) -> list[tuple[int, int]]:
-    """Regions of heads ``[start, start + count)`` of each (layer, block), K then V, in payload order.
+    """Regions of heads ``[start, start + count)`` of each (layer, block), K then V (``planes`` 2;
+    a latent pool has 1), in payload order.
     A block ``(2, H_kv, B, D)`` keeps a head's B x D values together, so a head slice of K (or V) is
     one piece, and a block's slice is two::
 
@@ -239,12 +241,12 @@ def head_regions(
                                  └── K ──┘                   └── V ──┘      2 regions per block
     """
     start, count = heads
-    head_bytes = layer_block_bytes // (2 * num_heads)
+    head_bytes = layer_block_bytes // (planes * num_heads)
     out = []
     for layer in layers:
         for b in block_ids:
             base = (layer * num_blocks + b) * layer_block_bytes
-            for kind in (0, 1):
+            for kind in range(planes):
                 out.append((base + (kind * num_heads + start) * head_bytes, count * head_bytes))
     return out
 

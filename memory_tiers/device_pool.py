@@ -63,5 +63,6 @@ def _np_bytes(t: torch.Tensor) -> np.ndarray:
 
 
 def block_shape(layout: KVLayout) -> tuple[int, int, int, int, int]:
-    """Shape of one block across all layers: (L, 2, H_kv, B, D) (D + 4 bytes for a quantized KV pool)."""
-    return (layout.num_layers, 2, layout.num_kv_heads, layout.block_size, layout.row_size)
+    """Shape of one block across all layers: (L, planes, H_kv, B, row) (planes: K and V, or a latent;
+    row: D values, or D + 4 bytes of codes and a scale in a quantized KV pool)."""
+    return (layout.num_layers, layout.planes, layout.num_kv_heads, layout.block_size, layout.row_size)

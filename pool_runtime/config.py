@@ -33,8 +33,15 @@ class WorkerConfig:
     # Decode: host inbox blocks for KV landing in G2 when G1 is full (0: one longest prompt, at most
     # the G2 size). Transfers to G2 in flight are bounded by it (decode_pool/g2_landing.py).
     host_landing_blocks: int = 0
-    # Tensor parallel: the worker is this many processes, one per device (pool_runtime/rank_group.py);
-    # each rank asks Ray for ``rank_resources`` (its CPUs, GPUs, custom resources) in the worker's
-    # placement group. G2/G3 (``tiers``) are not offered with more than one rank.
+    # Tensor / expert parallel: the worker is max(tp, ep) processes, one per device
+    # (pool_runtime/rank_group.py; engine/tp_layout.Parallelism says what they split); each rank asks
+    # Ray for ``rank_resources`` (its CPUs, GPUs, custom resources) in the worker's placement group.
+    # G2/G3 (``tiers``) are not offered with more than one rank.
     tensor_parallel_size: int = 1
     rank_resources: dict[str, float] = field(default_factory=dict)
+    expert_parallel_size: int = 1
+
+    @property
+    def ranks(self) -> int:
+        """The worker's processes."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)

@@ -61,7 +61,7 @@ class RankFollower:
         import torch
 
         self.config, self.role, self.rank = config, role, rank
-        size = config.tensor_parallel_size
+        size = config.ranks
         ec: EngineConfig = config.engine
         if config.torch_threads > 0 or ec.device == "cpu":
             torch.set_num_threads(config.torch_threads or default_threads(size))
@@ -74,7 +74,11 @@ class RankFollower:
         if role == "prefill":
             sender: BaseSender = transport.sender(self.engine.kv_cache)  # type: ignore[assignment]
             self.shard = ShardSender(
-                sender, worker_layout(self.engine.model.config, ec.block_size, size, ec.kv_cache_dtype), rank
+                sender,
+                worker_layout(
+                    self.engine.model.config, ec.block_size, self.engine.model.parallel, ec.kv_cache_dtype
+                ),
+                rank,
             )
         else:
             self.receiver = transport.receiver(self.engine.kv_cache)

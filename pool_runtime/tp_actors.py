@@ -79,7 +79,7 @@ def placed_actor_class(
     """``cls`` as the Ray actor class of one worker, the placement group made for it (None for
     TP = 1: placed like any actor) and the config to construct it with (each rank's resources
     filled in). ``extra``: a name, namespace, ``lifetime="detached"`` (the group gets the same)."""
-    tp = config.tensor_parallel_size
+    tp = config.ranks
     if tp == 1:
         return actor_class(cls, spec, **extra), None, config
     pg_options: dict[str, Any] = {}
@@ -131,7 +131,7 @@ def start_rank_group(config: WorkerConfig, role: str) -> RankGroup | None:
     """Called by rank 0's actor as it starts: create the followers (in this actor's placement
     group, else pinned to this node), join the group with them and return it (None for TP = 1).
     Once a rank is gone the actor's process exits, so Ray restarts the worker whole."""
-    n = config.tensor_parallel_size
+    n = config.ranks
     if n == 1:
         return None
     host = "127.0.0.1"  # every rank is on this node (STRICT_PACK, or pinned to it)

@@ -11,8 +11,10 @@ there is one route of all heads, which is exactly the untouched whole-block path
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from engine.config import ModelConfig
+from engine.tp_layout import Parallelism, kv_heads
 from kv_transfer.base import BaseSender
 from kv_transfer.heads import HeadRoute, KVShardLayout, plan_routes, receiver_parts
 from kv_transfer.protocol import KVTransferError
@@ -20,31 +22,36 @@ from kv_transfer.transport import HeadSlice, KVDestination
 from pool_runtime.handoff import IncompatibleKV, KVGrant
 
 
-def worker_layout(mc: ModelConfig, block_size: int, tp_size: int, kv_dtype: str = "auto") -> KVShardLayout:
-    """A whole worker's KV layout: its model's KV over ``tp_size`` ranks, held as ``kv_dtype`` (the
-    engine's ``kv_cache_dtype``: auto is the run dtype; fp8_e4m3 / int8 a quantized cache, which
-    only a worker with the same cache dtype can take: the reserve names both when they differ)."""
+def worker_layout(
+    mc: ModelConfig, block_size: int, parallel: Parallelism | int = 1, kv_dtype: str = "auto"
+) -> KVShardLayout:
+    """A whole worker's KV layout, as its engine splits it (engine/tp_layout.py): the KV heads of
+    each of its ranks (``parallel``: how the ranks split the model; an int: that many ranks, all
+    tensor parallel). Attention replicated over an expert-parallel worker's ranks: every rank holds
+    every head. The transport reads this description; it never applies the split rules itself.
+    ``kv_dtype``: the engine's ``kv_cache_dtype`` (auto: the run dtype; fp8_e4m3 / int8 a quantized
+    cache, which only a worker with the same cache dtype can take: the reserve names both)."""
+    par = parallel if isinstance(parallel, Parallelism) else Parallelism(parallel, parallel, 1)
+    kv = mc.kv_layout(block_size)  # MLA: one latent "head" of kv_lora_rank + rope dims
+    held: tuple[tuple[int, int], ...] = ()
+    if par.world > 1:
+        ranks = [kv_heads(kv.num_kv_heads, par.tp, r if par.tp > 1 else 0) for r in range(par.world)]
+        held = tuple((h.start, len(h)) for h in ranks)
     return KVShardLayout(
         fingerprint=mc.fingerprint,
         dtype=mc.dtype if kv_dtype == "auto" else kv_dtype,
         block_size=block_size,
         num_layers=mc.num_layers,
-        num_kv_heads=mc.num_kv_heads,
-        head_dim=mc.head_dim,
-        tp_size=tp_size,
+        num_kv_heads=kv.num_kv_heads,
+        head_dim=kv.head_dim,
+        held=held,
+        latent=kv.latent,
     )
 
 
 def one_rank(layout: KVShardLayout) -> KVShardLayout:
     """The same model's KV on a single rank."""
-    return KVShardLayout(
-        layout.fingerprint,
-        layout.dtype,
-        layout.block_size,
-        layout.num_layers,
-        layout.num_kv_heads,
-        layout.head_dim,
-    )
+    return dataclasses.replace(layout, held=())
 
 
 def rank_parts(

@@ -136,9 +136,12 @@ class PrefillWorker:
         self.evictions = EvictionLog(self.engine)
         self.block_size = config.engine.block_size
         self.num_layers = self.engine.kv_layout.num_layers
-        tp = ranks.size if ranks is not None else 1
+        # what each rank holds, as the engine split the model (heads, or MLA's latent on every rank)
         self.kv_layout: KVShardLayout = worker_layout(
-            self.engine.model_config, self.block_size, tp, config.engine.kv_cache_dtype
+            self.engine.model_config,
+            self.block_size,
+            self.engine.model.parallel,
+            config.engine.kv_cache_dtype,
         )
         # every backend's sender is a BaseSender, which also has flush() (not in the KVSender protocol)
         self.sender = cast(BaseSender, build_transport(config).sender(self.engine.kv_cache))

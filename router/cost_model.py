@@ -90,8 +90,9 @@ class RoutingRequest:
 
 @dataclass(frozen=True, slots=True)
 class CostParams:
-    kv_bytes_per_token: int  # all layers, K and V, as the pool stores them (KVLayout.block_bytes / B):
-    # 2 * layers * kv_heads * head_dim * dtype bytes, or a quantized cache's codes and scales
+    kv_bytes_per_token: int  # all layers, as the pool stores them (KVLayout.block_bytes / B): K and V,
+    # 2 * layers * kv_heads * head_dim * dtype bytes, MLA's latent, layers * (kv_lora_rank +
+    # qk_rope_head_dim) * dtype bytes, or a quantized cache's codes and scales
     block_size: int = 16
     default_prefill_tokens_per_s: float = 1000.0
     overlap_fraction: float = 0.0  # of min(prefill, transfer) hidden by layer-wise streaming

@@ -374,11 +374,11 @@ def _error_for(c: TokenChunk) -> Exception:
 
 def cost_params(mc: Any, block_size: int, kv_cache_dtype: str = "auto") -> CostParams:
     """The cost model's constants for a model (``engine.config.ModelConfig``) whose KV the pools hold
-    as ``kv_cache_dtype``: the bytes a handoff moves per token, a quantized cache's scales included."""
+    as ``kv_cache_dtype``: the bytes a handoff moves per token, as the pool stores them (per-head K
+    and V, or MLA's latent; a quantized cache's codes and scales)."""
     layout = dataclasses.replace(mc.kv_layout(block_size), kv_dtype=kv_cache_dtype)
-    per_token = layout.block_bytes // block_size
     return CostParams(
-        kv_bytes_per_token=per_token,
+        kv_bytes_per_token=layout.block_bytes // block_size,
         block_size=block_size,
         handoff_overhead_s=HANDOFF_OVERHEAD_S,
         num_kv_heads=mc.num_kv_heads,

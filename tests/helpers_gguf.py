@@ -35,6 +35,9 @@ _LAYER = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate": "ffn_gate_inp",  # a MoE layer's router
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -157,10 +160,14 @@ def write_gguf(
     tokenizer: str = "gpt2",
     seed: int = 0,
     types: dict[str, str] | None = None,
+    arch: str = "llama",
 ) -> Path:
-    """The transformers checkpoint at ``checkpoint`` (Llama) as one GGUF file at ``path``; ``types``
-    gives some tensors another type, by their GGUF name's part (``{"attn_k": "Q6_K"}``), as llama.cpp's
-    mixed files (Q4_K_M: some of attn_v / ffn_down in Q6_K) do."""
+    """The transformers checkpoint at ``checkpoint`` (Llama, or Qwen3 with ``arch="qwen3"``: no Q/K
+    permutation, its head size written, its q/k norms kept in F32 as llama.cpp keeps 1-d tensors;
+    Qwen3-MoE with ``arch="qwen3moe"``: each layer's experts stacked per projection, as llama.cpp
+    stores them) as one GGUF file at ``path``; ``types`` gives some tensors another type, by their
+    GGUF name's part (``{"attn_k": "Q6_K"}``), as llama.cpp's mixed files (Q4_K_M: some of attn_v /
+    ffn_down in Q6_K) do."""
     import json
 
     from gguf import GGUFWriter
@@ -169,15 +176,25 @@ def write_gguf(
     cfg = json.loads((checkpoint / "config.json").read_text())
     tensors = load_file(checkpoint / "model.safetensors")
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = GGUFWriter(str(path), arch="llama")
-    w.add_name("tiny-test-llama")
+    w = GGUFWriter(str(path), arch=arch)
+    w.add_name(f"tiny-test-{arch}")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_rope_dimension_count(head_dim)
+    if arch in ("qwen3", "qwen3moe"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "qwen3moe":
+        n = cfg.get("num_experts") or cfg["num_local_experts"]
+        w.add_expert_count(n)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        tensors = _stack_experts(tensors, cfg["num_hidden_layers"], n)
     w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
@@ -185,15 +202,25 @@ def write_gguf(
     rng = np.random.default_rng(seed)
     for name, t in tensors.items():
         arr = t.to(torch.float32).numpy()
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             arr = permute(arr, heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             arr = permute(arr, kv_heads)
-        part = gguf_name(name).split(".")[-2]
-        data, ggml_type = _encode(arr, (types or {}).get(part, qtype), rng)
-        w.add_tensor(gguf_name(name), data, raw_dtype=ggml_type)
+        gname = name if name.startswith("blk.") else gguf_name(name)
+        data, ggml_type = _encode(arr, (types or {}).get(gname.split(".")[-2], qtype), rng)
+        w.add_tensor(gname, data, raw_dtype=ggml_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor], layers: int, n: int) -> dict[str, torch.Tensor]:
+    """Per-expert Hugging Face tensors -> llama.cpp's blk.{i}.ffn_{gate,up,down}_exps (E, rows, cols)."""
+    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    for i in range(layers):
+        for proj in ("gate", "up", "down"):
+            names = [f"model.layers.{i}.mlp.experts.{e}.{proj}_proj.weight" for e in range(n)]
+            out[f"blk.{i}.ffn_{proj}_exps.weight"] = torch.stack([tensors[k] for k in names])
+    return out

@@ -18,15 +18,21 @@ _CTX = mp.get_context("spawn")
 TIMEOUT_S = 300.0
 
 
-def _logits(state: dict[str, Any], path: str, prompts: list[list[int]], dtype: str) -> list[Any] | None:
-    """Every position's logits of each prompt run alone through this rank's shard (rank 0 gets them)."""
+def _logits(
+    state: dict[str, Any], path: str, prompts: list[list[int]], dtype: str, tp: int = 0, ep: int = 1
+) -> list[Any] | None:
+    """Every position's logits of each prompt run alone through this rank's shard (rank 0 gets
+    them); ``tp`` / ``ep``: what the ranks split (engine/tp_layout.Parallelism; tp 0: all ranks)."""
     import torch
 
     from engine.attention import AttentionMetadata
     from engine.model import load_model
+    from engine.tp_layout import Parallelism
 
     device = state["device"]
-    model = load_model(path, dtype, device=device, tp=state["tp"])
+    world = state["tp"].size
+    parallel = Parallelism(world, tp or world, ep)
+    model = load_model(path, dtype, device=device, tp=state["tp"], parallel=parallel)
     out = []
     for p in prompts:
         n = len(p)

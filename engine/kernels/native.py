@@ -117,18 +117,18 @@ def _cache_dir() -> Path:
 
 class NativeLibrary:
     """``source`` (a file in this package) compiled with ``flags``; ``declare`` sets the ctypes
-    signatures of its functions once it is loaded. ``headers``: files of this package the source
-    includes, hashed into the build key with it (a changed header rebuilds every includer)."""
+    signatures of its functions once it is loaded. ``includes``: the files of this package that
+    ``source`` #includes (part of the build key, so a change to one rebuilds it)."""
 
     def __init__(
         self,
         source: str,
         flags: Sequence[str],
         declare: Callable[[ctypes.CDLL], None],
-        headers: Sequence[str] = (),
+        includes: Sequence[str] = (),
     ) -> None:
         self.source = Path(__file__).with_name(source)
-        self.headers = tuple(Path(__file__).with_name(h) for h in headers)
+        self.includes = tuple(Path(__file__).with_name(name) for name in includes)
         self.flags = (*flags, "-shared", "-fPIC")
         self.declare = declare
         self._lock = threading.Lock()
@@ -141,7 +141,7 @@ class NativeLibrary:
         if cc is None:
             raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
         flags = (*self.flags, *_CAPABILITY_FLAGS[capability()])
-        text = self.source.read_bytes() + b"".join(h.read_bytes() for h in self.headers)
+        text = self.source.read_bytes() + b"".join(f.read_bytes() for f in self.includes)
         key = hashlib.sha256(text + " ".join(flags).encode() + _compiler_version(cc) + _cpu_signature())
         out_dir = cache_dir or _cache_dir()
         target = out_dir / f"{self.source.stem}-{key.hexdigest()[:16]}.so"

@@ -38,7 +38,7 @@ LIBRARY = NativeLibrary(
     "cpu_quant_gemm.c",
     ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", f"-DQKB={_QKB}"),
     _declare,
-    headers=("gemm_micro.h", "quant_dequant.h"),
+    includes=("gemm_micro.h", "quant_dequant.h"),
 )
 
 

@@ -52,3 +52,27 @@ def test_bench_engine_runs_tandem_with_a_chosen_linear_backend(
     out = json.loads(capsys.readouterr().out)
     assert out["ratio"] is None and len(out["results"]) == 1 and out["results"][0]["tokens_per_s"] > 0
     assert torch.backends.cpu.get_cpu_capability() in out["host"]  # figures carry the CPU they ran on
+
+
+def test_bench_engine_arch_puts_moe_and_mla_beside_the_dense_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "--arch",
+        "deepseek_v3",
+        "mixtral",
+        "--preset",
+        "tiny",
+        "--num-requests",
+        "3",
+        "--concurrency",
+        "2",
+    ]
+    argv += ["--prompt-len", "3", "9", "--output-len", "2", "4", "--json"]
+    assert bench.run(_args(bench, argv)) == 0  # run_tandem asserts every requested token was produced
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["arch"]: r for r in out["results"]}
+    assert [r["arch"] for r in out["results"]] == ["llama", "deepseek_v3", "mixtral"]  # the dense one first
+    assert rows["llama"]["vs_dense"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["deepseek_v3"]["kv_bytes_per_token"] < rows["llama"]["kv_bytes_per_token"]  # the latent
+    assert rows["mixtral"]["active_params"] < rows["mixtral"]["params"]  # 2 of 8 experts per token

@@ -1,6 +1,7 @@
 """The engine reuses cached prefixes through the tier store: blocks evicted from G1 are offloaded to
 G2 (host) and spilled to G3 (disk), and a later request sharing the prefix onboards them instead of
-recomputing — with output identical to a run that never cached anything."""
+recomputing — with output identical to a run that never cached anything. Every case runs on a
+dense Llama and on a DeepSeek-V3 (MLA), whose blocks hold the latent (one plane of one 'head')."""
 
 from __future__ import annotations
 
@@ -21,9 +22,18 @@ BLOCK = 4
 PREFIX = 40  # ten full blocks
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model(tmp_path_factory.mktemp("tiers") / "m", "tiny", "llama", seed=3)
+@pytest.fixture(scope="module", params=["llama", "deepseek_v3"])
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 4 MLA layers: a latent block (4 x 4 tokens x 40 fp32) is 2.5 KiB + header, over the 4 KiB
+    # the corruption case below tells block files by
+    overrides = {"num_hidden_layers": 5} if request.param == "deepseek_v3" else None
+    path = make_model(
+        tmp_path_factory.mktemp("tiers") / "m", "tiny", request.param, seed=3, overrides=overrides
+    )
+    from engine.config import ModelConfig
+
+    assert ModelConfig.from_pretrained(path).kv_layout(BLOCK).latent == (request.param == "deepseek_v3")
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -173,3 +173,35 @@ def test_files_we_cannot_run_are_refused(tmp_path: Path, source: Path) -> None:
     with pytest.raises(ValueError, match="rope_freqs"):
         gguf_loader.hf_name("rope_freqs.weight")
     load_weights(extra, cfg)  # the plain file loads
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_qwen3_file_equals_transformers_gguf_loading(qtype: str, tmp_path: Path) -> None:
+    """A Qwen3 GGUF (llama.cpp's qwen3 tensor names: attn_q_norm / attn_k_norm, no Q/K permutation)."""
+    # head_dim 128: what transformers' GGUF loading assumes for qwen3 (it does not read key_length)
+    src = make_checkpoint(tmp_path / "src", "qwen3", **{**GGUF_DIMS, "head_dim": 128})
+    path = write_gguf(tmp_path / f"qwen3-{qtype}.gguf", src, qtype, arch="qwen3")
+    with torch.no_grad():
+        want = _reference(path)(torch.tensor([IDS])).logits[0]  # (T, V)
+    model = load_model(path, attn_backend="torch", linear_backend="torch")
+    assert model.config.architecture == "qwen3" and model.weights.layers[0].q_norm is not None
+    assert torch.equal(_logits(model, IDS), want)
+    torch.testing.assert_close(_logits(load_model(path), IDS), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_qwen3_moe_file_equals_transformers_gguf_loading(qtype: str, tmp_path: Path) -> None:
+    """A Qwen3-MoE GGUF: llama.cpp's stacked expert tensors (ffn_{gate,up,down}_exps) and router
+    (ffn_gate_inp), split into the per-expert weights the engine runs (engine/gguf_moe.py)."""
+    dims = {**GGUF_DIMS, "head_dim": 128, "num_experts": 4, "num_experts_per_tok": 2}
+    # moe_intermediate_size 768: transformers' GGUF loading keeps Qwen3MoeConfig's default (it does not
+    # read expert_feed_forward_length); the engine reads it from the file
+    src = make_checkpoint(tmp_path / "src", "qwen3_moe", **{**dims, "moe_intermediate_size": 768})
+    path = write_gguf(tmp_path / f"qwen3moe-{qtype}.gguf", src, qtype, arch="qwen3moe")
+    with torch.no_grad():
+        want = _reference(path)(torch.tensor([IDS])).logits[0]  # (T, V)
+    model = load_model(path, attn_backend="torch", linear_backend="torch", moe_backend="grouped")
+    moe = model.config.moe
+    assert moe is not None and (moe.num_experts, moe.top_k, moe.norm_topk_prob) == (4, 2, True)
+    torch.testing.assert_close(_logits(model, IDS), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(load_model(path), IDS), want, atol=1e-4, rtol=1e-5)

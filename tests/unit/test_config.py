@@ -140,7 +140,7 @@ def test_eos_ids_merged_from_generation_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"architectures": ["MixtralForCausalLM"]}, "architectures"),
+        ({"architectures": ["Gemma2ForCausalLM"]}, "architectures"),  # (Mixtral, once here, is supported)
         ({"architectures": None, "model_type": "gpt2"}, "model_type"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"num_local_experts": 8}, "num_local_experts"),
@@ -149,7 +149,8 @@ def test_eos_ids_merged_from_generation_config(tmp_path: Path) -> None:
         ({"use_sliding_window": True}, "use_sliding_window"),
         ({"sliding_window": 128}, "sliding_window"),
         ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_scaling"),  # (yarn: supported now)
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),  # no original length
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),

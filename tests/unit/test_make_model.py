@@ -35,8 +35,11 @@ def _load_all(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+DENSE = ("llama", "mistral", "qwen2", "qwen3")  # the preset's widths as they are (MoE / MLA: below)
+
+
 @pytest.mark.unit
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", DENSE)
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_checkpoint_layout(tmp_path: Path, arch: str, preset: str) -> None:
     path = make_model(tmp_path / "m", preset, arch, seed=1)
@@ -192,7 +195,45 @@ def test_demo_model_dir_races(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert demo.demo_model_dir() == path
 
 
+@pytest.mark.unit
+def test_every_arch_is_offered() -> None:
+    assert set(ARCHS) == {*DENSE, "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
+
+
 # ------------------------------------------------------------------ transformers as the reference
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_new_families_load_in_transformers_and_the_engine_alike(tmp_path: Path, arch: str) -> None:
+    """The family's class loads the checkpoint (its tokenizer too), the engine parses the same
+    experts / latent sizes, and both compute the same logits (fp32, atol 1e-4)."""
+    transformers = pytest.importorskip("transformers")
+    from engine.attention import AttentionMetadata
+    from engine.model import load_model
+
+    path = make_model(tmp_path / "m", "tiny", arch, seed=2)
+    cfg = json.loads((path / "config.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(model).__name__ == ARCHS[arch]
+    ours = load_model(path)
+    weights = _load_all(path)
+    assert {n: tuple(t.shape) for n, t in weights.items()} == dict(param_shapes(cfg))
+    moe, dense_width = ours.config.moe, PRESETS["tiny"]["intermediate_size"]
+    if moe is not None:  # the active MLP of a token: about the dense preset's
+        active = moe.top_k * moe.intermediate_size + moe.shared_intermediate_size
+        assert 0.75 * dense_width <= active <= dense_width
+    assert (ours.config.mla is not None) == (arch == "deepseek_v3")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    ids = Tokenizer.from_pretrained(path).encode(SAMPLES[1])
+    assert hf_tok(SAMPLES[1])["input_ids"] == ids
+    n = len(ids)
+    kv = ours.kv_layout(8).allocate(-(-n // 8))
+    meta = AttentionMetadata.build([n], [n], [list(range(-(-n // 8)))], 8)
+    got = ours.compute_logits(ours.forward(torch.tensor(ids), torch.arange(n), kv, meta))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.integration

@@ -41,9 +41,12 @@ def test_splits_that_do_not_divide_are_refused_with_the_numbers() -> None:
 
 
 def _layout(tp: int, kv: int = 4, **kw: object) -> KVShardLayout:
+    """A worker of ``tp`` tensor-parallel ranks, described as the worker describes it: each rank's
+    KV heads by engine/tp_layout.py's rule (kv_transfer/heads.py only reads the description)."""
     base: dict = dict(fingerprint="llama-float32-x", dtype="float32", block_size=16, num_layers=2, head_dim=8)
     base.update(kw)
-    return KVShardLayout(num_kv_heads=kv, tp_size=tp, **base)
+    held = tuple((h.start, len(h)) for h in (kv_heads(kv, tp, r) for r in range(tp))) if tp > 1 else ()
+    return KVShardLayout(num_kv_heads=kv, held=held, **base)
 
 
 def test_routes_between_any_two_splits() -> None:
@@ -117,5 +120,54 @@ def test_layouts_that_differ_beyond_the_split_cannot_exchange_kv() -> None:
     assert why == "fingerprint 'llama-float32-x' vs 'qwen2-float32-y'; block_size 16 vs 8"
     with pytest.raises(ValueError, match="KV layouts differ: dtype 'float32' vs 'bfloat16'"):
         plan_routes(_layout(1), _layout(2, dtype="bfloat16"))
-    with pytest.raises(ValueError, match="tensor_parallel_size 3 cannot split 4 KV heads"):
-        _layout(3)
+    with pytest.raises(ValueError, match="the ranks hold 3 of the model's 4 KV heads"):
+        _layout(3)  # the description of a split that loses a head is refused
+    with pytest.raises(ValueError, match="rank 1 holds KV heads 3\\+2 of 4"):
+        KVShardLayout("f", "float32", 16, 2, 4, 8, held=((0, 4), (3, 2)))
+
+
+DEEPSEEK = dict(
+    architectures=["DeepseekV3ForCausalLM"],
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    kv_lora_rank=16,
+    q_lora_rank=None,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+
+
+def test_a_latent_pool_goes_once_to_each_receiving_rank() -> None:
+    """MLA: every rank of a TP worker holds the whole latent (one 'head' of r + rope); a TP2 prefill
+    worker sends it to a one-rank decode worker once (not once per prefill rank)."""
+    from engine.config import ModelConfig
+    from engine.tp_layout import Parallelism
+    from pool_runtime.tp_handoff import worker_layout
+
+    mc = ModelConfig.from_dict(DEEPSEEK)
+    tp2 = worker_layout(mc, 16, Parallelism(2, 2, 1))
+    assert (tp2.num_kv_heads, tp2.head_dim, tp2.latent, tp2.held) == (1, 24, True, ((0, 1), (0, 1)))
+    one = worker_layout(mc, 16)
+    assert plan_routes(tp2, one) == [HeadRoute(0, 0, 0, 0, 1)]
+    assert plan_routes(one, tp2) == [HeadRoute(0, 0, 0, 0, 1), HeadRoute(0, 1, 0, 0, 1)]
+    assert plan_routes(tp2, tp2) == [HeadRoute(0, 0, 0, 0, 1), HeadRoute(1, 1, 0, 0, 1)]
+    # an expert-parallel worker's replicated attention: every rank holds every KV head
+    dense = worker_layout(mc, 16, Parallelism(2, 1, 2))
+    assert dense.held == ((0, 1), (0, 1))
+    latent_vs_heads = _layout(1, kv=1, fingerprint=mc.fingerprint, head_dim=24, num_layers=2)
+    assert one.mismatch(latent_vs_heads) == "latent True vs False"
+
+
+def test_an_expert_parallel_worker_sends_each_head_from_one_rank() -> None:
+    ep2 = KVShardLayout("f", "float32", 16, 2, 4, 8, held=((0, 4), (0, 4)))  # attention replicated
+    one = KVShardLayout("f", "float32", 16, 2, 4, 8)
+    assert plan_routes(ep2, one) == [HeadRoute(0, 0, 0, 0, 4)]  # prefill EP2 -> decode EP1
+    assert plan_routes(one, ep2) == [HeadRoute(0, 0, 0, 0, 4), HeadRoute(0, 1, 0, 0, 4)]  # and back
+    assert receiver_parts(plan_routes(one, ep2), 1, 4) == ()

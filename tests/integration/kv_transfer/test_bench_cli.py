@@ -34,3 +34,17 @@ def test_kv_bench_json_both_backends_shm_and_tcp(tmp_path: Path) -> None:
         )  # layers * blocks * (K,V) * H * B * D * 2 B
         assert r["messages_per_request"] == (2 if r["mode"] == "layer" else 1)
     assert sorted(json.loads(cal.read_text())["transports"]) == ["shm", "tcp"]
+
+
+def test_kv_bench_moves_mla_latent_blocks() -> None:
+    """DeepSeek-V3-16B-sized latent blocks: 27 layers x one plane of 512 + 64 values."""
+    cmd = [sys.executable, "-m", "deploy.cli", "kv-bench", "--model", "deepseek-v3-16b"]
+    cmd += ["--tokens", "64", "--backends", "nixl", "--transports", "shm", "--modes", "layer"]
+    cmd += ["--iters", "2", "--warmup", "1", "--json"]
+    env = {**os.environ, "UCX_NET_DEVICES": "lo"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout)
+    assert row["model"] == "deepseek-v3-16b" and row["gbps"] > 0
+    assert row["bytes_per_request"] == 27 * 4 * 1 * 576 * 16 * 2  # layers * blocks * the latent, bf16
+    assert row["messages_per_request"] == 27  # one per layer

@@ -184,7 +184,7 @@ def test_a_layout_mismatch_is_refused_at_reserve(pools: Pools, ckpt: Path) -> No
     mine: KVShardLayout = ray.get(d.actor.layout.remote())
     assert (mine.tp_size, mine.num_kv_heads, mine.block_size) == (2, 2, 4)
     other = KVShardLayout(
-        mine.fingerprint, mine.dtype, 16, mine.num_layers, mine.num_kv_heads, mine.head_dim, 2
+        mine.fingerprint, mine.dtype, 16, mine.num_layers, mine.num_kv_heads, mine.head_dim, mine.held
     )
     req = WorkRequest("bad-layout", FAULT_PROMPTS[0], SamplingParams(max_tokens=2, seed=1))
     with pytest.raises(
@@ -196,7 +196,7 @@ def test_a_layout_mismatch_is_refused_at_reserve(pools: Pools, ckpt: Path) -> No
         worker_id = "prefill-other"
 
         async def kv_layout(self) -> KVShardLayout:
-            return KVShardLayout("qwen2-float32-0", mine.dtype, 4, mine.num_layers, 2, mine.head_dim, 1)
+            return KVShardLayout("qwen2-float32-0", mine.dtype, 4, mine.num_layers, 2, mine.head_dim)
 
     odd = Pools([OtherModelPrefill()], pools.decode, disaggregation="always")  # type: ignore[list-item]
     chunks = asyncio.run(_stream(odd, _req("odd", FAULT_PROMPTS[0], decode_worker="decode-tp2-0")))
