@@ -58,12 +58,12 @@ def weight_bytes(model: Any) -> int:
         return packed.numel() * packed.element_size() if packed is not None else weight_nbytes(w)
 
     total = 0
-    for lin, w in zip(model.layers, model.weights.layers, strict=True):
-        if lin.kernels is None:  # torch linears: the weights themselves
+    for kernels, w in zip(model.layer_kernels, model.weights.layers, strict=True):
+        if kernels is None:  # torch linears: the weights themselves
             total += sum(weight_nbytes(getattr(w, f)) for f in ("q_proj", "k_proj", "v_proj", "o_proj"))
             total += sum(weight_nbytes(getattr(w, f)) for f in ("gate_proj", "up_proj", "down_proj"))
             continue
-        qkv, o, gate_up, down = lin.kernels
+        qkv, o, gate_up, down = kernels
         total += sum(size(k, None) for k in (*qkv, o, *gate_up, down))
     return total + size(model.lm_head, model.weights.lm_head)
 

@@ -90,7 +90,7 @@ class Model:
         self.moe_backend = moe_backend
         # per layer, for the one-C-call plan: its linears (q/k/v parts, o, gate/up parts, down) when
         # it is a plain dense per-head layer, else None
-        self._plain: list[Any] = []
+        self.layer_kernels: list[Any] = []
         self.blocks = [self._block(w) for w in weights.layers]
         self.lm_head = make_linear(weights.lm_head, None, self.linear_backend)
         # the residual add + RMSNorm and rope + KV write: fused C with the CPU attention kernel (fp32),
@@ -100,9 +100,9 @@ class Model:
             self.ops = FusedCpuOps.create(self.rope, config.head_dim) or self.ops
         # one rank, every layer plain, all C kernels: a step is one C call per layer (cpu_decode.py)
         self.decode_plan: DecodePlan | None = None
-        if not self.tp.distributed and all(k is not None for k in self._plain):
+        if not self.tp.distributed and all(k is not None for k in self.layer_kernels):
             self.decode_plan = DecodePlan.create(
-                self._plain,
+                self.layer_kernels,
                 [(w.input_norm, w.post_norm) for w in weights.layers],
                 weights.norm,
                 self.ops,
@@ -141,7 +141,7 @@ class Model:
             gate_up, down, gate_up_kernels = _mlp_linears(w, backend)
             mlp = dense_mlp(gate_up, down, reduce)
         plain = w.mla is None and w.moe is None and w.q_norm is None and qkv_kernels and gate_up_kernels
-        self._plain.append((qkv_kernels, o, gate_up_kernels, down) if plain else None)
+        self.layer_kernels.append((qkv_kernels, o, gate_up_kernels, down) if plain else None)
         return Block(w.input_norm, w.post_norm, attn, mlp)
 
     def kv_layout(self, block_size: int) -> KVLayout:

@@ -81,7 +81,7 @@ def test_fp8_logits_equal_transformers_on_the_dequantized_weights(fp8: Path, deq
     native = load_model(fp8, quantized_weights="native")
     loaded = load_model(fp8, quantized_weights="dequantize")
     assert isinstance(native.weights.layers[0].gate_proj, FP8Weight)
-    assert native.layers[0].kernels is not None  # the C kernel, not the per-call reference
+    assert native.layer_kernels[0] is not None  # the C kernel, not the per-call reference
     assert torch.equal(_logits(native), _logits(loaded))
     torch.testing.assert_close(_logits(native), want, atol=1e-4, rtol=1e-5)
 

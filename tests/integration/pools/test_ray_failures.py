@@ -65,11 +65,18 @@ def _pid_when_back(handle: object) -> int:
     raise AssertionError("actor did not come back")
 
 
-def _zero_blocks(pools: Pools) -> list[tuple[str, int, int]]:
+def _zero_blocks(pools: Pools, timeout_s: float = 30.0) -> list[tuple[str, int, int]]:
+    """Every worker's (in-use, reserved) blocks once they are back to zero — a cancel is applied at
+    the worker's next step boundary — or as they are past ``timeout_s`` (a hang bound)."""
     for h in [*pools.prefill, *pools.decode]:
         _pid_when_back(h)
-    loads = asyncio.run(pools.load())
-    return [(w.worker_id, w.used_blocks, w.reserved_blocks) for w in loads]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = asyncio.run(pools.load())
+        got = [(w.worker_id, w.used_blocks, w.reserved_blocks) for w in loads]
+        if got == IDLE or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
 
 
 IDLE = [("prefill-0", 0, 0), ("prefill-1", 0, 0), ("decode-0", 0, 0), ("decode-1", 0, 0)]

@@ -119,15 +119,21 @@ def _back(handle: Any) -> list[dict[str, int]]:
     raise AssertionError(f"{handle.worker_id} did not come back")
 
 
-def _all_returned(pools: Pools) -> dict[str, Any]:
-    """What every worker still holds, rank by rank: must all be zero."""
-    held: dict[str, Any] = {}
-    for h in [*pools.prefill, *pools.decode]:
-        ranks = _back(h)
-        held[h.worker_id] = [(u["reserved_blocks"], u["sends_in_flight"]) for u in ranks]
-    for w in asyncio.run(pools.load()):
-        held[w.worker_id] = (held[w.worker_id], w.used_blocks, w.reserved_blocks)
-    return held
+def _all_returned(pools: Pools, timeout_s: float = 30.0) -> dict[str, Any]:
+    """What every worker still holds, rank by rank: must all be zero. A cancel is answered at once
+    and applied at the worker's next step boundary, so this waits (up to ``timeout_s``, a hang
+    bound) for the holdings to reach zero, and returns them as they are then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held: dict[str, Any] = {}
+        for h in [*pools.prefill, *pools.decode]:
+            ranks = _back(h)
+            held[h.worker_id] = [(u["reserved_blocks"], u["sends_in_flight"]) for u in ranks]
+        for w in asyncio.run(pools.load()):
+            held[w.worker_id] = (held[w.worker_id], w.used_blocks, w.reserved_blocks)
+        if held == IDLE or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
 
 
 IDLE = {
