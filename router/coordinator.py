@@ -317,12 +317,17 @@ class Pools:
             live.start_error = ""
             streamed_first = False
             try:
+                # A multi-rank decode worker is started once every rank committed (the prefill's
+                # second item): its rank 0 cannot see whether its other ranks' KV has landed yet
+                start_early = not grant.rank_dests
                 async for first in p.prefill(work, grant):
                     if first.committed:
                         live.firsts.append(first)
                         notify(live.req.on_handoff, first, d.worker_id)
-                        if streamed_first:
-                            continue  # the commit behind a first token already streamed
+                        if streamed_first:  # the commit behind a first token already streamed
+                            if not start_early:
+                                await self._start(live, p, d, first)
+                            continue
                     streamed_first = True
                     if live.cancelled:  # sampled as the cancel came: nothing more goes out
                         raise _CallerCancelled
@@ -332,7 +337,8 @@ class Pools:
                         return
                     if live.cancelled:
                         raise _CallerCancelled
-                    await self._start(live, p, d, first)
+                    if start_early or first.committed:
+                        await self._start(live, p, d, first)
             except _DecodeDied:
                 raise
             except (WorkerDied, KVTransferError, PoolError) as e:
