@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "benchmarks.bench_compare",
         "Tandem's setups (engine, pools) and llama.cpp / vLLM servers at several concurrencies, one client",
     ),
+    "bench step": (
+        "benchmarks.bench_step",
+        "one engine step's time by what it holds (decodes + a prompt chunk), and the fitted step cost model",
+    ),
     "bench token-channel": (
         "benchmarks.bench_token_channel",
         "a decode worker's tokens to the router: one Ray stream vs a Ray call per request (vs ZeroMQ)",

@@ -74,7 +74,7 @@ def _zero_blocks(pools: Pools, timeout_s: float = 30.0) -> list[tuple[str, int, 
     while True:
         loads = asyncio.run(pools.load())
         got = [(w.worker_id, w.used_blocks, w.reserved_blocks) for w in loads]
-        if got == IDLE or time.monotonic() > deadline:
+        if all((u, r) == (0, 0) for _, u, r in got) or time.monotonic() > deadline:
             return got
         time.sleep(0.05)
 

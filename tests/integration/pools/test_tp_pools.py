@@ -131,7 +131,8 @@ def _all_returned(pools: Pools, timeout_s: float = 30.0) -> dict[str, Any]:
             held[h.worker_id] = [(u["reserved_blocks"], u["sends_in_flight"]) for u in ranks]
         for w in asyncio.run(pools.load()):
             held[w.worker_id] = (held[w.worker_id], w.used_blocks, w.reserved_blocks)
-        if held == IDLE or time.monotonic() > deadline:
+        zero = all(all(r == (0, 0) for r in ranks) and (u, v) == (0, 0) for ranks, u, v in held.values())
+        if zero or time.monotonic() > deadline:
             return held
         time.sleep(0.05)
 
