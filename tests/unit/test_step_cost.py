@@ -145,3 +145,25 @@ def test_an_untrained_model_leaves_the_token_budget_alone() -> None:
     s = _sched(StepCostModel(), limit=0.001)
     s.add(Sequence("p", list(range(100)), SamplingParams(max_tokens=1)))
     assert [e.num_new_tokens for e in _step(s).scheduled] == [100]
+
+
+def test_server_like_steps_fit_and_stay_bounded() -> None:
+    """A server's steps: every decode samples a row, so the fixed and per-row costs are collinear.
+    After thousands of such steps the fit still predicts them, is ready, and has not wound up."""
+    rng = random.Random(3)
+    model = StepCostModel()
+    for _ in range(5000):
+        n = rng.randrange(12, 17)
+        shape = EMPTY
+        for _ in range(n):
+            shape = shape.plus_prefill(rng.randrange(200, 600), 1, True)
+        prefill = rng.choice([0, 0, 16, 24, 32])
+        if prefill:
+            shape = shape.plus_prefill(rng.randrange(0, 256), prefill, False)
+        model.record(shape, cost(shape), prefill)
+    assert model.ready and all(abs(c) < 10 for c in model.coefficients)
+    probe = EMPTY
+    for _ in range(16):
+        probe = probe.plus_prefill(400, 1, True)
+    probe = probe.plus_prefill(100, 24, False)
+    assert model.predict(probe) == pytest.approx(cost(probe), rel=1e-3)
