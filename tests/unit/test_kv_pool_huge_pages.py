@@ -4,10 +4,13 @@ pages into huge ones changes no byte."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import platform
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,9 +63,26 @@ def _anon_huge_bytes(addr: int, nbytes: int) -> int:
 LAYOUT = KVLayout(2, 2, 64, 16, "float32")  # 32 KiB per (layer, block)
 
 
+def _own_mapping(nbytes: int) -> torch.Tensor:
+    """``nbytes`` (uint8) in a fresh private anonymous mapping of their own, with no huge page advice.
+
+    Not torch's allocator: what it returns may lie in a heap range an earlier test in this process
+    advised or collapsed, and smaps counts huge pages per mapping, not per range. A PROT_NONE page on
+    either side keeps the kernel from merging the mapping with a neighbour."""
+    page = mmap.PAGESIZE
+    mm = mmap.mmap(-1, nbytes + 2 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for guard in (base, base + page + nbytes):
+        assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=page)
+
+
 def _random_pool(num_blocks: int) -> torch.Tensor:
-    """A pool allocated by plain torch (no huge page advice), filled with random bytes."""
-    kv = torch.zeros(LAYOUT.pool_shape(num_blocks), dtype=torch.float32)
+    """A pool in memory nobody advised to use huge pages, filled with random bytes."""
+    shape = LAYOUT.pool_shape(num_blocks)
+    kv = _own_mapping(4 * int(np.prod(shape))).view(torch.float32).view(shape)
     g = torch.Generator().manual_seed(3)
     flat = kv.view(torch.uint8).reshape(-1)
     flat.copy_(torch.randint(0, 256, flat.shape, generator=g, dtype=torch.uint8))
