@@ -121,7 +121,10 @@ def llama_server(
     port = free_port()
     ctx = str(parallel * ctx_per_slot)
     cmd = [binary, "-m", str(gguf), "-t", str(threads), "-np", str(parallel), "-c", ctx,
-           "--host", "127.0.0.1", "--port", str(port), "--no-webui"]  # fmt: skip
+           "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+           # a streamed request holds an HTTP thread to its end (default: one per CPU): without
+           # enough of them, connections beyond the listen backlog are reset
+           "--threads-http", str(parallel + 4)]  # fmt: skip
     return Server(f"llama.cpp ({gguf.name})", cmd, port, model=gguf.name)
 
 

@@ -122,7 +122,8 @@ async def run_load_http(
 ) -> tuple[list[RequestResult], float]:
     import aiohttp
 
-    connector = aiohttp.TCPConnector(limit=0)
+    # a connection per request: llama.cpp's server resets kept-alive connections it has closed
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         # Warm connections before the clock starts (the gRPC client connects its channel first too).
         async def warm() -> None:
