@@ -422,9 +422,16 @@ def default_config() -> TandemConfig:
     """The embedded default: one prefill and one decode worker on this machine, SmolLM2-135M-Instruct,
     in-process metadata, tiers under ~/.cache/tandem/tiers, router on 127.0.0.1:50051."""
     return TandemConfig(
+        # a step bounded to 120 ms: about two decode steps of 16 streams on a 2-core CPU
+        # (docs/serving-path.md); at 16 streams it cost no throughput, and ITL p99 fell 5x
+        engine=EngineSection(max_step_time_ms=120.0),
         pools=PoolsConfig(
-            prefill=PoolConfig(replicas=1, num_cpus=0.5), decode=PoolConfig(replicas=1, num_cpus=0.5)
-        )
+            prefill=PoolConfig(replicas=1, num_cpus=0.5),
+            # the decode worker computes every step: both cores' threads, not Ray's one
+            decode=PoolConfig(replicas=1, num_cpus=0.5, threads=2),
+        ),
+        # 64 streams of 384 tokens of SmolLM2's fp32 KV (46 KiB a token) need 1.1 GiB
+        tiers=TiersConfig(g1=TierCapacity(capacity=ByteSize(1536 << 20))),
     )
 
 

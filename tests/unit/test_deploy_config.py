@@ -28,7 +28,7 @@ def test_local_yaml_is_the_embedded_default() -> None:
     assert (cfg.router.host, cfg.router.port) == ("127.0.0.1", 50051)
     assert (cfg.pools.prefill.replicas, cfg.pools.decode.replicas) == (1, 1)
     assert cfg.model == "smollm2" and not cfg.is_demo and not cfg.metadata.is_redis
-    assert (cfg.tiers.g1.capacity, cfg.tiers.g2.capacity) == (256 << 20, 1 << 30)
+    assert (cfg.tiers.g1.capacity, cfg.tiers.g2.capacity) == (1536 << 20, 1 << 30)
     assert cfg.tiers.g3 is not None and cfg.tiers.g3.capacity == 4 << 30
 
 
