@@ -260,7 +260,7 @@ def init_ray(address: str | None) -> str | None:
         # the service: at 15 a decode worker's two compute threads lost a core to the router and
         # Ray's own daemons, and its OpenMP barriers waited on the thread descheduled (the pools
         # ran at 0.8x the in-process engine on two cores)
-        _system_config={"worker_niceness": 0},
+        _system_config={"worker_niceness": int(os.environ.get("RAY_worker_niceness", "0"))},
     )
     return temp_dir
 
