@@ -256,11 +256,6 @@ def init_ray(address: str | None) -> str | None:
         include_dashboard=False,
         _temp_dir=temp_dir,
         _node_ip_address="127.0.0.1" if local_only else None,
-        # Ray starts its workers at nice 15 so that drivers stay responsive; here the workers are
-        # the service: at 15 a decode worker's two compute threads lost a core to the router and
-        # Ray's own daemons, and its OpenMP barriers waited on the thread descheduled (the pools
-        # ran at 0.8x the in-process engine on two cores)
-        _system_config={"worker_niceness": int(os.environ.get("RAY_worker_niceness", "0"))},
     )
     return temp_dir
 
