@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", type=Path, default=None, help="also write every summary here")
     p.add_argument(
+        "--log-dir", type=Path, default=None, help="keep each server's log here (else removed at the end)"
+    )
+    p.add_argument(
         "--autogroup-nice", type=int, default=None, help="scheduler weight of the servers' and this session"
     )
 
@@ -178,9 +181,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if args.autogroup_nice is not None:
             set_autogroup_nice(os.getpid(), args.autogroup_nice)
+        logs = Path(tmp)
+        if args.log_dir is not None:
+            logs = args.log_dir
+            logs.mkdir(parents=True, exist_ok=True)
         for server in servers:
             print(f"(starting {server.name})", file=sys.stderr)
-            server.start(Path(tmp), args.autogroup_nice)
+            server.start(logs, args.autogroup_nice)
             try:
                 runs[server.name] = _measure(server, args, levels, vocab)
             finally:
