@@ -84,7 +84,11 @@ def _levels(args: argparse.Namespace) -> list[tuple[int, int]]:
 def _servers(args: argparse.Namespace, tmp: Path, max_conc: int) -> list[Server]:
     from engine.model_source import resolve_model
 
-    servers = [tandem_server(s, args.model, list(args.serve_arg)) for s in args.setups.split(",") if s]
+    servers = [
+        tandem_server(s, args.model, list(args.serve_arg), home=tmp / f"home-{s}")
+        for s in args.setups.split(",")
+        if s
+    ]
     if args.llama_server or args.vllm:
         src = Path(resolve_model(args.model))
         if not src.is_file():

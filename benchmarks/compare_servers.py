@@ -107,12 +107,18 @@ class Server:
             proc.wait()
 
 
-def tandem_server(setup: str, model: str, extra: list[str] | None = None) -> Server:
-    """``tandem serve`` in one of TANDEM_SETUPS on ``model`` (gRPC on a free port as well)."""
+def tandem_server(setup: str, model: str, extra: list[str] | None = None, home: Path | None = None) -> Server:
+    """``tandem serve`` in one of TANDEM_SETUPS on ``model`` (gRPC on a free port as well).
+    ``home``: its ``TANDEM_HOME`` — a fresh one keeps the KV tiers' disk files of earlier runs (the
+    same prompts, by the same seed) from serving its prompts from cache; models still come from the
+    usual downloads directory."""
+    from engine.smollm2 import downloads_dir
+
     port = free_port()
     cmd = [sys.executable, "-m", "deploy.serve", "--model", model, "--port", "0", "--http-port", str(port)]
     cmd += TANDEM_SETUPS[setup] + (extra or [])
-    return Server(setup, cmd, port, model="", tandem=True)
+    env = {"TANDEM_HOME": str(home), "TANDEM_DOWNLOADS": str(downloads_dir())} if home is not None else {}
+    return Server(setup, cmd, port, model="", tandem=True, env=env)
 
 
 def llama_server(
