@@ -5,12 +5,12 @@ pages into huge ones changes no byte."""
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -82,7 +82,7 @@ def _own_mapping(nbytes: int) -> torch.Tensor:
 def _random_pool(num_blocks: int) -> torch.Tensor:
     """A pool in memory nobody advised to use huge pages, filled with random bytes."""
     shape = LAYOUT.pool_shape(num_blocks)
-    kv = _own_mapping(4 * int(np.prod(shape))).view(torch.float32).view(shape)
+    kv = _own_mapping(4 * math.prod(shape)).view(torch.float32).view(shape)
     g = torch.Generator().manual_seed(3)
     flat = kv.view(torch.uint8).reshape(-1)
     flat.copy_(torch.randint(0, 256, flat.shape, generator=g, dtype=torch.uint8))
